@@ -1,0 +1,35 @@
+# Two commands for a newcomer: `make demo` and `make test`. Each creates .venv when missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ciss-installed
+DEMO_OUT ?= demo-out
+
+.PHONY: venv demo test test-all lint bench clean
+
+venv: $(STAMP)
+
+# torch/torchvision are pinned to the releases this project is measured with; where the machine
+# does not offer them (another Python, another platform) pip falls back to the newest compatible.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1 || \
+		$(BIN)/python -m pip install -q torch torchvision
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ciss demo --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	CISS_SLOW=1 $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache build src/*.egg-info

@@ -1,0 +1,3 @@
+from ciss.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Analysis: metrics, forgetting diagnosis, benchmarks and reports."""

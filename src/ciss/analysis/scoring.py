@@ -1,0 +1,80 @@
+"""Score any predictor (torch model, ONNX engine) on a labelled folder in a model's class space."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ciss.analysis.metrics import Scores, confusion_matrix, iou_per_class, restrict_predictions
+from ciss.data.classes import ClassList
+from ciss.data.dataset import label_lut
+from ciss.data.folder import DatasetFolder
+
+# (N,3,H,W) uint8 images -> (N,H,W) integer labels in the model's class ids.
+Predictor = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class FolderScores(Scores):
+    """Scores plus what the mapping did: classes scored and folder classes unknown to the model."""
+
+    labelled: list[str] | None = None
+    unknown: list[str] | None = None
+
+
+def torch_predictor(model: torch.nn.Module, device: torch.device | str = "cpu") -> Predictor:
+    """Argmax labels of a torch model, in eval mode and without gradients."""
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        model.eval()
+        with torch.inference_mode():
+            x = torch.from_numpy(images).to(device)
+            return model(x).argmax(1).cpu().numpy()
+
+    return predict
+
+
+def batches(folder: DatasetFolder, stems: list[str], batch_size: int,
+            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(N,3,H,W) uint8 images and (N,H,W) masks; consecutive samples of equal size share a batch."""
+    group: list[tuple[np.ndarray, np.ndarray]] = []
+    for stem in stems:
+        image, mask = folder.load(stem)
+        if group and (len(group) == batch_size or group[0][1].shape != mask.shape):
+            yield _stack(group)
+            group = []
+        group.append((image, mask))
+    if group:
+        yield _stack(group)
+
+
+def _stack(group):
+    return (np.stack([g[0].transpose(2, 0, 1) for g in group]),
+            np.stack([g[1] for g in group]))
+
+
+def score_folder(predict: Predictor, folder: DatasetFolder, stems: list[str],
+                 model_classes: ClassList, batch_size: int = 16) -> FolderScores:
+    """Per-class IoU of ``predict`` on ``stems`` of ``folder``, in the model's class space.
+
+    Folder classes are matched to the model's by name; folder classes the model does not know
+    count as background. Partial-label rule: only model classes the folder labels are scored,
+    and predictions of the other model classes count as background (exact for every scored
+    class when the folder labels only some classes, e.g. a retention set).
+    """
+    k = len(model_classes)
+    lut = label_lut(folder.classes, model_classes)
+    labelled = [model_classes.index(n) for n in folder.classes.names if n in model_classes]
+    cm = np.zeros((k, k), dtype=np.int64)
+    for images, masks in batches(folder, stems, batch_size):
+        pred = torch.as_tensor(predict(images)).long()
+        pred = restrict_predictions(pred, labelled)
+        cm += confusion_matrix(pred, torch.from_numpy(lut[masks]), k)
+    iou = iou_per_class(cm)
+    iou = [v if i in labelled else None for i, v in enumerate(iou)]
+    unknown = [n for n in folder.classes.names if n not in model_classes]
+    return FolderScores(names=model_classes.names, iou=iou, cm=cm,
+                        labelled=[model_classes.names[i] for i in labelled], unknown=unknown)

@@ -1,0 +1,128 @@
+"""``ciss add-classes`` and ``ciss benchmark`` (registered on the main group)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ciss.cli import _loop_options, _store, data_option, main, store_option
+from ciss.tables import pct, table
+
+
+def _scale(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise click.BadParameter("expected MIN,MAX such as 0.5,2.0") from exc
+    if not 0 < lo <= hi:
+        raise click.BadParameter("need 0 < MIN <= MAX")
+    return lo, hi
+
+
+@main.command("add-classes")
+@store_option
+@data_option(help="Folder labelled only for the new classes (everything else background).")
+@click.option("--from", "parent", type=int, default=None, help="Parent step (default: latest).")
+@click.option("--method", type=click.Choice(["mib", "ft", "lwf", "ilt"]), default="mib",
+              show_default=True)
+@click.option("--freeze", default=None,
+              help="Last frozen stage, or 'none' (default: the architecture's, tiny: stage4).")
+@click.option("--init", type=click.Choice(["mib", "background", "random"]),
+              default="background", show_default=True, help="New classifier rows.")
+@click.option("--kd-weight", type=float, default=None,
+              help="Distillation weight (default: mib 10, lwf/ilt 100).")
+@click.option("--alpha", type=float, default=1.0, show_default=True,
+              help="Teacher sharpening in distillation.")
+@click.option("--scale", default="1.0,1.0", show_default=True,
+              help="Random rescale range MIN,MAX (photos: 0.5,2.0).")
+@click.option("--cache-trunk-mb", type=click.IntRange(min=0), default=1024, show_default=True,
+              help="Memory for caching frozen-trunk outputs (flip-only augmentation); 0 = off.")
+@click.option("--val", "val_dir", type=click.Path(path_type=Path), default=None,
+              help="A fully labelled folder to score as well.")
+@_loop_options
+def add_classes_cmd(store_path, data_dir, parent, method, freeze, init, kd_weight, alpha, scale,
+                    cache_trunk_mb, val_dir, epochs, batch_size, lr, optimizer, seed, device,
+                    crop_size, quiet) -> None:
+    """Learn the folder's new classes on top of a stored step without forgetting the old.
+
+    Example: ciss add-classes --data data/15-5/step-1
+    """
+    from ciss.updater.add_classes import UpdateConfig, add_classes
+    from ciss.updater.defaults import step_defaults
+    from ciss.updater.loop import LoopConfig
+    from ciss.updater.methods import MethodConfig
+    from ciss.updater.train import DataConfig
+
+    store = _store(store_path)
+    d = step_defaults(method)
+    loop = LoopConfig(epochs=epochs or d.epochs, batch_size=batch_size, lr=lr or d.lr,
+                      optimizer=optimizer, seed=seed, device=device)
+    report = add_classes(
+        store, data_dir,
+        method=MethodConfig(method=method, kd_weight=kd_weight if kd_weight is not None
+                            else d.kd_weight, alpha=alpha),
+        update=UpdateConfig(parent=parent, freeze=freeze, init=init,
+                            cache_trunk_mb=cache_trunk_mb),
+        loop=loop, data=DataConfig(crop_size=crop_size, scale=_scale(scale)), val_dir=val_dir,
+        progress=not quiet)
+    click.echo(before_after_table(store, report.step))
+    card = report.card
+    click.echo(f"step {report.step} ({method}, parent {card.parent}): +{len(card.new_classes)} "
+               f"classes ({', '.join(card.new_classes)}), frozen up to "
+               f"{card.frozen[-1] if card.frozen else 'none'}, {report.fit.seconds:.0f}s training")
+    click.echo(f"next: ciss check --step {report.step}   then   ciss deploy --step {report.step}")
+
+
+def before_after_table(store, step: int) -> str:
+    """Per-class IoU on the retention sets: parent vs this step."""
+    card = store.card(step)
+    parent = store.card(card.parent) if card.parent is not None else None
+    rows = []
+    for s, scores in card.retention.items():
+        before = parent.retention.get(s, {}).get("torch", {}) if parent else {}
+        for name, after in scores["torch"].items():
+            if after is None or name == "background":
+                continue
+            kind = "new" if name in card.new_classes else "old"
+            b = before.get(name)
+            drop = "" if b is None else f"{100 * (after - b):+.1f}"
+            rows.append([name, kind, f"step {s}", pct(b), pct(after), drop])
+    return table(["class", "group", "retention set", "before %", "after %", "change"], rows)
+
+
+@main.command()
+@data_option(help="Fully labelled source folder (synthetic or VOC).")
+@click.option("--scenario", required=True, help="X-Y, e.g. 15-5, 15-1.")
+@click.option("--setting", type=click.Choice(["overlap", "disjoint"]), default="overlap",
+              show_default=True)
+@click.option("--methods", default="ft,mib", show_default=True,
+              help="Comma list of ft, lwf, ilt, mib, joint.")
+@click.option("--arch", default="tiny", show_default=True)
+@click.option("--base-epochs", type=click.IntRange(min=1), default=None)
+@click.option("--step-epochs", type=click.IntRange(min=1), default=None)
+@click.option("--control", is_flag=True,
+              help="Also run ft with old-class pixels ignored (no background shift).")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--quiet", is_flag=True)
+def benchmark(data_dir, scenario, setting, methods, arch, base_epochs, step_epochs, control, out,
+              as_json, quiet) -> None:
+    """Run a CiSS scenario end to end for several methods; print the literature's table.
+
+    Example: ciss benchmark --data data/synthetic --scenario 15-5 --methods ft,lwf,ilt,mib
+    """
+    from ciss.analysis.benchmark import BenchmarkConfig, run_benchmark
+
+    cfg = BenchmarkConfig(scenario=scenario, setting=setting,
+                          methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                          arch=arch, base_epochs=base_epochs, step_epochs=step_epochs,
+                          control=control)
+    result = run_benchmark(data_dir, out, cfg, progress=not (quiet or as_json),
+                           echo=None if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+        return
+    click.echo(result.markdown())
+    click.echo(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'curves.png'}")

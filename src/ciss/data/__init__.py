@@ -1,0 +1,1 @@
+"""Datasets: class lists, dataset folders, synthetic scenes, CiSS scenarios, transforms."""

@@ -1,0 +1,63 @@
+"""The torch Dataset over a validated folder, with labels mapped into a model's class space."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ciss.data.classes import IGNORE_INDEX, ClassList
+from ciss.data.folder import DatasetFolder
+from ciss.data.transforms import TrainTransform
+
+
+def label_lut(source: ClassList, target: ClassList, unknown: int = 0) -> np.ndarray:
+    """A 256-entry lookup table mapping ``source`` ids to ``target`` ids by class name.
+
+    Names ``target`` does not know map to ``unknown`` (background by default); 255 stays 255.
+    """
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    for i, name in enumerate(source.names):
+        lut[i] = target.index(name) if name in target else unknown
+    return lut
+
+
+class SegmentationDataset(Dataset):
+    """Samples of a folder split as (uint8 [3,H,W] image, int64 [H,W] mask in model ids).
+
+    With ``keys=True`` a third item identifies the exact input (index * 2 + flipped), so
+    that per-input results (the frozen trunk's outputs) can be cached across epochs.
+
+    Augmentation randomness depends only on (seed, epoch, index), so an interrupted and
+    resumed training sees exactly the samples an uninterrupted one would.
+    """
+
+    def __init__(self, folder: DatasetFolder, stems: list[str], lut: np.ndarray,
+                 transform: TrainTransform | None = None, seed: int = 0,
+                 keys: bool = False) -> None:
+        self.folder = folder
+        self.stems = list(stems)
+        self.lut = lut
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+        self.keys = keys
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        image, mask = self.folder.load(self.stems[index])
+        mask = self.lut[mask]
+        flipped = False
+        if self.transform is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            image, mask, flipped = self.transform(image, mask, rng)
+        out = (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+               torch.from_numpy(mask.astype(np.int64)))
+        if self.keys:
+            out += (torch.tensor(index * 2 + int(flipped)),)
+        return out

@@ -1,0 +1,237 @@
+"""Dataset folders (ciss layout and Pascal VOC layout), validated before anything is trained.
+
+A folder is read once: every image and mask is decoded, checked, and (when the folder is small
+enough) kept in memory so that training epochs never decode again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ciss.data.classes import IGNORE_INDEX, ClassList
+from ciss.data.imageio import read_image, read_mask
+from ciss.errors import CissError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+CACHE_BUDGET_BYTES = 2 << 30  # decoded pixels kept in memory for small folders
+
+
+@dataclass
+class DatasetFolder:
+    """A validated dataset folder.
+
+    Attributes:
+        root: the folder.
+        classes: its class list (ids are positions in this list).
+        images: stem -> image path; masks: stem -> mask path.
+        train, val: stems of each split.
+        has_val_list: whether the folder names its val split explicitly.
+        presence: stem -> ids of the classes with at least one pixel in its mask (255 excluded).
+        layout: "ciss" or "voc".
+    """
+
+    root: Path
+    classes: ClassList
+    images: dict[str, Path]
+    masks: dict[str, Path]
+    train: list[str]
+    val: list[str]
+    has_val_list: bool
+    presence: dict[str, frozenset[int]]
+    layout: str = "ciss"
+    _cache: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    def load(self, stem: str) -> tuple[np.ndarray, np.ndarray]:
+        """Image (uint8 HxWx3 RGB) and mask (uint8 HxW) of one sample."""
+        if stem in self._cache:
+            return self._cache[stem]
+        return read_image(self.images[stem]), read_mask(self.masks[stem])
+
+    def fingerprint(self) -> str:
+        """A short hash of the class list, split lists and file sizes (identifies the data)."""
+        h = hashlib.sha256()
+        h.update("\n".join(self.classes.names).encode())
+        for split in (self.train, self.val):
+            h.update(("|".join(split)).encode())
+        for stem in sorted(self.images):
+            h.update(f"{stem}:{self.images[stem].stat().st_size}:"
+                     f"{self.masks[stem].stat().st_size}".encode())
+        return h.hexdigest()[:16]
+
+    def class_counts(self, stems: list[str]) -> dict[str, int]:
+        """Number of images in ``stems`` showing each class."""
+        counts = dict.fromkeys(self.classes.names, 0)
+        for stem in stems:
+            for c in self.presence[stem]:
+                counts[self.classes.names[c]] += 1
+        return counts
+
+
+def hash_split(stems: list[str], val_fraction: float = 0.1) -> tuple[list[str], list[str]]:
+    """Deterministic train/val split by stem hash (stable when files are added or removed)."""
+    train, val = [], []
+    for stem in sorted(stems):
+        bucket = int(hashlib.sha1(stem.encode()).hexdigest()[:8], 16) % 1000
+        (val if bucket < val_fraction * 1000 else train).append(stem)
+    return train, val
+
+
+def open_folder(path: Path | str, *, cache: bool = True,
+                require_train: bool = True) -> DatasetFolder:
+    """Open and validate a dataset folder (ciss layout or Pascal VOC layout).
+
+    Args:
+        path: the folder (for VOC: the VOC2012 folder or a VOCdevkit above it).
+        cache: keep decoded pixels in memory when they fit the cache budget.
+        require_train: refuse a folder whose train split is empty (training data).
+
+    Raises:
+        CissError: naming the file and the problem; nothing is written anywhere.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise CissError(f"{root}: no such dataset folder")
+    if not root.is_dir():
+        raise CissError(f"{root}: is a file, expected a dataset folder")
+    voc_root = _find_voc_root(root)
+    if voc_root is not None and not (root / "images").is_dir():
+        folder = _open_voc(voc_root, cache)
+    else:
+        folder = _open_ciss(root, cache)
+    if require_train and not folder.train:
+        raise CissError(f"{root}: the train split is empty")
+    return folder
+
+
+def _find_voc_root(root: Path) -> Path | None:
+    for cand in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
+        if (cand / "JPEGImages").is_dir() and (cand / "ImageSets" / "Segmentation").is_dir():
+            return cand
+    return None
+
+
+def _list_files(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in suffixes:
+            if p.stem in files:
+                raise CissError(f"{p}: two files share the stem '{p.stem}' ({files[p.stem].name})")
+            files[p.stem] = p
+    return files
+
+
+def _read_list(path: Path, known: dict[str, Path]) -> list[str]:
+    stems = [s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
+    missing = [s for s in stems if s not in known]
+    if missing:
+        raise CissError(f"{path}: names {len(missing)} stems with no image/mask pair, "
+                        f"e.g. '{missing[0]}'")
+    if len(set(stems)) != len(stems):
+        dup = next(s for s in stems if stems.count(s) > 1)
+        raise CissError(f"{path}: stem '{dup}' is listed twice")
+    return stems
+
+
+def _open_ciss(root: Path, cache: bool) -> DatasetFolder:
+    for required in ("classes.txt", "images", "masks"):
+        if not (root / required).exists():
+            raise CissError(f"{root / required}: missing (a dataset folder holds classes.txt, "
+                            "images/ and masks/; see README 'Dataset folders')")
+    classes = ClassList.from_file(root / "classes.txt")
+    images = _list_files(root / "images", IMAGE_SUFFIXES)
+    masks = _list_files(root / "masks", (".png",))
+    for stem, p in images.items():
+        if stem not in masks:
+            raise CissError(f"{p}: has no mask (expected {root / 'masks' / (stem + '.png')})")
+    for stem, p in masks.items():
+        if stem not in images:
+            raise CissError(f"{p}: mask has no image in {root / 'images'}")
+    if not images:
+        raise CissError(f"{root / 'images'}: no images")
+    has_val = (root / "val.txt").exists()
+    if (root / "train.txt").exists() or has_val:
+        train = _read_list(root / "train.txt", images) if (root / "train.txt").exists() else []
+        val = _read_list(root / "val.txt", images) if has_val else []
+        if not (root / "train.txt").exists():
+            train = sorted(set(images) - set(val))
+        both = set(train) & set(val)
+        if both:
+            raise CissError(f"{root / 'val.txt'}: stem '{sorted(both)[0]}' is also in train.txt")
+    else:
+        train, val = hash_split(list(images))
+    if not train and not val:
+        raise CissError(f"{root}: both splits are empty")
+    stems = sorted(set(train) | set(val))
+    return _validate(root, classes, {s: images[s] for s in stems}, {s: masks[s] for s in stems},
+                     train, val, has_val, "ciss", cache)
+
+
+def _open_voc(root: Path, cache: bool) -> DatasetFolder:
+    classes = (ClassList.from_file(root / "classes.txt") if (root / "classes.txt").exists()
+               else ClassList(VOC_CLASSES))
+    mask_dir = root / "SegmentationClassAug"
+    if not mask_dir.is_dir():
+        mask_dir = root / "SegmentationClass"
+    if not mask_dir.is_dir():
+        raise CissError(f"{root}: VOC layout without SegmentationClass/ masks")
+    images = _list_files(root / "JPEGImages", IMAGE_SUFFIXES)
+    masks = _list_files(mask_dir, (".png",))
+    sets = root / "ImageSets" / "Segmentation"
+    # VOC ships far more JPEGs than masks: only listed stems are samples.
+    paired = {s: images[s] for s in masks if s in images}
+    train_file = sets / "train_aug.txt" if (sets / "train_aug.txt").exists() else sets / "train.txt"
+    if not train_file.exists() or not (sets / "val.txt").exists():
+        raise CissError(f"{sets}: VOC layout needs train.txt (or train_aug.txt) and val.txt")
+    train = _read_list(train_file, paired)
+    val = _read_list(sets / "val.txt", paired)
+    train = [s for s in train if s not in set(val)]
+    stems = sorted(set(train) | set(val))
+    return _validate(root, classes, {s: images[s] for s in stems}, {s: masks[s] for s in stems},
+                     train, val, True, "voc", cache)
+
+
+def _check_pair(stem: str, image_path: Path, mask_path: Path, n_classes: int):
+    image = read_image(image_path)
+    mask = read_mask(mask_path)
+    if image.shape[:2] != mask.shape:
+        raise CissError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
+                        f"{image_path.name} is {image.shape[1]}x{image.shape[0]}")
+    values = np.unique(mask)
+    bad = [int(v) for v in values if v >= n_classes and v != IGNORE_INDEX]
+    if bad:
+        raise CissError(f"{mask_path}: mask values {bad[:5]} are not class ids of classes.txt "
+                        f"(0..{n_classes - 1}, 255 = ignore)")
+    present = frozenset(int(v) for v in values if v != IGNORE_INDEX)
+    return stem, image, mask, present
+
+
+def _validate(root, classes, images, masks, train, val, has_val, layout, cache) -> DatasetFolder:
+    stems = sorted(images)
+    presence: dict[str, frozenset[int]] = {}
+    kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    budget = CACHE_BUDGET_BYTES if cache else 0
+    used = 0
+    # PIL decoding releases the GIL: two threads use both cores of a small machine.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = pool.map(lambda s: _check_pair(s, images[s], masks[s], len(classes)), stems)
+        for stem, image, mask, present in results:
+            presence[stem] = present
+            size = image.nbytes + mask.nbytes
+            if used + size <= budget:
+                kept[stem] = (image, mask)
+                used += size
+    if used and len(kept) < len(stems):
+        kept = {}  # a partial cache would make epochs uneven; decode everything on demand
+    return DatasetFolder(root=root, classes=classes, images=images, masks=masks, train=train,
+                         val=val, has_val_list=has_val, presence=presence, layout=layout,
+                         _cache=kept)

@@ -1,0 +1,103 @@
+"""Decoding images and masks the same way everywhere (training, evaluation, serving)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ciss.errors import CissError
+
+# PIL's own bomb limit is ~89 Mpx with a warning first; we refuse early and clearly instead.
+MAX_PIXELS = 64_000_000
+
+
+def _open(source: Path | bytes, what: str, max_pixels: int) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise CissError(f"{what}: not a readable image ({exc.__class__.__name__})") from exc
+    w, h = img.size
+    if w * h > max_pixels:
+        raise CissError(
+            f"{what}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+            "(decompression bomb protection)"
+        )
+    if w < 1 or h < 1:
+        raise CissError(f"{what}: empty image ({w}x{h})")
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise CissError(f"{what}: truncated or corrupt image ({exc})") from exc
+    return img
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """Convert any PIL mode (grey, 16-bit, RGBA, palette, CMYK) to uint8 RGB, HxWx3."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.int64)
+        # 16-bit greys use the full 0..65535 range; scale by the type's range, not the image's.
+        arr = np.clip(arr >> 8, 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        arr = np.clip(arr, 0.0, 255.0).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite over black so transparent pixels do not carry arbitrary hidden colours.
+        rgba = img.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(base, rgba)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def read_image(source: Path | bytes, what: str | None = None, *,
+               max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode an image file or bytes to uint8 RGB HxWx3, EXIF orientation applied.
+
+    Raises:
+        CissError: naming ``what`` (the path by default) and the problem.
+    """
+    what = what or str(source if isinstance(source, Path) else "image")
+    img = _open(source, what, max_pixels)
+    # A broken EXIF block must not make an otherwise good image unusable.
+    with contextlib.suppress(Exception):
+        img = ImageOps.exif_transpose(img)
+    return to_rgb(img)
+
+
+def read_mask(path: Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode an 8-bit single-channel or palette PNG mask to uint8 HxW (values = class ids)."""
+    img = _open(path, str(path), max_pixels)
+    if img.mode not in ("L", "P"):
+        raise CissError(
+            f"{path}: mask must be an 8-bit single-channel or palette PNG, found mode {img.mode}"
+        )
+    # Palette masks: the pixel value is the palette index, which is the class id (VOC style).
+    return np.asarray(img, dtype=np.uint8)
+
+
+def write_mask(path: Path, mask: np.ndarray, palette: list[int] | None = None) -> None:
+    """Write a uint8 HxW class-id mask as a palette PNG (values stay the class ids)."""
+    img = Image.fromarray(mask.astype(np.uint8), mode="L").convert("P")
+    img.putpalette(palette or voc_palette())
+    img.save(path, format="PNG", optimize=False)
+
+
+def voc_palette() -> list[int]:
+    """The Pascal VOC colour map (bit-interleaved), 256 entries; 255 is drawn near white."""
+    palette = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    palette[255 * 3: 256 * 3] = [224, 224, 192]
+    return palette

@@ -1,0 +1,78 @@
+"""The staged model interface every architecture implements.
+
+A forward pass is a chain of named stages over a small state dict, so that the updater can run
+the frozen trunk once and fork the rest (student and teacher), and the analysis can read or
+transplant any stage.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+State = dict[str, torch.Tensor]
+
+
+class SegmentationModel(nn.Module):
+    """Base class: uint8 or float [N,3,H,W] images in 0..255, logits [N,K,H,W] out.
+
+    Normalisation lives inside the model so that exported graphs take raw pixels.
+    Subclasses fill ``self.stages`` (an ordered ModuleDict) and implement ``run_stage``.
+
+    Attributes:
+        arch: the ARCHS name.
+        num_classes: output channels (background included).
+        frozen_upto: index of the last frozen stage, -1 when nothing is frozen.
+    """
+
+    features_stage = "stage4"
+
+    def __init__(self, arch: str, num_classes: int) -> None:
+        super().__init__()
+        self.arch = arch
+        self.num_classes = num_classes
+        self.frozen_upto = -1
+        self.stages = nn.ModuleDict()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0,
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0,
+                             persistent=False)
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        return tuple(self.stages.keys())
+
+    def begin(self, image: torch.Tensor) -> State:
+        """Normalise raw pixels into the initial state."""
+        return {"x": (image.float() - self.mean) / self.std}
+
+    def run_stage(self, name: str, state: State) -> State:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def run(self, state: State, names: tuple[str, ...] | list[str]) -> State:
+        """Run ``names`` in order; returns a new state (the input dict is not modified)."""
+        state = dict(state)
+        for name in names:
+            state = self.run_stage(name, state)
+        return state
+
+    def finish(self, state: State, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+        """Logits at the input resolution."""
+        return F.interpolate(state["logits"], size=size, mode="bilinear", align_corners=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.run(self.begin(image), self.stage_names), image.shape[-2:])
+
+    def classifier_convs(self) -> list[nn.Conv2d]:
+        """The 1x1 convolutions whose outputs are (summed into) the logits."""
+        return [self.stages["classifier"]]
+
+    def train(self, mode: bool = True) -> SegmentationModel:
+        super().train(mode)
+        # Frozen stages keep BatchNorm in eval mode: running statistics must not drift.
+        for name in self.stage_names[: self.frozen_upto + 1]:
+            self.stages[name].eval()
+        return self

@@ -1,0 +1,59 @@
+"""The step card: everything needed to rebuild, trust and compare one model step."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ciss.errors import CissError
+
+
+@dataclass
+class StepCard:
+    """The card stored beside every step's weights (``card.json``).
+
+    Attributes:
+        step: this step's number; parent: the step it was trained from (None for step 0).
+        classes: the model's class names, background first; new_classes: added by this step.
+        arch: ARCHS name; frozen: stages frozen while training this step.
+        method: "base", "mib", "ft", "lwf", "ilt".
+        hparams: every training hyper-parameter.
+        data: fingerprint, folder and sample counts of the training data.
+        retention: step -> {"engine": {class: iou}}: IoU on each retention set.
+        timings: seconds per phase.
+        artifacts: file name (relative to the step folder) -> sha256.
+        extra: parity results, environment and anything later tools record.
+    """
+
+    step: int
+    parent: int | None
+    classes: list[str]
+    new_classes: list[str]
+    arch: str
+    frozen: list[str]
+    method: str
+    hparams: dict[str, Any]
+    data: dict[str, Any]
+    retention: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_file(cls, path: Path) -> StepCard:
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+            return cls(**raw)
+        except (OSError, ValueError, TypeError) as exc:
+            raise CissError(f"{path}: unreadable step card ({exc})") from exc
+
+    @property
+    def old_classes(self) -> list[str]:
+        """Object classes the parent knew (background excluded)."""
+        return [c for c in self.classes[1:] if c not in self.new_classes]

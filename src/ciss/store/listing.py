@@ -1,0 +1,51 @@
+"""The rows of ``ciss steps``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ciss.analysis.metrics import mean_iou
+from ciss.store.card import StepCard
+from ciss.store.store import Store
+
+
+@dataclass
+class StepRow:
+    step: int
+    parent: int | None
+    method: str
+    classes: list[str]
+    new_classes: list[str]
+    old_miou: float | None
+    new_miou: float | None
+    deployed: bool
+    artifacts: dict[str, str]
+
+    def to_json(self) -> dict:
+        return {"step": self.step, "parent": self.parent, "method": self.method,
+                "classes": self.classes, "new_classes": self.new_classes,
+                "deployed": self.deployed, "artifacts": self.artifacts,
+                "old_miou": self.old_miou, "new_miou": self.new_miou}
+
+
+def retention_groups(card: StepCard, engine: str = "torch") -> tuple[float | None, float | None]:
+    """Old/new object-class mIoU from the card's retention scores (each class where labelled)."""
+    per_class: dict[str, float] = {}
+    for scores in card.retention.values():
+        for name, v in scores.get(engine, {}).items():
+            if v is not None and name != "background":
+                per_class[name] = v
+    old = [per_class[c] for c in card.old_classes if c in per_class]
+    new = [per_class[c] for c in card.new_classes if c in per_class]
+    return (mean_iou(old) if old else None), (mean_iou(new) if new else None)
+
+
+def list_steps(store: Store) -> list[StepRow]:
+    deployed = store.deployed() or {}
+    rows = []
+    for n in store.steps():
+        card = store.card(n)
+        old, new = retention_groups(card)
+        rows.append(StepRow(n, card.parent, card.method, card.classes, card.new_classes, old, new,
+                            deployed.get("step") == n, card.artifacts))
+    return rows

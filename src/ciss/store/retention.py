@@ -1,0 +1,33 @@
+"""Retention sets: held-out images and masks of one step's classes, kept inside the step."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ciss.data.folder import DatasetFolder, open_folder
+from ciss.errors import CissError
+
+
+def retention_writer(folder: DatasetFolder, stems: list[str]):
+    """A writer for ``Store.write_step``: copies ``stems`` as a dataset folder (all in val)."""
+
+    def write(dest: Path) -> None:
+        (dest / "images").mkdir(parents=True)
+        (dest / "masks").mkdir()
+        folder.classes.write(dest / "classes.txt")
+        for stem in stems:
+            image = folder.images[stem]
+            shutil.copyfile(image, dest / "images" / (stem + image.suffix.lower()))
+            shutil.copyfile(folder.masks[stem], dest / "masks" / f"{stem}.png")
+        (dest / "val.txt").write_text("".join(s + "\n" for s in stems))
+        (dest / "train.txt").write_text("")
+
+    return write
+
+
+def open_retention(path: Path) -> DatasetFolder:
+    """Open a step's retention folder (its val list holds every sample)."""
+    if not path.is_dir():
+        raise CissError(f"{path}: retention set missing")
+    return open_folder(path, require_train=False)

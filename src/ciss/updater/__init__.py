@@ -1,0 +1,1 @@
+"""The updater: base training, add-classes and the losses behind them."""

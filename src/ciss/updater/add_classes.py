@@ -1,0 +1,167 @@
+"""``ciss add-classes``: learn a folder's new classes on top of a stored step, keep the old."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ciss.analysis.scoring import FolderScores, score_folder, torch_predictor
+from ciss.data.classes import ClassList
+from ciss.data.dataset import SegmentationDataset, label_lut
+from ciss.data.folder import DatasetFolder, open_folder
+from ciss.data.transforms import TrainTransform, auto_crop_size
+from ciss.errors import CissError
+from ciss.models import freeze, frozen_stages, grow_classifier
+from ciss.models.build import ARCHS
+from ciss.store import StepCard, Store
+from ciss.store.retention import open_retention, retention_writer
+from ciss.updater.loop import FitResult, LoopConfig, fit, resolve_device
+from ciss.updater.methods import METHODS, IncrementalStep, MethodConfig, TrunkCache
+from ciss.updater.train import DataConfig, StepReport, retention_stems
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    """What add-classes does beyond the optimiser settings.
+
+    Attributes:
+        parent: step to start from (None: the latest).
+        freeze: last frozen stage, "none", or None for the architecture's default.
+        init: classifier init for new classes: mib, background or random.
+        cache_trunk_mb: memory for caching the frozen trunk's outputs across epochs
+            (used only when augmentation is flip-only); 0 disables it.
+    """
+
+    parent: int | None = None
+    freeze: str | None = None
+    init: str = "background"
+    cache_trunk_mb: int = 1024
+
+
+def _new_classes(folder: DatasetFolder, parent: StepCard, data_dir: Path) -> list[str]:
+    new = [n for n in folder.classes.objects if n not in parent.classes]
+    if not new:
+        raise CissError(f"{data_dir / 'classes.txt'}: no new class; every class is already "
+                        f"known to step {parent.step} ({', '.join(parent.classes[1:])})")
+    seen = set().union(*(folder.presence[s] for s in folder.train))
+    missing = [n for n in new if folder.classes.index(n) not in seen]
+    if missing:
+        raise CissError(f"{data_dir}: new classes with no pixel in the training split: "
+                        f"{', '.join(missing)}")
+    return new
+
+
+def ancestors(store: Store, step: int) -> list[int]:
+    """``step`` and every step it descends from, oldest first."""
+    chain = []
+    cur: int | None = step
+    while cur is not None:
+        chain.append(cur)
+        cur = store.card(cur).parent
+    return chain[::-1]
+
+
+def score_retention(store: Store, steps: list[int], predict, classes: ClassList
+                    ) -> dict[str, dict[str, float | None]]:
+    """Per-class IoU on each step's retention set (partial-label rule), keyed by step."""
+    out = {}
+    for s in steps:
+        store.verify(s, ["retention"])
+        folder = open_retention(store.step_dir(s) / "retention")
+        out[str(s)] = score_folder(predict, folder, folder.val, classes).per_class()
+    return out
+
+
+def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodConfig(),
+                update: UpdateConfig = UpdateConfig(), loop: LoopConfig = LoopConfig(),
+                data: DataConfig = DataConfig(scale=(1.0, 1.0)), val_dir: Path | None = None,
+                progress: bool = True, after_epoch=None) -> StepReport:
+    """Train a new step that adds ``data_dir``'s unknown classes to the parent step.
+
+    Names already known keep their ids and supervise normally; unknown names become new
+    classes appended in the folder's order. Every other pixel is background, which may hide
+    old classes: that is what the mib losses are for.
+
+    Raises:
+        CissError: bad data, unknown method or stage, missing or corrupt parent (nothing written).
+        CheckFailed: the loss became NaN.
+    """
+    if method.method not in METHODS:
+        raise CissError(f"--method {method.method}: choose from {', '.join(METHODS)}")
+    folder = open_folder(data_dir)
+    parent_step = store.resolve(update.parent)
+    device = resolve_device(loop.device)
+    teacher, parent = store.load_model(parent_step, device=str(device))
+    new = _new_classes(folder, parent, Path(data_dir))
+    classes = ClassList(tuple(parent.classes)).extended(new)
+    student = copy.deepcopy(teacher)
+    grow_classifier(student, len(new), init=update.init)
+    stage = update.freeze or ARCHS[parent.arch].default_freeze
+    freeze(student, stage)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(loop.seed)
+
+    lut = label_lut(folder.classes, classes)
+    shapes = [folder.load(s)[1].shape for s in folder.train[:200]]
+    crop = data.crop_size or auto_crop_size(shapes)
+    transform = TrainTransform(crop, scale=data.scale)
+    cacheable = (update.cache_trunk_mb > 0 and student.frozen_upto >= 0
+                 and transform.fixed_geometry(max(max(s) for s in shapes)))
+    dataset = SegmentationDataset(folder, folder.train, lut, transform, seed=loop.seed,
+                                  keys=cacheable)
+    cache = TrunkCache(update.cache_trunk_mb << 20) if cacheable else None
+    step_fn = IncrementalStep(student, teacher, len(parent.classes), method, cache)
+    key = loop.key("add", str(parent_step), parent.artifacts.get("weights.safetensors", ""),
+                   folder.fingerprint(), repr(method), repr(update), repr(data))
+    ckpt = store.work_dir / f"add-{key}"
+    result: FitResult = fit(student, step_fn, dataset, loop, checkpoint=ckpt, key=key,
+                            desc=method.method, after_epoch=after_epoch, progress=progress)
+
+    t0 = time.perf_counter()
+    student.eval()
+    predict = torch_predictor(student, device)
+    chain = ancestors(store, parent_step)
+    retention = score_retention(store, chain, predict, classes)
+    keep = retention_stems(folder, [folder.classes.index(n) for n in folder.classes.objects])
+    if not keep:
+        raise CissError(f"{data_dir}: the val split shows none of the folder's classes; "
+                        "the step needs a retention set (add val images or a val.txt)")
+    own: FolderScores = score_folder(predict, folder, keep, classes)
+    extra = {"history": result.history, "resumed_from": result.resumed_from,
+             "device": str(device), "torch": torch.__version__,
+             "trunk_cache": None if cache is None else
+             {"hits": cache.hits, "misses": cache.misses, "mb": round(cache.used / 2**20, 1)}}
+    if val_dir is not None:
+        val_folder = open_folder(val_dir, require_train=False)
+        stems = val_folder.val if val_folder.has_val_list and val_folder.val else sorted(
+            val_folder.images)
+        extra["val"] = {"folder": str(Path(val_dir).resolve()),
+                        "per_class": score_folder(predict, val_folder, stems,
+                                                  classes).per_class()}
+    eval_s = time.perf_counter() - t0
+    card = StepCard(
+        step=-1, parent=parent_step, classes=list(classes.names), new_classes=new,
+        arch=parent.arch, frozen=list(frozen_stages(student)), method=method.method,
+        hparams={**asdict(loop), **asdict(method), **asdict(update), **asdict(data),
+                 "crop_size": crop, "trunk_cache": cache is not None},
+        data={"folder": str(Path(data_dir).resolve()), "fingerprint": folder.fingerprint(),
+              "train_images": len(folder.train), "val_images": len(folder.val),
+              "retention_images": len(keep), "folder_classes": list(folder.classes.names),
+              "layout": folder.layout},
+        # "new" becomes this step's number once the store allocates it (see write_step).
+        retention={**{s: {"torch": v} for s, v in retention.items()},
+                   "new": {"torch": own.per_class()}},
+        timings={"train_s": round(result.seconds, 2), "eval_s": round(eval_s, 2),
+                 "iterations": result.iterations},
+        extra=extra,
+    )
+    step = store.write_step(card, student.cpu(),
+                            {"retention": retention_writer(folder, keep)})
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return StepReport(step=step, card=store.card(step), scores=own, fit=result)

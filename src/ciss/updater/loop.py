@@ -1,0 +1,174 @@
+"""One plain training loop for every method: the method is the ``step_fn`` it is given."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from ciss.errors import CheckFailed, CissError
+from ciss.updater.checkpoint import load_checkpoint, save_checkpoint
+
+# (images, masks[, keys]) -> {"loss": ..., other parts}
+StepFn = Callable[..., dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Optimisation settings.
+
+    Attributes:
+        epochs: passes over the training split.
+        batch_size: images per optimiser step (>= 2: BatchNorm needs it).
+        lr: peak learning rate (after warm-up), poly decay (power 0.9) per iteration.
+        weight_decay: decoupled (AdamW) or L2 (SGD).
+        optimizer: "adamw" or "sgd" (momentum 0.9, Nesterov).
+        warmup: fraction of iterations with linear warm-up.
+        seed: data order and augmentation depend only on (seed, epoch).
+        device: "auto" (CUDA when present), "cpu" or "cuda[:i]".
+        amp: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).
+    """
+
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    warmup: float = 0.03
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+
+    def key(self, *parts: str) -> str:
+        """A fingerprint of these settings plus ``parts``: checkpoints resume only on a match."""
+        blob = json.dumps([asdict(self), parts], sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class FitResult:
+    """What a training run did: per-epoch mean losses, seconds, the epoch it resumed from."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from: int | None = None
+    iterations: int = 0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CissError(f"--device {device}: no CUDA GPU is visible to PyTorch")
+    return torch.device(device)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: LoopConfig) -> torch.optim.Optimizer:
+    if not params:
+        raise CissError("nothing to train: every parameter is frozen")
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True,
+                               weight_decay=cfg.weight_decay)
+    raise CissError(f"--optimizer {cfg.optimizer}: choose adamw or sgd")
+
+
+def poly_schedule(optimizer, total: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
+    n_warm = max(1, int(total * warmup))
+
+    def factor(it: int) -> float:
+        if it < n_warm:
+            return (it + 1) / n_warm
+        return max(0.0, 1 - (it - n_warm) / max(1, total - n_warm)) ** 0.9
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def fit(model: torch.nn.Module, step_fn: StepFn, dataset, cfg: LoopConfig, *,
+        checkpoint: Path | None = None, key: str = "", desc: str = "train",
+        after_epoch: Callable[[int], None] | None = None, progress: bool = True) -> FitResult:
+    """Train ``model``'s trainable parameters with ``step_fn`` over ``dataset``.
+
+    Args:
+        model: moved to the device already; only ``requires_grad`` parameters are optimised.
+        step_fn: ``(images, masks) -> {"loss": ..., other parts}`` on device tensors.
+        dataset: yields (uint8 image, int64 mask); may implement ``set_epoch``.
+        checkpoint: folder for the per-epoch checkpoint; an existing one with the same
+            ``key`` is resumed from.
+        after_epoch: called with the finished epoch (tests use it to interrupt).
+
+    Raises:
+        CheckFailed: when the loss becomes NaN or infinite.
+    """
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
+    if len(dataset) < cfg.batch_size:
+        raise CissError(f"only {len(dataset)} training images for --batch-size "
+                        f"{cfg.batch_size}; lower the batch size or add images")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg)
+    per_epoch = len(dataset) // cfg.batch_size
+    scheduler = poly_schedule(optimizer, per_epoch * cfg.epochs, cfg.warmup)
+    use_amp = cfg.amp and device.type == "cuda"
+    amp_dtype = (torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported()
+                 else torch.float16)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    result = FitResult()
+    start_epoch = 0
+    if checkpoint is not None:
+        meta = load_checkpoint(checkpoint, key=key, model=model, optimizer=optimizer,
+                               scheduler=scheduler)
+        if meta is not None:
+            start_epoch = meta["epoch"] + 1
+            result.resumed_from = start_epoch
+            result.history = meta["extra"].get("history", [])
+            result.seconds = meta["extra"].get("seconds", 0.0)
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, drop_last=True,
+                            sampler=RandomSampler(dataset, generator=gen))
+        model.train()
+        sums: dict[str, float] = {}
+        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not progress, dynamic_ncols=True)
+        for it, batch in enumerate(bar):
+            batch = [t.to(device, non_blocking=True) for t in batch]
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                parts = step_fn(*batch)
+            loss = parts["loss"]
+            if not torch.isfinite(loss):
+                raise CheckFailed(f"the training loss became {loss.item()} at epoch {epoch + 1}, "
+                                  f"iteration {it + 1}; lower --lr (now {cfg.lr}) and retry")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            result.iterations += 1
+            if it % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        result.seconds += time.perf_counter() - t0
+        result.history.append({k: v / max(1, per_epoch) for k, v in sums.items()})
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, key=key, epoch=epoch, model=model, optimizer=optimizer,
+                            scheduler=scheduler,
+                            extra={"history": result.history, "seconds": result.seconds})
+        if after_epoch is not None:
+            after_epoch(epoch)
+    if result.history and not all(math.isfinite(v) for v in result.history[-1].values()):
+        raise CheckFailed("training ended with a non-finite loss")
+    return result

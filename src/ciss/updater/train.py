@@ -1,0 +1,123 @@
+"""The base step: train a model from scratch (or ImageNet backbone) on a dataset folder."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ciss.analysis.scoring import FolderScores, score_folder, torch_predictor
+from ciss.data.classes import IGNORE_INDEX
+from ciss.data.dataset import SegmentationDataset, label_lut
+from ciss.data.folder import DatasetFolder, open_folder
+from ciss.data.transforms import TrainTransform, auto_crop_size
+from ciss.errors import CissError
+from ciss.models import build_model
+from ciss.store import StepCard, Store
+from ciss.store.retention import retention_writer
+from ciss.updater.loop import FitResult, LoopConfig, fit, resolve_device
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How training crops are made.
+
+    Attributes:
+        crop_size: square crop side; None picks the median shorter side (at most 512).
+        scale: random rescale range before cropping (photos: (0.5, 2.0) as in the
+            literature; the synthetic default learns faster without it, see BENCHMARKS.md).
+    """
+
+    crop_size: int | None = None
+    scale: tuple[float, float] = (1.0, 1.0)
+
+
+@dataclass
+class StepReport:
+    """The outcome of writing a step: its number, card, scores and training record."""
+
+    step: int
+    card: StepCard
+    scores: FolderScores
+    fit: FitResult
+
+
+def training_dataset(folder: DatasetFolder, lut, data: DataConfig, seed: int
+                     ) -> SegmentationDataset:
+    crop = data.crop_size or auto_crop_size(
+        [folder.load(s)[1].shape for s in folder.train[:200]])
+    return SegmentationDataset(folder, folder.train, lut,
+                               TrainTransform(crop, scale=data.scale), seed=seed)
+
+
+def retention_stems(folder: DatasetFolder, class_ids: list[int]) -> list[str]:
+    """Val stems showing at least one of ``class_ids``: the step's retention set."""
+    wanted = set(class_ids)
+    return [s for s in folder.val if folder.presence[s] & wanted]
+
+
+def train_base(store: Store, data_dir: Path, *, arch: str = "tiny", weights: str | None = None,
+               loop: LoopConfig = LoopConfig(), data: DataConfig = DataConfig(),
+               progress: bool = True, after_epoch=None) -> StepReport:
+    """Train step 0 on ``data_dir`` and write it to ``store``.
+
+    The folder is validated before anything else; nothing is written to the store unless
+    training finishes. An interrupted run resumes from its last epoch checkpoint when the
+    same command is repeated.
+
+    Raises:
+        CissError: bad data or settings (nothing written).
+        CheckFailed: the loss became NaN.
+    """
+    folder = open_folder(data_dir)
+    if store.steps():
+        raise CissError(f"{store.root}: already has steps; use 'ciss add-classes' to extend the "
+                        "latest one, or choose a new --store")
+    classes = folder.classes
+    present = set().union(*(folder.presence[s] for s in folder.train)) - {0}
+    if not present:
+        raise CissError(f"{data_dir}: no object class appears in the training split")
+    device = resolve_device(loop.device)
+    torch.manual_seed(loop.seed)
+    model = build_model(arch, num_classes=len(classes), weights=weights).to(device)
+    dataset = training_dataset(folder, label_lut(classes, classes), data, loop.seed)
+
+    def step_fn(images, masks):
+        logits = model(images)
+        loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+        return {"loss": loss, "ce": loss.detach()}
+
+    key = loop.key("base", arch, str(weights), folder.fingerprint(), repr(data))
+    ckpt = store.work_dir / f"train-{key}"
+    result = fit(model, step_fn, dataset, loop, checkpoint=ckpt, key=key, desc="base",
+                 after_epoch=after_epoch, progress=progress)
+    t0 = time.perf_counter()
+    keep = retention_stems(folder, list(range(1, len(classes))))
+    scores = score_folder(torch_predictor(model, device), folder, keep, classes)
+    eval_s = time.perf_counter() - t0
+    card = StepCard(
+        step=0, parent=None, classes=list(classes.names), new_classes=list(classes.objects),
+        arch=arch, frozen=[], method="base",
+        hparams={**asdict(loop), **asdict(data), "weights": weights,
+                 "crop_size": dataset.transform.crop_size},
+        data={"folder": str(Path(data_dir).resolve()), "fingerprint": folder.fingerprint(),
+              "train_images": len(folder.train), "val_images": len(folder.val),
+              "retention_images": len(keep), "layout": folder.layout},
+        retention={"0": {"torch": scores.per_class()}},
+        timings={"train_s": round(result.seconds, 2), "eval_s": round(eval_s, 2),
+                 "iterations": result.iterations},
+        extra={"history": result.history, "resumed_from": result.resumed_from,
+               "device": str(device), "torch": torch.__version__},
+    )
+    step = store.write_step(card, model.cpu(), {"retention": retention_writer(folder, keep)})
+    _drop_checkpoint(ckpt)
+    return StepReport(step=step, card=store.card(step), scores=scores, fit=result)
+
+
+def _drop_checkpoint(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

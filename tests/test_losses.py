@@ -1,0 +1,108 @@
+"""Losses against values computed by hand on tiny tensors, gradients, no in-place edits."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ciss.updater.losses import (
+    distillation,
+    feature_distillation,
+    unbiased_cross_entropy,
+    unbiased_distillation,
+)
+
+
+def lse(*xs):
+    return math.log(sum(math.exp(x) for x in xs))
+
+
+def px(values):
+    """One pixel with the given channel values: [1, K, 1, 1]."""
+    return torch.tensor(values, dtype=torch.float64).view(1, -1, 1, 1)
+
+
+def test_unce_by_hand_one_new_class():
+    z = [1.0, 0.5, -0.3, 2.0]  # bg, old1, old2, new  (K_old = 3)
+    logits = torch.cat([px(z)] * 4, dim=3)  # 4 pixels in a row
+    target = torch.tensor([[[0, 3, 1, 255]]])
+    all_ = lse(*z)
+    expected = [-(lse(z[0], z[1], z[2]) - all_), -(z[3] - all_), -(z[1] - all_)]
+    got = unbiased_cross_entropy(logits, target, num_old=3)
+    assert math.isclose(got.item(), sum(expected) / 3, rel_tol=1e-12)  # ignored pixel excluded
+
+
+def test_unce_many_new_classes_and_target_untouched():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 3, 3, dtype=torch.float64)
+    target = torch.randint(0, 7, (2, 3, 3))
+    target[0, 0, 0] = 255
+    saved = target.clone()
+    got = unbiased_cross_entropy(logits, target, num_old=4)
+    assert torch.equal(target, saved)
+    total, n = 0.0, 0
+    for b in range(2):
+        for i in range(3):
+            for j in range(3):
+                y = int(target[b, i, j])
+                if y == 255:
+                    continue
+                z = logits[b, :, i, j].tolist()
+                num = lse(*z[:4]) if y == 0 else z[y]
+                total += -(num - lse(*z))
+                n += 1
+    assert math.isclose(got.item(), total / n, rel_tol=1e-10)
+
+
+def test_unkd_by_hand_with_alpha():
+    s = [0.2, 1.0, -1.0, 0.7, 0.1]  # student: bg, old1, old2, new1, new2
+    t = [1.5, 0.3, -0.2]  # teacher: K_old = 3
+    alpha = 2.0
+    p = torch.softmax(torch.tensor(t) * alpha, 0).tolist()
+    all_ = lse(*s)
+    log_q = [lse(s[0], s[3], s[4]) - all_, s[1] - all_, s[2] - all_]
+    expected = -sum(pc * lq for pc, lq in zip(p, log_q)) / 3
+    got = unbiased_distillation(px(s), px(t), alpha=alpha)
+    assert math.isclose(got.item(), expected, rel_tol=1e-6)
+
+
+def test_unkd_mask_averages_over_masked_pixels():
+    torch.manual_seed(1)
+    s = torch.randn(1, 5, 2, 2, dtype=torch.float64)
+    t = torch.randn(1, 3, 2, 2, dtype=torch.float64)
+    mask = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]], dtype=torch.float64)
+    assert math.isclose(unbiased_distillation(s, t, mask=mask).item(),
+                        unbiased_distillation(s[..., :1, :1], t[..., :1, :1]).item(),
+                        rel_tol=1e-12)
+
+
+def test_lwf_kd_renormalises_old_channels():
+    s = [0.2, 1.0, -1.0, 5.0]
+    t = [1.5, 0.3, -0.2]
+    p = torch.softmax(torch.tensor(t, dtype=torch.float64), 0).tolist()
+    norm = lse(*s[:3])
+    expected = -sum(pc * (sc - norm) for pc, sc in zip(p, s[:3])) / 3
+    assert math.isclose(distillation(px(s), px(t)).item(), expected, rel_tol=1e-12)
+
+
+def test_feature_distillation_is_mse():
+    a = torch.ones(1, 2, 2, 2)
+    assert feature_distillation(a, a * 3).item() == 4.0
+
+
+def test_gradients_match_finite_differences():
+    torch.manual_seed(2)
+    logits = torch.randn(1, 5, 2, 3, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([[[0, 3, 4], [1, 255, 0]]])
+    teacher = torch.randn(1, 3, 2, 3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda z: unbiased_cross_entropy(z, target, 3), (logits,))
+    assert torch.autograd.gradcheck(lambda z: unbiased_distillation(z, teacher, 1.5), (logits,))
+
+
+def test_unce_does_not_push_old_classes_down_on_background():
+    # A background pixel whose logit mass sits on an old class: UNCE is ~0, plain CE is large.
+    logits = px([0.0, 10.0, -5.0])
+    target = torch.zeros(1, 1, 1, dtype=torch.long)
+    assert unbiased_cross_entropy(logits, target, num_old=2).item() < 1e-3
+    assert torch.nn.functional.cross_entropy(logits, target).item() > 9

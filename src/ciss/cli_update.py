@@ -30,7 +30,8 @@ def _scale(text: str) -> tuple[float, float]:
 @click.option("--freeze", default=None,
               help="Last frozen stage, or 'none' (default: the architecture's, tiny: stage4).")
 @click.option("--init", type=click.Choice(["mib", "background", "random"]),
-              default="background", show_default=True, help="New classifier rows.")
+              default="random", show_default=True,
+              help="New classifier rows (random: measured best, see BENCHMARKS.md).")
 @click.option("--kd-weight", type=float, default=None,
               help="Distillation weight (default: mib 10, lwf/ilt 100).")
 @click.option("--alpha", type=float, default=1.0, show_default=True,

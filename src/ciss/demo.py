@@ -21,21 +21,24 @@ class DemoPlan:
     step_epochs: int
 
 
-FULL = DemoPlan(n_train=2000, n_val=300, base_epochs=16, step_epochs=6)
+FULL = DemoPlan(n_train=2000, n_val=300, base_epochs=16, step_epochs=10)
 FAST = DemoPlan(n_train=160, n_val=60, base_epochs=2, step_epochs=1)
 
 
 def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = print) -> dict:
-    """Synthetic data -> split 15-5 -> base training -> evaluation (and later steps).
-
-    Returns a dict of the headline numbers (tests and benchmarks read it).
-    """
+    """Synthetic data -> split 15-5 -> base -> add-classes (mib, and ft for contrast) ->
+    ONNX export with parity -> full-label scores. Returns the headline numbers."""
     from ciss.analysis.evaluate import evaluate_step
+    from ciss.cli_update import before_after_table
     from ciss.data.folder import open_folder
     from ciss.data.scenarios import parse_scenario, write_split
     from ciss.data.synthetic import SyntheticConfig, write_synthetic
+    from ciss.exporters.export import export_step
     from ciss.store import Store
+    from ciss.updater.add_classes import UpdateConfig, add_classes
+    from ciss.updater.defaults import base_defaults, step_defaults
     from ciss.updater.loop import LoopConfig
+    from ciss.updater.methods import MethodConfig
     from ciss.updater.train import train_base
 
     plan = FAST if fast else FULL
@@ -44,22 +47,43 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
         raise CissError(f"{out}: exists and is not empty; remove it or pass another --out")
     t0 = time.perf_counter()
     data_dir, split_dir, store = out / "data", out / "15-5", Store(out / "store")
-    echo(f"[1/4] synthetic data: {plan.n_train} train + {plan.n_val} val images -> {data_dir}")
+    echo(f"[1/6] synthetic data: {plan.n_train} train + {plan.n_val} val images -> {data_dir}")
     write_synthetic(data_dir, SyntheticConfig(n_train=plan.n_train, n_val=plan.n_val))
-    echo("[2/4] split 15-5 (overlap): step-0 learns 15 classes, step-1 adds 5 dotted shapes")
+    echo("[2/6] split 15-5 (overlap): step-0 learns 15 classes, step-1 adds 5 dotted shapes "
+         "labelled alone (old objects in those images are 'background')")
     steps = write_split(open_folder(data_dir), parse_scenario("15-5"), split_dir)
-    echo(f"[3/4] base training of tiny on {steps[0]} ({plan.base_epochs} epochs)")
-    base = train_base(store, steps[0], loop=LoopConfig(epochs=plan.base_epochs, lr=4e-3),
+    echo(f"[3/6] base training of tiny on {steps[0]} ({plan.base_epochs} epochs)")
+    base = train_base(store, steps[0], loop=LoopConfig(epochs=plan.base_epochs,
+                                                       lr=base_defaults("tiny").lr),
                       progress=not fast)
-    echo(f"      step {base.step} written in {base.fit.seconds:.0f}s of training")
-    echo(f"[4/4] evaluation of step {base.step} on the full-label val split")
-    ev = evaluate_step(store, data_dir, step=base.step)
-    doc = ev.to_json()
-    rows = [[name, pct(v)] for name, v in doc["per_class_iou"].items() if v is not None]
-    echo(table(["class", "IoU %"], rows))
-    summary = {"base_step": base.step, "base_miou": doc["new_miou"],
-               "seconds": round(time.perf_counter() - t0, 1)}
-    echo(f"base mIoU over its 15 classes: {pct(doc['new_miou'])}; "
-         f"store: {store.root}; total {summary['seconds']}s")
-    echo(f"next: ciss steps --store {store.root}")
-    return summary
+    echo(f"      step {base.step} written ({base.fit.seconds:.0f}s of training)")
+    numbers = {"base_step": base.step}
+    for method in ("mib", "ft"):
+        d = step_defaults(method)
+        echo(f"[{4 if method == 'mib' else 5}/6] add-classes --method {method} --from 0 "
+             f"({plan.step_epochs} epochs, early stages frozen)")
+        rep = add_classes(store, steps[1], method=MethodConfig(method=method,
+                                                               kd_weight=d.kd_weight),
+                          update=UpdateConfig(parent=base.step),
+                          loop=LoopConfig(epochs=plan.step_epochs, lr=d.lr), progress=not fast)
+        echo(before_after_table(store, rep.step))
+        numbers[f"{method}_step"] = rep.step
+        echo(f"      step {rep.step} ({method}) written ({rep.fit.seconds:.0f}s of training)")
+    echo("[6/6] export every step to ONNX behind the parity gate; score on the full-label val")
+    rows = []
+    for step in store.steps():
+        (res,) = export_step(store, step, ["onnx"])
+        doc = evaluate_step(store, data_dir, step=step, engine="onnx").to_json()
+        card = store.card(step)
+        base_miou = doc["new_miou"] if step == 0 else doc["old_miou"]
+        numbers[f"step{step}"] = {"old": base_miou, "new": None if step == 0
+                                  else doc["new_miou"], "agreement": res.parity.label_agreement}
+        rows.append([step, card.method, pct(base_miou), "-" if step == 0 else pct(doc["new_miou"]),
+                     f"{100 * res.parity.label_agreement:.2f}",
+                     "pass" if res.parity.passed else "FAIL"])
+    echo(table(["step", "method", "old classes mIoU %", "new classes mIoU %",
+                "ONNX label agreement %", "parity"], rows))
+    numbers["seconds"] = round(time.perf_counter() - t0, 1)
+    echo(f"done in {numbers['seconds']}s. ft forgot the old classes; mib kept them.")
+    echo(f"store: {store.root}   next: ciss steps --store {store.root}")
+    return numbers

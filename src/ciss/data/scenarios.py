@@ -73,8 +73,11 @@ def select(folder: DatasetFolder, stems: list[str], step_ids: list[int], old_ids
 
 
 def write_split(folder: DatasetFolder, scenario: Scenario, out: Path,
-                setting: str = "overlap") -> list[Path]:
+                setting: str = "overlap", old_label: int = 0) -> list[Path]:
     """Write ``out/step-0``, ``out/step-1``, ... and ``out/scenario.json``; returns the steps.
+
+    ``old_label`` is what earlier steps' classes become in a step's masks: 0 (background,
+    the CiSS protocol) or 255 (ignored: the benchmark's control without background shift).
 
     Raises:
         CissError: unknown setting, a scenario that does not fit the classes, a step with no
@@ -98,10 +101,10 @@ def write_split(folder: DatasetFolder, scenario: Scenario, out: Path,
                 if not stems:
                     raise CissError(f"scenario {scenario.name} ({setting}), step {t}: no "
                                     f"{split} image shows {', '.join(names)}")
-            _write_step(folder, tmp / f"step-{t}", ids, train, val)
+            _write_step(folder, tmp / f"step-{t}", ids, old, train, val, old_label)
             steps.append({"dir": f"step-{t}", "classes": names, "train": len(train),
                           "val": len(val)})
-        meta = {"scenario": scenario.name, "setting": setting,
+        meta = {"scenario": scenario.name, "setting": setting, "old_label": old_label,
                 "source": str(folder.root.resolve()), "test": "source val split, full labels",
                 "steps": steps}
         (tmp / "scenario.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -114,14 +117,15 @@ def write_split(folder: DatasetFolder, scenario: Scenario, out: Path,
     return [out / s["dir"] for s in steps]
 
 
-def _write_step(folder: DatasetFolder, dest: Path, ids: list[int], train: list[str],
-                val: list[str]) -> None:
+def _write_step(folder: DatasetFolder, dest: Path, ids: list[int], old: list[int],
+                train: list[str], val: list[str], old_label: int) -> None:
     (dest / "images").mkdir(parents=True)
     (dest / "masks").mkdir()
     ClassList(("background",) + tuple(folder.classes.names[c] for c in ids)).write(
         dest / "classes.txt")
     lut = np.zeros(256, dtype=np.uint8)
     lut[IGNORE_INDEX] = IGNORE_INDEX
+    lut[old] = old_label
     for j, c in enumerate(ids):
         lut[c] = j + 1
     for stem in train + val:

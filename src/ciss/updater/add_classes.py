@@ -39,7 +39,7 @@ class UpdateConfig:
 
     parent: int | None = None
     freeze: str | None = None
-    init: str = "background"
+    init: str = "random"
     cache_trunk_mb: int = 1024
 
 

@@ -161,8 +161,10 @@ def fit(model: torch.nn.Module, step_fn: StepFn, dataset, cfg: LoopConfig, *,
             result.iterations += 1
             if it % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-        result.seconds += time.perf_counter() - t0
-        result.history.append({k: v / max(1, per_epoch) for k, v in sums.items()})
+        seconds = time.perf_counter() - t0
+        result.seconds += seconds
+        result.history.append({**{k: v / max(1, per_epoch) for k, v in sums.items()},
+                               "seconds": round(seconds, 3)})
         if checkpoint is not None:
             save_checkpoint(checkpoint, key=key, epoch=epoch, model=model, optimizer=optimizer,
                             scheduler=scheduler,

@@ -1,0 +1,201 @@
+"""``ciss benchmark``: a CiSS scenario end to end for several methods, the literature's table.
+
+Protocol: the source folder's train split is divided into step folders (``data split``); one
+base step is trained and shared by every method; each method then learns the later steps in
+order; after every step the model is scored on the source's val split with full labels
+(classes not yet seen count as background). ``joint`` trains once on all classes (upper
+bound). old = the base step's object classes, new = classes added later, all = every class
+with ground truth, background included; hIoU = harmonic mean of old and new.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ciss.analysis.metrics import harmonic_iou
+from ciss.analysis.scoring import score_folder, torch_predictor
+from ciss.data.classes import ClassList
+from ciss.data.folder import open_folder
+from ciss.data.scenarios import parse_scenario, write_split
+from ciss.errors import CissError
+from ciss.store import Store
+from ciss.tables import pct, table
+from ciss.updater.add_classes import UpdateConfig, add_classes
+from ciss.updater.defaults import base_defaults, step_defaults
+from ciss.updater.loop import LoopConfig
+from ciss.updater.methods import MethodConfig
+from ciss.updater.train import train_base
+
+KNOWN = ("ft", "lwf", "ilt", "mib", "joint")
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """What to run. Epoch counts default to the updater's defaults."""
+
+    scenario: str = "15-5"
+    setting: str = "overlap"
+    methods: tuple[str, ...] = ("ft", "mib")
+    arch: str = "tiny"
+    base_epochs: int | None = None
+    step_epochs: int | None = None
+    control: bool = False
+    freeze: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class Row:
+    method: str
+    step: int
+    old: float | None
+    new: float | None
+    all: float | None
+    hiou: float | None
+    train_s: float
+    per_class: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass
+class BenchmarkResult:
+    config: BenchmarkConfig
+    rows: list[Row]
+
+    def final(self) -> list[Row]:
+        last: dict[str, Row] = {}
+        for r in self.rows:
+            last[r.method] = r
+        return list(last.values())
+
+    def to_json(self) -> dict:
+        return {"config": asdict(self.config), "final": [asdict(r) for r in self.final()],
+                "steps": [asdict(r) for r in self.rows]}
+
+    def markdown(self) -> str:
+        final = table(["method", "old mIoU %", "new mIoU %", "all mIoU %", "hIoU %",
+                       "train s/step"],
+                      [[r.method, pct(r.old), pct(r.new), pct(r.all), pct(r.hiou),
+                        f"{self._mean_time(r.method):.0f}"] for r in self.final()])
+        steps = table(["method", "step", "old %", "new %", "all %", "train s"],
+                      [[r.method, r.step, pct(r.old), pct(r.new), pct(r.all),
+                        f"{r.train_s:.0f}"] for r in self.rows])
+        c = self.config
+        return (f"CiSS benchmark {c.scenario} ({c.setting}), arch {c.arch}\n\n"
+                f"After the last step:\n{final}\n\nPer step:\n{steps}\n")
+
+    def _mean_time(self, method: str) -> float:
+        ts = [r.train_s for r in self.rows if r.method == method and (r.step > 0
+                                                                       or method == "joint")]
+        return sum(ts) / len(ts) if ts else 0.0
+
+
+def _score(store: Store, step: int, source, base_ids: list[int]) -> tuple:
+    model, card = store.load_model(step)
+    classes = ClassList(tuple(card.classes))
+    s = score_folder(torch_predictor(model), source, source.val, classes)
+    names = card.classes
+    old_ids = [names.index(source.classes.names[i]) for i in base_ids]
+    new_ids = [i for i in range(1, len(names)) if i not in old_ids]
+    old = s.miou(old_ids)
+    new = s.miou(new_ids) if new_ids else None
+    return old, new, s.miou(), s.per_class()
+
+
+def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: bool = True,
+                  echo: Callable[[str], None] | None = print) -> BenchmarkResult:
+    """Run the benchmark into ``out`` (split/, stores/, results.csv, results.md, curves.png)."""
+    say = echo or (lambda _m: None)
+    unknown = [m for m in cfg.methods if m not in KNOWN]
+    if unknown or not cfg.methods:
+        raise CissError(f"--methods: unknown {', '.join(unknown) or '(none)'}; choose from "
+                        f"{', '.join(KNOWN)}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise CissError(f"{out}: exists and is not empty; choose a new folder")
+    source = open_folder(data_dir)
+    scenario = parse_scenario(cfg.scenario)
+    steps = write_split(source, scenario, out / "split", cfg.setting)
+    base_ids = scenario.steps(len(source.classes) - 1)[0]
+    base_epochs = cfg.base_epochs or base_defaults(cfg.arch).epochs
+    rows: list[Row] = []
+    incremental = [m for m in cfg.methods if m != "joint"]
+    runs = [(m, steps) for m in incremental]
+    if cfg.control:
+        control = write_split(source, scenario, out / "split-control", cfg.setting,
+                              old_label=255)
+        runs.append(("ft-control", control))
+    if incremental or cfg.control:
+        say(f"base step: {cfg.arch}, {len(base_ids)} classes, {base_epochs} epochs")
+        base = Store(out / "stores" / "base")
+        rep = train_base(base, steps[0], arch=cfg.arch,
+                         loop=LoopConfig(epochs=base_epochs, lr=base_defaults(cfg.arch).lr,
+                                         seed=cfg.seed), progress=progress)
+        old, new, all_, per = _score(base, 0, source, base_ids)
+        for method, step_dirs in runs:
+            store = Store(out / "stores" / method)
+            shutil.copytree(base.root, store.root)
+            rows.append(Row(method, 0, old, None, all_, None, rep.fit.seconds, per))
+            loss = "ft" if method == "ft-control" else method
+            d = step_defaults(loss)
+            for t, step_dir in enumerate(step_dirs[1:], start=1):
+                say(f"{method}: step {t}/{len(step_dirs) - 1}")
+                r = add_classes(store, step_dir,
+                                method=MethodConfig(method=loss, kd_weight=d.kd_weight),
+                                update=UpdateConfig(freeze=cfg.freeze),
+                                loop=LoopConfig(epochs=cfg.step_epochs or d.epochs, lr=d.lr,
+                                                seed=cfg.seed), progress=progress)
+                o, n, a, per = _score(store, r.step, source, base_ids)
+                rows.append(Row(method, t, o, n, a, harmonic_iou(o, n), r.fit.seconds, per))
+    if "joint" in cfg.methods:
+        say(f"joint: all {len(source.classes) - 1} classes at once, {base_epochs} epochs")
+        store = Store(out / "stores" / "joint")
+        rep = train_base(store, data_dir, arch=cfg.arch,
+                         loop=LoopConfig(epochs=base_epochs, lr=base_defaults(cfg.arch).lr,
+                                         seed=cfg.seed), progress=progress)
+        o, n, a, per = _score(store, 0, source, base_ids)
+        rows.append(Row("joint", len(steps) - 1, o, n, a, harmonic_iou(o, n), rep.fit.seconds,
+                        per))
+    result = BenchmarkResult(cfg, rows)
+    _write_outputs(result, out)
+    return result
+
+
+def _write_outputs(result: BenchmarkResult, out: Path) -> None:
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "step", "old_miou", "new_miou", "all_miou", "hiou", "train_s"])
+        for r in result.rows:
+            w.writerow([r.method, r.step, r.old, r.new, r.all, r.hiou, round(r.train_s, 2)])
+    (out / "results.md").write_text(result.markdown())
+    (out / "results.json").write_text(json.dumps(result.to_json(), indent=2))
+    plot_curves(result, out / "curves.png")
+
+
+def plot_curves(result: BenchmarkResult, path: Path) -> None:
+    """Old- and all-class mIoU after each step, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    methods = sorted({r.method for r in result.rows})
+    for m in methods:
+        rs = [r for r in result.rows if r.method == m]
+        for ax, key in zip(axes, ("old", "all")):
+            ys = [100 * (getattr(r, key) or 0) for r in rs]
+            ax.plot([r.step for r in rs], ys, marker="o", label=m)
+    for ax, title in zip(axes, ("old classes mIoU %", "all classes mIoU %")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{result.config.scenario} {result.config.setting}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

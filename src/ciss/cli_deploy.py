@@ -1,0 +1,79 @@
+"""``ciss export``, ``predict`` (and, with the runtime, check/deploy/rollback/serve)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ciss.cli import _store, main, store_option
+from ciss.tables import pct, table
+
+ENGINE_CHOICE = click.Choice(["torch", "onnx", "int8", "tensorrt"])
+
+
+@main.command()
+@store_option
+@click.option("--step", type=int, default=None, help="Step number (default: latest).")
+@click.option("--format", "formats", multiple=True, default=["onnx"], show_default=True,
+              help="onnx, int8, tensorrt or triton; repeat for several.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder (the Triton model repository).")
+def export(store_path, step, formats, out) -> None:
+    """Compile a step to ONNX (and INT8, TensorRT, a Triton repository) behind parity gates.
+
+    Example: ciss export --step 1 --format onnx --format int8
+    """
+    from ciss.exporters.export import export_step
+
+    results = export_step(_store(store_path), step, list(formats), out)
+    rows = []
+    for r in results:
+        p = r.parity
+        rows.append([r.format, str(r.path),
+                     "-" if p is None or p.max_abs_logit_diff is None
+                     else f"{p.max_abs_logit_diff:.1e}",
+                     "-" if p is None else f"{100 * p.label_agreement:.3f}",
+                     "-" if p is None else f"{pct(p.miou_torch)} / {pct(p.miou_engine)}",
+                     "pass" if p is None or p.passed else "FAIL"])
+    click.echo(table(["format", "artifact", "max |dlogit|", "label agree %",
+                      "mIoU torch/engine", "gate"], rows))
+    for r in results:
+        if r.note:
+            click.echo(r.note)
+    click.echo("next: ciss check   then   ciss deploy --engine onnx")
+
+
+@main.command()
+@store_option
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder for the <stem>.png masks.")
+@click.option("--step", type=int, default=None, help="Step number (default: latest).")
+@click.option("--engine", type=ENGINE_CHOICE, default="onnx", show_default=True)
+def predict(store_path, images, out, step, engine) -> None:
+    """Segment images: one palette PNG per image, pixel value = class id, same size.
+
+    Example: ciss predict photo.jpg --out masks/
+    """
+    from ciss.data.imageio import read_image, write_mask
+    from ciss.runtime.loading import load_segmenter
+
+    seg = load_segmenter(_store(store_path), step, engine)
+    out.mkdir(parents=True, exist_ok=True)
+    stems = [p.stem for p in images]
+    if len(set(stems)) != len(stems):
+        raise click.UsageError("two images share a file stem; their masks would collide")
+    for path in images:
+        labels = seg.segment(read_image(path))
+        write_mask(out / f"{path.stem}.png", labels)
+    click.echo(f"wrote {len(images)} masks to {out} ({seg.engine.describe()}, "
+               f"{len(seg.classes)} classes)")
+
+
+for _module in ("ciss.cli_runtime",):
+    try:
+        __import__(_module)
+    except ModuleNotFoundError as _exc:
+        if _exc.name != _module:
+            raise

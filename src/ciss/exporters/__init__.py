@@ -1,0 +1,1 @@
+"""Exporters: ONNX (with parity gate), INT8, TensorRT, Triton repository."""

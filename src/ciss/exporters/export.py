@@ -1,0 +1,165 @@
+"""``ciss export``: one formats table drives export, loading, the benchmark and the docs.
+
+Every artifact is built in a staging folder, checked, and only then moved into the step
+(``Store.add_artifact``), so a failing gate leaves the step exactly as it was.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from ciss.data.classes import ClassList
+from ciss.errors import CheckFailed, CissError
+from ciss.exporters.parity import ParityReport, check_parity
+from ciss.store import Store
+from ciss.store.retention import open_retention
+from ciss.updater.add_classes import ancestors
+
+
+@dataclass(frozen=True)
+class Format:
+    """One row of the formats table.
+
+    Attributes:
+        artifact: file (or folder) name inside the step; None for formats written elsewhere.
+        engine: the runtime engine name that serves it (None: not served by ciss itself).
+        needs: what the machine must have.
+    """
+
+    artifact: str | None
+    engine: str | None
+    needs: str
+
+
+FORMATS: dict[str, Format] = {
+    "onnx": Format("model.onnx", "onnx", "onnx, onnxruntime"),
+    "int8": Format("model.int8.onnx", "int8", "onnxruntime (quantization); a model.onnx"),
+    "tensorrt": Format("engines/", "tensorrt", "an NVIDIA GPU, tensorrt>=10, a model.onnx"),
+    "triton": Format(None, None, "--out DIR; model.onnx and/or a TensorRT plan"),
+}
+
+
+def check_format(name: str) -> Format:
+    if name not in FORMATS:
+        hint = difflib.get_close_matches(name, list(FORMATS), n=1)
+        raise CissError(f"unknown format '{name}'" + (f"; did you mean '{hint[0]}'?" if hint
+                                                        else "")
+                        + f" (choose from {', '.join(FORMATS)})")
+    return FORMATS[name]
+
+
+@dataclass
+class ExportResult:
+    format: str
+    path: Path
+    parity: ParityReport | None
+    note: str = ""
+
+
+def retention_sets(store: Store, step: int) -> dict:
+    """Every retention folder the step is judged on (its own and its ancestors'), verified."""
+    sets = {}
+    for s in ancestors(store, step):
+        store.verify(s, ["retention"])
+        sets[str(s)] = open_retention(store.step_dir(s) / "retention")
+    return sets
+
+
+def card_digest(store: Store, step: int) -> str:
+    return hashlib.sha256((store.step_dir(step) / "card.json").read_bytes()).hexdigest()
+
+
+def staging_dir(store: Store) -> Path:
+    path = store.root / ".staging" / f"export-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    return path
+
+
+def record_engine(report: ParityReport, fmt: str):
+    """A card update that stores the parity result and the engine's retention IoUs."""
+
+    def update(card) -> None:
+        card.extra.setdefault("parity", {})[fmt] = report.to_json()
+        for s, scores in report.per_set.items():
+            card.retention.setdefault(s, {})[report.engine] = scores[report.engine]
+
+    return update
+
+
+def export_onnx_step(store: Store, step: int) -> ExportResult:
+    """Export ``step`` to ``model.onnx`` behind the parity gate.
+
+    Raises:
+        CheckFailed: the gate failed (nothing is kept).
+    """
+    from ciss.exporters.onnx import export_onnx
+    from ciss.runtime.engine import OnnxEngine
+
+    model, card = store.load_model(step)
+    sets = retention_sets(store, step)
+    tmp = staging_dir(store)
+    try:
+        path = export_onnx(model, tmp / "model.onnx", card, card_digest(store, step))
+        import onnx
+
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise CheckFailed(f"onnx.checker rejected the export of step {step}: {exc}") from exc
+        engine = OnnxEngine(path)
+        report = check_parity(model, engine.run, "onnx", sets, ClassList(tuple(card.classes)))
+        if not report.passed:
+            raise CheckFailed(f"step {step} ONNX parity gate failed: "
+                              + "; ".join(report.reasons))
+        final = store.add_artifact(step, "model.onnx", lambda p: shutil.move(path, p),
+                                   record_engine(report, "onnx"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ExportResult("onnx", final, report)
+
+
+def ensure_onnx(store: Store, step: int) -> Path:
+    """The step's verified model.onnx, exported first when missing."""
+    if "model.onnx" not in store.card(step).artifacts:
+        export_onnx_step(store, step)
+    store.verify(step, ["model.onnx"])
+    return store.step_dir(step) / "model.onnx"
+
+
+def export_step(store: Store, step: int | None, formats: list[str],
+                out: Path | None = None) -> list[ExportResult]:
+    """Export a step to each named format (see FORMATS), in a sensible order."""
+    for f in formats:
+        check_format(f)
+    step = store.resolve(step)
+    store.verify(step, ["weights.safetensors"])
+    order = [f for f in ("onnx", "int8", "tensorrt", "triton") if f in formats]
+    if "triton" in order and out is None:
+        raise CissError("--format triton needs --out DIR (the model repository)")
+    if "triton" in order and out.exists():
+        raise CissError(f"{out}: already exists; choose a new folder for the repository")
+    results = []
+    for f in order:
+        if f == "onnx":
+            results.append(export_onnx_step(store, step))
+        elif f == "int8":
+            from ciss.exporters.quantize import export_int8_step
+
+            ensure_onnx(store, step)
+            results.append(export_int8_step(store, step))
+        elif f == "tensorrt":
+            from ciss.exporters.tensorrt import export_tensorrt_step
+
+            ensure_onnx(store, step)
+            results.append(export_tensorrt_step(store, step))
+        elif f == "triton":
+            from ciss.exporters.triton import write_repository
+
+            ensure_onnx(store, step)
+            results.append(write_repository(store, step, out))
+    return results

@@ -1,0 +1,104 @@
+"""INT8: static QDQ quantisation calibrated on retention images, kept only if accurate."""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ciss.analysis.scoring import batches
+from ciss.data.classes import ClassList
+from ciss.errors import CheckFailed
+from ciss.exporters.export import ExportResult, record_engine, retention_sets, staging_dir
+from ciss.exporters.parity import ParityTolerance, check_parity
+from ciss.store import Store
+
+# Quantised logits differ by design: judge labels and mIoU only, a little looser than fp32.
+INT8_TOLERANCE = ParityTolerance(min_agreement=0.97, max_miou_delta=0.01)
+
+
+class RetentionReader:
+    """onnxruntime CalibrationDataReader over retention images (at most ``limit``)."""
+
+    def __init__(self, sets: dict, limit: int = 64) -> None:
+        self.items = []
+        for folder in sets.values():
+            for images, _ in batches(folder, folder.val, 1):
+                self.items.append({"image": images})
+                if len(self.items) >= limit:
+                    break
+        self.pos = 0
+
+    def get_next(self):
+        if self.pos >= len(self.items):
+            return None
+        self.pos += 1
+        return self.items[self.pos - 1]
+
+    def rewind(self) -> None:
+        self.pos = 0
+
+
+def quantize(src: Path, dst: Path, reader: RetentionReader, work: Path) -> Path:
+    """Pre-process (shape inference, fusions) then static QDQ S8S8 per-channel quantisation."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = work / "pre.onnx"
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    per_channel=True)
+    return dst
+
+
+def median_ms(run, images: np.ndarray, repeats: int = 15) -> float:
+    run(images)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run(images)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def export_int8_step(store: Store, step: int) -> ExportResult:
+    """Quantise the step's model.onnx into model.int8.onnx; measured speed goes in the card."""
+    from ciss.runtime.engine import OnnxEngine
+
+    model, card = store.load_model(step)
+    sets = retention_sets(store, step)
+    tmp = staging_dir(store)
+    try:
+        path = quantize(store.step_dir(step) / "model.onnx", tmp / "model.int8.onnx",
+                        RetentionReader(sets), tmp)
+        engine = OnnxEngine(path)
+        report = check_parity(model, engine.run, "int8", sets, ClassList(tuple(card.classes)),
+                              tol=INT8_TOLERANCE, compare_logits=False)
+        if not report.passed:
+            raise CheckFailed(f"step {step} INT8 accuracy gate failed: "
+                              + "; ".join(report.reasons) + " (model.onnx stays the engine)")
+        fp32 = OnnxEngine(store.step_dir(step) / "model.onnx")
+        folder = next(iter(sets.values()))
+        images = next(batches(folder, folder.val, 8))[0]
+        speed = {"fp32_ms": median_ms(fp32.run, images), "int8_ms": median_ms(engine.run, images),
+                 "batch": int(images.shape[0]), "size": list(images.shape[2:])}
+        speed["speedup"] = speed["fp32_ms"] / speed["int8_ms"]
+        update = record_engine(report, "int8")
+
+        def with_speed(c) -> None:
+            update(c)
+            c.extra["parity"]["int8"]["speed"] = speed
+
+        final = store.add_artifact(step, "model.int8.onnx", lambda p: shutil.move(path, p),
+                                   with_speed)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    note = (f"INT8 {speed['speedup']:.2f}x vs fp32 ({speed['int8_ms']:.1f} vs "
+            f"{speed['fp32_ms']:.1f} ms, batch {speed['batch']})")
+    if speed["speedup"] < 1.0:
+        note += ": slower than fp32 on this CPU, not worth serving here"
+    return ExportResult("int8", final, report, note)

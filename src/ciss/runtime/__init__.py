@@ -1,0 +1,1 @@
+"""Runtime: engines, the Segmenter, the retention gate and the HTTP server."""

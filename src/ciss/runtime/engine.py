@@ -1,0 +1,99 @@
+"""Inference engines behind one method: ``run(images) -> {"logits", "labels"}``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ciss.errors import CissError
+
+ENGINE_FILES = {"onnx": "model.onnx", "int8": "model.int8.onnx"}
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def default_providers() -> list[str]:
+    """TensorRT EP, CUDA EP, then CPU: whatever this onnxruntime build offers, in that order."""
+    avail = available_providers()
+    order = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    return [p for p in order if p in avail]
+
+
+@dataclass
+class OnnxEngine:
+    """An ONNX Runtime session over a ciss ONNX file.
+
+    Attributes:
+        path: the model file.
+        providers: requested providers, best first.
+        threads: intra-op threads (0 = ORT's default, one per physical core).
+    """
+
+    path: Path
+    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts,
+                                                providers=self.providers)
+        except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
+            raise CissError(f"{self.path}: ONNX Runtime cannot load it ({exc})") from exc
+        # Providers silently fall back to CPU when a GPU library is missing: report what loaded.
+        self.loaded = self.session.get_providers()
+        if self.providers[0] not in self.loaded:
+            raise CissError(f"{self.path}: requested {self.providers[0]} but ONNX Runtime "
+                            f"loaded only {', '.join(self.loaded)}")
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.metadata = dict(meta)
+        self.classes = json.loads(meta.get("classes", "[]"))
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """uint8 [N,3,H,W] -> {"logits": float32 [N,K,H,W], "labels": uint8 [N,H,W]}."""
+        outs = self.session.run(None, {self.input_name: np.ascontiguousarray(images,
+                                                                             dtype=np.uint8)})
+        return dict(zip(self.output_names, outs))
+
+    def predict_labels(self, images: np.ndarray) -> np.ndarray:
+        outs = self.session.run(["labels"], {self.input_name: np.ascontiguousarray(
+            images, dtype=np.uint8)})
+        return outs[0]
+
+    def describe(self) -> str:
+        return f"onnxruntime {Path(self.path).name} on {', '.join(self.loaded)}"
+
+
+def load_engine(store, step: int, engine: str, providers: list[str] | None = None):
+    """The verified engine ``engine`` of a stored step.
+
+    Raises:
+        CissError: the artifact is missing (export it first) or fails its checksum.
+    """
+    if engine == "tensorrt":
+        from ciss.exporters.tensorrt import load_tensorrt_engine
+
+        return load_tensorrt_engine(store, step)
+    if engine not in ENGINE_FILES:
+        raise CissError(f"--engine {engine}: choose torch, onnx, int8 or tensorrt")
+    name = ENGINE_FILES[engine]
+    card = store.card(step)
+    if name not in card.artifacts:
+        raise CissError(f"step {step} has no {name}; run 'ciss export --step {step} "
+                        f"--format {engine}' first")
+    store.verify(step, [name])
+    return OnnxEngine(store.step_dir(step) / name, providers or ["CPUExecutionProvider"])

@@ -1,0 +1,62 @@
+"""``Segmenter``: an engine plus pre- and post-processing (decode, resize, labels back)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ciss.data.imageio import MAX_PIXELS, read_image
+from ciss.data.transforms import resize_longest
+
+
+class TorchEngine:
+    """A torch model behind the engine interface (for ``--engine torch``)."""
+
+    def __init__(self, model: torch.nn.Module, device: str = "cpu") -> None:
+        self.model = model.eval().to(device)
+        self.device = device
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))
+        return {"logits": logits.float().cpu().numpy(),
+                "labels": logits.argmax(1).to(torch.uint8).cpu().numpy()}
+
+    def predict_labels(self, images: np.ndarray) -> np.ndarray:
+        return self.run(images)["labels"]
+
+    def describe(self) -> str:
+        return f"torch on {self.device}"
+
+
+@dataclass
+class Segmenter:
+    """Segment decoded images or raw bytes with any engine.
+
+    Attributes:
+        engine: has ``run(uint8 [N,3,H,W]) -> {"labels": uint8 [N,H,W], ...}``.
+        classes: the model's class names.
+        max_side: images are shrunk so the longer side is at most this before inference;
+            labels are resized back (NEAREST) to the input's size.
+        max_pixels: decoded images above this are refused (decompression bombs).
+    """
+
+    engine: object
+    classes: list[str]
+    max_side: int = 1024
+    max_pixels: int = MAX_PIXELS
+
+    def segment(self, image: np.ndarray) -> np.ndarray:
+        """uint8 HxWx3 RGB -> uint8 HxW class ids at the image's own size."""
+        h, w = image.shape[:2]
+        small = resize_longest(image, self.max_side)
+        labels = self.engine.run(small.transpose(2, 0, 1)[None])["labels"][0]
+        if labels.shape != (h, w):
+            labels = np.asarray(Image.fromarray(labels).resize((w, h), Image.NEAREST))
+        return labels
+
+    def segment_bytes(self, data: bytes, what: str = "request body") -> np.ndarray:
+        return self.segment(read_image(data, what, max_pixels=self.max_pixels))

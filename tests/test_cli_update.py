@@ -1,0 +1,60 @@
+"""add-classes, benchmark and demo through the command line."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from ciss.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_add_classes_cli_table_and_errors(store_copy, split_dir):
+    res = run("add-classes", "--store", store_copy, "--data", split_dir / "step-1", "--epochs", 1,
+              "--batch-size", 4, "--quiet")
+    assert res.exit_code == 0, res.output
+    assert "before %" in res.output and "dots-disc" in res.output
+    assert "step 1 (mib, parent 0): +5 classes" in res.output
+    assert "next: ciss check --step 1" in res.output
+    res = run("add-classes", "--store", store_copy, "--data", split_dir / "step-1", "--epochs", 1,
+              "--freeze", "stage9", "--from", 0)
+    assert res.exit_code == 2 and "unknown stage" in res.output
+    res = run("add-classes", "--store", store_copy, "--data", split_dir / "step-1", "--from", 0,
+              "--method", "ft", "--epochs", 1, "--batch-size", 4, "--quiet")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(run("steps", "--store", store_copy, "--json").output)
+    assert [(d["step"], d["parent"], d["method"]) for d in doc] == [
+        (0, None, "base"), (1, 0, "mib"), (2, 0, "ft")]
+
+
+def test_benchmark_json_and_files(synthetic_dir, tmp_path):
+    out = tmp_path / "bench"
+    res = run("benchmark", "--data", synthetic_dir, "--scenario", "15-5", "--methods",
+              "ft,mib,joint", "--base-epochs", 1, "--step-epochs", 1, "--control", "--out", out,
+              "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    finals = {r["method"]: r for r in doc["final"]}
+    assert set(finals) == {"ft", "mib", "ft-control", "joint"}
+    for r in finals.values():
+        assert 0 <= r["old"] <= 1 and 0 <= r["new"] <= 1 and r["hiou"] is not None
+    assert [r["step"] for r in doc["steps"] if r["method"] == "mib"] == [0, 1]
+    for name in ("results.csv", "results.md", "results.json", "curves.png"):
+        assert (out / name).stat().st_size > 0
+    res = run("benchmark", "--data", synthetic_dir, "--scenario", "15-5", "--methods", "xyz",
+              "--out", tmp_path / "b2")
+    assert res.exit_code == 2 and "unknown xyz" in res.output
+
+
+def test_demo_fast(tmp_path):
+    res = run("demo", "--out", tmp_path / "demo", "--fast")
+    assert res.exit_code == 0, res.output
+    assert "ft forgot the old classes" in res.output
+    assert "ONNX label agreement" in res.output
+    doc = json.loads(run("steps", "--store", tmp_path / "demo" / "store", "--json").output)
+    assert [d["method"] for d in doc] == ["base", "mib", "ft"]
+    assert all("model.onnx" in d["artifacts"] for d in doc)

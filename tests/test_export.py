@@ -1,0 +1,122 @@
+"""ONNX export behind the parity gate, INT8, predict, formats table, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from ciss.cli import main
+from ciss.errors import CheckFailed, CissError
+from ciss.exporters import export as export_mod
+from ciss.exporters.export import check_format, export_step
+from ciss.exporters.onnx import read_metadata
+from ciss.runtime.engine import OnnxEngine
+from ciss.store import Store
+
+
+def test_export_onnx_records_artifact_and_parity(store_copy):
+    store = Store(store_copy)
+    (res,) = export_step(store, 0, ["onnx"])
+    assert res.parity.passed and res.parity.label_agreement >= 0.999
+    card = store.verify(0)
+    assert "model.onnx" in card.artifacts
+    assert card.extra["parity"]["onnx"]["passed"] is True
+    assert card.retention["0"]["onnx"]  # the engine's own retention scores
+    meta = read_metadata(store.step_dir(0) / "model.onnx")
+    assert json.loads(meta["classes"]) == card.classes and meta["step"] == "0"
+    assert len(meta["card_sha256"]) == 64
+    eng = OnnxEngine(store.step_dir(0) / "model.onnx")
+    out = eng.run(np.zeros((3, 3, 41, 29), np.uint8))  # dynamic N, H, W
+    assert out["logits"].shape == (3, 16, 41, 29) and out["logits"].dtype == np.float32
+    assert out["labels"].shape == (3, 41, 29) and out["labels"].dtype == np.uint8
+    assert eng.loaded == ["CPUExecutionProvider"]
+
+
+def test_failing_gate_keeps_nothing(store_copy, monkeypatch):
+    store = Store(store_copy)
+    before = (store.step_dir(0) / "card.json").read_text()
+
+    class Broken:
+        def __init__(self, path, providers=None):
+            self.real = OnnxEngine(path)
+
+        def run(self, images):
+            out = self.real.run(images)
+            out["labels"] = np.zeros_like(out["labels"])
+            return out
+
+    monkeypatch.setattr("ciss.runtime.engine.OnnxEngine", Broken)
+    with pytest.raises(CheckFailed, match="parity gate failed: label agreement"):
+        export_step(store, 0, ["onnx"])
+    assert not (store.step_dir(0) / "model.onnx").exists()
+    assert (store.step_dir(0) / "card.json").read_text() == before
+    assert not any((store.root / ".staging").iterdir())
+
+
+def test_int8_export_reports_speed(store_copy):
+    store = Store(store_copy)
+    try:
+        results = export_step(store, 0, ["int8"])
+    except CheckFailed as exc:  # a 1-epoch model may be too fragile for INT8: still refused
+        assert "INT8 accuracy gate failed" in str(exc)
+        assert "model.int8.onnx" not in store.card(0).artifacts
+        return
+    assert [r.format for r in results] == ["int8"]
+    speed = store.card(0).extra["parity"]["int8"]["speed"]
+    assert speed["fp32_ms"] > 0 and speed["int8_ms"] > 0
+    assert "model.int8.onnx" in store.verify(0).artifacts
+
+
+def test_unknown_format_suggests():
+    with pytest.raises(CissError, match="did you mean 'onnx'"):
+        check_format("onx")
+
+
+def test_export_bad_inputs(store_copy, tmp_path):
+    store = Store(store_copy)
+    with pytest.raises(CissError, match="needs --out"):
+        export_step(store, 0, ["triton"])
+    (tmp_path / "repo").mkdir()
+    with pytest.raises(CissError, match="already exists"):
+        export_step(store, 0, ["triton"], tmp_path / "repo")
+    w = store.step_dir(0) / "weights.safetensors"
+    w.write_bytes(w.read_bytes() + b"0")
+    res = CliRunner().invoke(main, ["export", "--store", str(store_copy)])
+    assert res.exit_code == 2 and "checksum mismatch" in res.output
+
+
+def test_predict_writes_masks_at_input_size(store_copy, tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, (w, h), mode in [("a.png", (37, 21), "RGB"), ("b.jpg", (64, 64), "L"),
+                               ("c.png", (20, 30), "RGBA")]:
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).convert(mode).save(
+            tmp_path / name)
+        paths.append(str(tmp_path / name))
+    res = CliRunner().invoke(main, ["predict", "--store", str(store_copy), "--engine", "torch",
+                                    "--out", str(tmp_path / "masks"), *paths])
+    assert res.exit_code == 0, res.output
+    for name, size in [("a", (37, 21)), ("b", (64, 64)), ("c", (20, 30))]:
+        m = Image.open(tmp_path / "masks" / f"{name}.png")
+        assert m.mode == "P" and m.size == size
+        assert np.asarray(m).max() < 16
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    res = CliRunner().invoke(main, ["predict", "--store", str(store_copy), "--engine", "torch",
+                                    "--out", str(tmp_path / "m2"), str(tmp_path / "bad.png")])
+    assert res.exit_code == 2 and "bad.png: not a readable image" in res.output
+
+
+def test_predict_onnx_needs_export(store_copy, tmp_path):
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    res = CliRunner().invoke(main, ["predict", "--store", str(store_copy), "--out",
+                                    str(tmp_path / "o"), str(img)])
+    assert res.exit_code == 2 and "ciss export --step 0 --format onnx" in res.output
+
+
+def test_formats_table_drives_choices():
+    assert set(export_mod.FORMATS) == {"onnx", "int8", "tensorrt", "triton"}

@@ -46,6 +46,16 @@ def _store(path: Path):
     return Store(path)
 
 
+def parse_scale(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise click.BadParameter("expected MIN,MAX such as 0.5,2.0") from exc
+    if not 0 < lo <= hi:
+        raise click.BadParameter("need 0 < MIN <= MAX")
+    return lo, hi
+
+
 def _loop_options(f):
     opts = [
         click.option("--epochs", type=click.IntRange(min=1), default=None,
@@ -60,6 +70,8 @@ def _loop_options(f):
                      help="auto, cpu, cuda or cuda:N."),
         click.option("--crop-size", type=click.IntRange(min=16), default=None,
                      help="Training crop side (default: median image side, at most 512)."),
+        click.option("--scale", default="1.0,1.0", show_default=True,
+                     help="Random rescale range MIN,MAX (photos: 0.5,2.0 as in the literature)."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]
     for opt in reversed(opts):
@@ -138,7 +150,7 @@ def data_split(data_dir: Path, scenario: str, setting: str, out: Path) -> None:
               help="Pretrained backbone (downloads once; default: random init).")
 @_loop_options
 def train(store_path, data_dir, arch, weights, epochs, batch_size, lr, optimizer, seed, device,
-          crop_size, quiet) -> None:
+          crop_size, scale, quiet) -> None:
     """Train step 0 on a dataset folder and write it to the store.
 
     An interrupted run resumes from its last epoch when the same command is repeated.
@@ -153,7 +165,8 @@ def train(store_path, data_dir, arch, weights, epochs, batch_size, lr, optimizer
     loop = LoopConfig(epochs=epochs or d.epochs, batch_size=batch_size, lr=lr or d.lr,
                       optimizer=optimizer, seed=seed, device=device)
     report = train_base(_store(store_path), data_dir, arch=arch, weights=weights, loop=loop,
-                        data=DataConfig(crop_size=crop_size), progress=not quiet)
+                        data=DataConfig(crop_size=crop_size, scale=parse_scale(scale)),
+                        progress=not quiet)
     s = report.scores
     ids = list(range(1, len(report.card.classes)))
     click.echo(f"step {report.step}: {arch}, {len(ids)} classes, mIoU {pct(s.miou(ids))} "

@@ -7,18 +7,8 @@ from pathlib import Path
 
 import click
 
-from ciss.cli import _loop_options, _store, data_option, main, store_option
+from ciss.cli import _loop_options, _store, data_option, main, parse_scale, store_option
 from ciss.tables import pct, table
-
-
-def _scale(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError as exc:
-        raise click.BadParameter("expected MIN,MAX such as 0.5,2.0") from exc
-    if not 0 < lo <= hi:
-        raise click.BadParameter("need 0 < MIN <= MAX")
-    return lo, hi
 
 
 @main.command("add-classes")
@@ -36,8 +26,6 @@ def _scale(text: str) -> tuple[float, float]:
               help="Distillation weight (default: mib 10, lwf/ilt 100).")
 @click.option("--alpha", type=float, default=1.0, show_default=True,
               help="Teacher sharpening in distillation.")
-@click.option("--scale", default="1.0,1.0", show_default=True,
-              help="Random rescale range MIN,MAX (photos: 0.5,2.0).")
 @click.option("--cache-trunk-mb", type=click.IntRange(min=0), default=1024, show_default=True,
               help="Memory for caching frozen-trunk outputs (flip-only augmentation); 0 = off.")
 @click.option("--val", "val_dir", type=click.Path(path_type=Path), default=None,
@@ -66,7 +54,7 @@ def add_classes_cmd(store_path, data_dir, parent, method, freeze, init, kd_weigh
                             else d.kd_weight, alpha=alpha),
         update=UpdateConfig(parent=parent, freeze=freeze, init=init,
                             cache_trunk_mb=cache_trunk_mb),
-        loop=loop, data=DataConfig(crop_size=crop_size, scale=_scale(scale)), val_dir=val_dir,
+        loop=loop, data=DataConfig(crop_size=crop_size, scale=parse_scale(scale)), val_dir=val_dir,
         progress=not quiet)
     click.echo(before_after_table(store, report.step))
     card = report.card

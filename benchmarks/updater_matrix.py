@@ -1,0 +1,72 @@
+"""add-classes on one step for several configurations, from one trained base store.
+
+Usage: python benchmarks/updater_matrix.py --base STORE --step-data DIR --full-data DIR \
+           "mib" "ft,method=ft" "mib-none,freeze=none,cache=0" ...
+Each spec is TAG[,key=value...] with keys method, freeze, init, epochs, lr, kd, cache.
+Prints one JSON line per run: old/new mIoU on the full-label val split (old = the base's
+classes), training seconds, per-epoch seconds, trunk-cache statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ciss.analysis.benchmark import _score
+from ciss.data.folder import open_folder
+from ciss.store import Store
+from ciss.updater.add_classes import UpdateConfig, add_classes
+from ciss.updater.defaults import step_defaults
+from ciss.updater.loop import LoopConfig
+from ciss.updater.methods import MethodConfig
+
+
+def run(spec: str, base: Path, step_data: Path, source, base_ids: list[int]) -> dict:
+    tag, *pairs = spec.split(",")
+    kw = dict(p.split("=", 1) for p in pairs)
+    method = kw.get("method", "mib")
+    d = step_defaults(method)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "store"
+        shutil.copytree(base, root)
+        store = Store(root)
+        r = add_classes(
+            store, step_data,
+            method=MethodConfig(method=method, kd_weight=float(kw.get("kd", d.kd_weight))),
+            update=UpdateConfig(parent=0, freeze=kw.get("freeze"), init=kw.get("init", "random"),
+                                cache_trunk_mb=int(kw.get("cache", 1024))),
+            loop=LoopConfig(epochs=int(kw.get("epochs", d.epochs)), lr=float(kw.get("lr", d.lr))),
+            progress=False)
+        old, new, all_, _ = _score(store, r.step, source, base_ids)
+    epochs = [h["seconds"] for h in r.fit.history]
+    return {"tag": tag, "old": round(old, 3), "new": round(new, 3), "all": round(all_, 3),
+            "train_s": round(r.fit.seconds, 1),
+            "median_epoch_s": sorted(epochs)[len(epochs) // 2],
+            "frozen": r.card.frozen[-1] if r.card.frozen else "none",
+            "trunk_cache": r.card.extra["trunk_cache"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", type=Path, required=True, help="store with a trained step 0")
+    ap.add_argument("--step-data", type=Path, required=True)
+    ap.add_argument("--full-data", type=Path, required=True)
+    ap.add_argument("specs", nargs="+")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    source = open_folder(args.full_data)
+    base_card = Store(args.base).card(0)
+    base_ids = [source.classes.index(c) for c in base_card.classes[1:]]
+    old, _, _, _ = _score(Store(args.base), 0, source, base_ids)
+    print(json.dumps({"tag": "base", "old": round(old, 3)}), flush=True)
+    for spec in args.specs:
+        print(json.dumps(run(spec, args.base, args.step_data, source, base_ids)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -53,7 +53,8 @@ def test_benchmark_json_and_files(synthetic_dir, tmp_path):
 def test_demo_fast(tmp_path):
     res = run("demo", "--out", tmp_path / "demo", "--fast")
     assert res.exit_code == 0, res.output
-    assert "ft forgot the old classes" in res.output
+    assert "old-class mIoU after the new step: mib" in res.output
+    assert "retention gate" in res.output and "serving step" in res.output
     assert "ONNX label agreement" in res.output
     doc = json.loads(run("steps", "--store", tmp_path / "demo" / "store", "--json").output)
     assert [d["method"] for d in doc] == ["base", "mib", "ft"]

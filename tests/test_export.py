@@ -36,6 +36,18 @@ def test_export_onnx_records_artifact_and_parity(store_copy):
     assert eng.loaded == ["CPUExecutionProvider"]
 
 
+def test_export_leaves_model_in_eval_mode(tmp_path):
+    from ciss.exporters.onnx import export_onnx
+    from ciss.models import build_model
+    from ciss.store.card import StepCard
+
+    model = build_model("tiny", num_classes=3).eval()
+    card = StepCard(step=0, parent=None, classes=["background", "a", "b"], new_classes=[],
+                    arch="tiny", frozen=[], method="base", hparams={}, data={})
+    export_onnx(model, tmp_path / "m.onnx", card, "0" * 64)
+    assert not any(m.training for m in model.modules())
+
+
 def test_failing_gate_keeps_nothing(store_copy, monkeypatch):
     store = Store(store_copy)
     before = (store.step_dir(0) / "card.json").read_text()

@@ -69,7 +69,8 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
         echo(before_after_table(store, rep.step))
         numbers[f"{method}_step"] = rep.step
         echo(f"      step {rep.step} ({method}) written ({rep.fit.seconds:.0f}s of training)")
-    echo("[6/6] export every step to ONNX behind the parity gate; score on the full-label val")
+    echo("[6/6] export every step to ONNX behind the parity gate, score on the full-label val, "
+         "gate the deploys")
     rows = []
     for step in store.steps():
         (res,) = export_step(store, step, ["onnx"])
@@ -83,7 +84,26 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
                      "pass" if res.parity.passed else "FAIL"])
     echo(table(["step", "method", "old classes mIoU %", "new classes mIoU %",
                 "ONNX label agreement %", "parity"], rows))
+    echo("retention gate (ciss check / ciss deploy) on the ONNX engines:")
+    from ciss.errors import CheckFailed
+    from ciss.runtime.deploy import deploy
+
+    for step in (numbers["mib_step"], numbers["ft_step"]):
+        method = store.card(step).method
+        try:
+            res = deploy(store, step, "onnx")
+            mean = res.gate.mean_old_drop
+            echo(f"      step {step} ({method}): PASS, mean old-class drop "
+                 f"{0.0 if mean is None else mean:.1f} points -> deployed")
+            numbers[f"{method}_gate"] = "pass"
+        except CheckFailed as exc:
+            echo(f"      step {step} ({method}): REFUSED: {exc}")
+            numbers[f"{method}_gate"] = "refused"
+    deployed = store.deployed()
+    echo(f"      serving step {deployed['step'] if deployed else '-'} (deployed.json)")
     numbers["seconds"] = round(time.perf_counter() - t0, 1)
-    echo(f"done in {numbers['seconds']}s. ft forgot the old classes; mib kept them.")
+    old = {m: numbers[f"step{numbers[m + '_step']}"]["old"] for m in ("mib", "ft")}
+    echo(f"done in {numbers['seconds']}s. old-class mIoU after the new step: mib "
+         f"{pct(old['mib'])}, ft {pct(old['ft'])} (base {pct(numbers['step0']['old'])})")
     echo(f"store: {store.root}   next: ciss steps --store {store.root}")
     return numbers

@@ -49,7 +49,9 @@ def export_onnx(model: nn.Module, path: Path, card: StepCard, card_sha256: str,
     dyn = {0: "batch", 2: "height", 3: "width"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(ExportWrapper(model), (example,), str(path), dynamo=False,
+        # The exporter restores the wrapper's mode afterwards: a new module is in training
+        # mode, which would leave ``model`` training (BatchNorm on batch statistics).
+        torch.onnx.export(ExportWrapper(model).eval(), (example,), str(path), dynamo=False,
                           opset_version=OPSET, input_names=[INPUT], output_names=list(OUTPUTS),
                           dynamic_axes={INPUT: dyn, "logits": dyn,
                                         "labels": {0: "batch", 1: "height", 2: "width"}})

@@ -1,0 +1,90 @@
+"""``ciss check``, ``deploy`` and ``rollback``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ciss.cli import _store, main, store_option
+from ciss.cli_deploy import ENGINE_CHOICE
+from ciss.tables import pct, table
+
+
+def _gate_options(f):
+    f = click.option("--max-class-drop", type=float, default=15.0, show_default=True,
+                     help="Largest allowed drop of any old class, IoU points.")(f)
+    return click.option("--max-mean-drop", type=float, default=5.0, show_default=True,
+                        help="Largest allowed drop of the mean old-class IoU, points.")(f)
+
+
+@main.command()
+@store_option
+@click.option("--step", type=int, default=None, help="Candidate step (default: latest).")
+@click.option("--against", type=int, default=None, help="Reference step (default: parent).")
+@click.option("--engine", type=ENGINE_CHOICE, default="onnx", show_default=True)
+@_gate_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def check(store_path, step, against, engine, max_mean_drop, max_class_drop, as_json) -> None:
+    """Retention gate: exit 1 when old classes regressed on the engine that will serve.
+
+    Example: ciss check --step 2 --engine onnx --json
+    """
+    from ciss.runtime.deploy import ensure_engine
+    from ciss.runtime.gate import run_gate
+
+    store = _store(store_path)
+    target = store.resolve(step)
+    ensure_engine(store, target, engine)
+    result = run_gate(store, target, against, engine, max_mean_drop, max_class_drop)
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+    else:
+        rows = [[c.name, f"step {c.introduced_in}", pct(c.before), pct(c.after),
+                 "-" if c.drop is None else f"{-c.drop:+.1f}",
+                 "-" if c.since_introduced is None else f"{-c.since_introduced:+.1f}"]
+                for c in result.classes]
+        if rows:
+            click.echo(table(["old class", "introduced", "before %", "after %", "change",
+                              "since introduced"], rows))
+        verdict = "PASS" if result.passed else "FAIL"
+        mean = "-" if result.mean_old_drop is None else f"{result.mean_old_drop:.1f}"
+        click.echo(f"{verdict}: step {result.step} vs {result.against} on {engine}, "
+                   f"mean old-class drop {mean} points")
+        for r in result.reasons:
+            click.echo(f"  - {r}")
+    if not result.passed:
+        sys.exit(1)
+
+
+@main.command()
+@store_option
+@click.option("--step", type=int, default=None, help="Step to deploy (default: latest).")
+@click.option("--engine", type=ENGINE_CHOICE, default="onnx", show_default=True)
+@click.option("--force", is_flag=True, help="Deploy even if the gate fails (recorded).")
+@_gate_options
+def deploy(store_path, step, engine, force, max_mean_drop, max_class_drop) -> None:
+    """Gate a step and point deployed.json at it (exports the engine first if needed).
+
+    Example: ciss deploy --step 1 --engine onnx
+    """
+    from ciss.runtime.deploy import deploy as do_deploy
+
+    res = do_deploy(_store(store_path), step, engine, force, max_mean_drop, max_class_drop)
+    rec = res.record
+    note = " (FORCED past a failing gate)" if rec["forced"] else ""
+    click.echo(f"deployed step {rec['step']} on {rec['engine']}{note}; "
+               f"history: {len(rec['history'])} earlier deployment(s)")
+    click.echo("next: ciss serve   (a running server hot-swaps to it)")
+
+
+@main.command()
+@store_option
+def rollback(store_path) -> None:
+    """Point deployed.json back at the previously deployed step."""
+    from ciss.runtime.deploy import rollback as do_rollback
+
+    rec = do_rollback(_store(store_path))
+    click.echo(f"rolled back to step {rec['step']} on {rec['engine']} "
+               f"(from step {rec['rolled_back_from']})")

@@ -1,0 +1,82 @@
+"""Promote a step to serving (``deployed.json``), gated on retention; roll back."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from ciss.errors import CheckFailed, CissError
+from ciss.runtime.gate import GateResult, run_gate
+from ciss.store import Store
+
+HISTORY = 50
+
+
+@dataclass
+class DeployResult:
+    record: dict
+    gate: GateResult
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def ensure_engine(store: Store, step: int, engine: str) -> None:
+    """Export the engine's artifact first when the step does not have it yet."""
+    from ciss.exporters.export import export_step
+
+    card = store.card(step)
+    if engine == "onnx" and "model.onnx" not in card.artifacts:
+        export_step(store, step, ["onnx"])
+    elif engine == "int8" and "model.int8.onnx" not in card.artifacts:
+        export_step(store, step, ["int8"])
+    elif engine == "tensorrt" and not any(n.startswith("engines/") for n in card.artifacts):
+        export_step(store, step, ["tensorrt"])
+
+
+def deploy(store: Store, step: int | None = None, engine: str = "onnx", force: bool = False,
+           max_mean_drop: float = 5.0, max_class_drop: float = 15.0) -> DeployResult:
+    """Gate ``step`` on ``engine`` and point ``deployed.json`` at it.
+
+    Raises:
+        CheckFailed: the gate failed and ``force`` is False (nothing changes).
+    """
+    if engine not in ("onnx", "int8", "tensorrt", "torch"):
+        raise CissError(f"--engine {engine}: choose onnx, int8, tensorrt or torch")
+    step = store.resolve(step)
+    ensure_engine(store, step, engine)
+    store.verify(step)
+    gate = run_gate(store, step, engine=engine, max_mean_drop=max_mean_drop,
+                    max_class_drop=max_class_drop)
+    if not gate.passed and not force:
+        raise CheckFailed(f"step {step} refused: " + "; ".join(gate.reasons)
+                          + " (use --force to deploy anyway; it is recorded)")
+    with store.lock():
+        current = store.deployed() or {}
+        history = list(current.get("history", []))
+        if current.get("step") is not None:
+            history.append({k: current[k] for k in ("step", "engine", "since", "forced")
+                            if k in current})
+        record = {"step": step, "engine": engine, "since": _now(), "forced": bool(force
+                                                                              and not gate.passed),
+                  "gate": {"passed": gate.passed, "mean_old_drop": gate.mean_old_drop,
+                           "reasons": gate.reasons},
+                  "history": history[-HISTORY:]}
+        store.write_deployed(record)
+    return DeployResult(record, gate)
+
+
+def rollback(store: Store) -> dict:
+    """Point ``deployed.json`` back at the previously deployed step (checksums verified)."""
+    with store.lock():
+        current = store.deployed()
+        if not current or not current.get("history"):
+            raise CissError(f"{store.root}: nothing to roll back to (no earlier deployment)")
+        history = list(current["history"])
+        previous = history.pop()
+        store.verify(previous["step"])
+        record = {"step": previous["step"], "engine": previous["engine"], "since": _now(),
+                  "forced": False, "rolled_back_from": current["step"], "history": history}
+        store.write_deployed(record)
+    return record

@@ -97,7 +97,7 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
                  f"{0.0 if mean is None else mean:.1f} points -> deployed")
             numbers[f"{method}_gate"] = "pass"
         except CheckFailed as exc:
-            echo(f"      step {step} ({method}): REFUSED: {exc}")
+            echo(f"      step {step} ({method}): REFUSED. {exc}")
             numbers[f"{method}_gate"] = "refused"
     deployed = store.deployed()
     echo(f"      serving step {deployed['step'] if deployed else '-'} (deployed.json)")

@@ -50,8 +50,11 @@ def deploy(store: Store, step: int | None = None, engine: str = "onnx", force: b
     gate = run_gate(store, step, engine=engine, max_mean_drop=max_mean_drop,
                     max_class_drop=max_class_drop)
     if not gate.passed and not force:
-        raise CheckFailed(f"step {step} refused: " + "; ".join(gate.reasons)
-                          + " (use --force to deploy anyway; it is recorded)")
+        shown = gate.reasons[:3]
+        more = len(gate.reasons) - len(shown)
+        raise CheckFailed(f"step {step} refused: " + "; ".join(shown)
+                          + (f"; and {more} more (see 'ciss check --step {step}')" if more else "")
+                          + "; use --force to deploy anyway (it is recorded)")
     with store.lock():
         current = store.deployed() or {}
         history = list(current.get("history", []))

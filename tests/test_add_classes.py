@@ -118,6 +118,18 @@ def test_nan_loss_is_a_failed_check():
         fit(model, nan_step, data, LoopConfig(epochs=1, batch_size=2), progress=False)
 
 
+def test_full_label_val_folder_is_scored(store_copy, split_dir, synthetic_dir):
+    rep = add_classes(Store(store_copy), split_dir / "step-1", loop=FAST, progress=False,
+                      val_dir=synthetic_dir)
+    from ciss.data.folder import open_folder
+
+    scores = rep.card.extra["val"]["per_class"]
+    src = open_folder(synthetic_dir)
+    present = {src.classes.names[c] for s in src.val for c in src.presence[s]}
+    assert len(scores) == 21
+    assert {k for k, v in scores.items() if v is not None} == present  # None = no ground truth
+
+
 def test_users_own_folder_just_works(store_copy, tmp_path):
     """JPEGs of varying sizes, palette masks with 255 borders, another class order."""
     root = tmp_path / "mine"

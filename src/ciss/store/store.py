@@ -258,11 +258,15 @@ class Store:
             atomic_write_text(path, card.to_json())
         return card
 
-    def _clean_staging(self) -> None:
+    def _clean_staging(self, max_age_s: float = 24 * 3600) -> None:
+        """Remove staging leftovers of crashed writers. Only old ones: an export in another
+        process stages without holding the lock, and its folder must survive."""
         staging = self.root / ".staging"
         if staging.is_dir():
+            now = time.time()
             for p in staging.iterdir():
-                shutil.rmtree(p, ignore_errors=True)
+                if now - p.stat().st_mtime > max_age_s:
+                    shutil.rmtree(p, ignore_errors=True)
 
     # -- deploy pointer ----------------------------------------------------------------------
     def deployed(self) -> dict | None:

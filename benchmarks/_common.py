@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from ciss.timing import median_ms  # noqa: F401  (re-exported for the scripts)
+
 
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
@@ -34,14 +36,3 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
         a @ b
         times.append(time.perf_counter() - t0)
     return 2 * n ** 3 / statistics.median(times) / 1e9
-
-
-def median_ms(fn, repeats: int = 10, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ciss.analysis.benchmark import _score
+from ciss.analysis.benchmark import score_step
 from ciss.data.folder import open_folder
 from ciss.store import Store
 from ciss.updater.add_classes import UpdateConfig, add_classes
@@ -42,7 +42,7 @@ def run(spec: str, base: Path, step_data: Path, source, base_ids: list[int]) -> 
                                 cache_trunk_mb=int(kw.get("cache", 1024))),
             loop=LoopConfig(epochs=int(kw.get("epochs", d.epochs)), lr=float(kw.get("lr", d.lr))),
             progress=False)
-        old, new, all_, _ = _score(store, r.step, source, base_ids)
+        old, new, all_, _ = score_step(store, r.step, source, base_ids)
     epochs = [h["seconds"] for h in r.fit.history]
     return {"tag": tag, "old": round(old, 3), "new": round(new, 3), "all": round(all_, 3),
             "train_s": round(r.fit.seconds, 1),
@@ -62,7 +62,7 @@ def main() -> None:
     source = open_folder(args.full_data)
     base_card = Store(args.base).card(0)
     base_ids = [source.classes.index(c) for c in base_card.classes[1:]]
-    old, _, _, _ = _score(Store(args.base), 0, source, base_ids)
+    old, _, _, _ = score_step(Store(args.base), 0, source, base_ids)
     print(json.dumps({"tag": "base", "old": round(old, 3)}), flush=True)
     for spec in args.specs:
         print(json.dumps(run(spec, args.base, args.step_data, source, base_ids)), flush=True)

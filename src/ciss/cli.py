@@ -242,9 +242,5 @@ def demo(out: Path, fast: bool) -> None:
     run_demo(out, fast=fast, echo=click.echo)
 
 
-for _module in ("ciss.cli_update", "ciss.cli_deploy"):
-    try:
-        __import__(_module)
-    except ModuleNotFoundError as _exc:  # parts not built yet must not break the rest
-        if _exc.name != _module:
-            raise
+# Commands defined in their own modules register themselves on ``main`` when imported.
+from ciss import cli_deploy, cli_runtime, cli_update  # noqa: E402,F401

@@ -69,11 +69,3 @@ def predict(store_path, images, out, step, engine) -> None:
         write_mask(out / f"{path.stem}.png", labels)
     click.echo(f"wrote {len(images)} masks to {out} ({seg.engine.describe()}, "
                f"{len(seg.classes)} classes)")
-
-
-for _module in ("ciss.cli_runtime",):
-    try:
-        __import__(_module)
-    except ModuleNotFoundError as _exc:
-        if _exc.name != _module:
-            raise

@@ -94,7 +94,11 @@ class BenchmarkResult:
         return sum(ts) / len(ts) if ts else 0.0
 
 
-def _score(store: Store, step: int, source, base_ids: list[int]) -> tuple:
+def score_step(store: Store, step: int, source, base_ids: list[int]) -> tuple:
+    """(old, new, all mIoU, per-class IoU) of a stored step on ``source``'s full-label val.
+
+    old = the source classes ``base_ids`` (the base step's), new = every later class.
+    """
     model, card = store.load_model(step)
     classes = ClassList(tuple(card.classes))
     s = score_folder(torch_predictor(model), source, source.val, classes)
@@ -135,7 +139,7 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
         rep = train_base(base, steps[0], arch=cfg.arch,
                          loop=LoopConfig(epochs=base_epochs, lr=base_defaults(cfg.arch).lr,
                                          seed=cfg.seed), progress=progress)
-        old, new, all_, per = _score(base, 0, source, base_ids)
+        old, new, all_, per = score_step(base, 0, source, base_ids)
         for method, step_dirs in runs:
             store = Store(out / "stores" / method)
             shutil.copytree(base.root, store.root)
@@ -149,7 +153,7 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
                                 update=UpdateConfig(freeze=cfg.freeze),
                                 loop=LoopConfig(epochs=cfg.step_epochs or d.epochs, lr=d.lr,
                                                 seed=cfg.seed), progress=progress)
-                o, n, a, per = _score(store, r.step, source, base_ids)
+                o, n, a, per = score_step(store, r.step, source, base_ids)
                 rows.append(Row(method, t, o, n, a, harmonic_iou(o, n), r.fit.seconds, per))
     if "joint" in cfg.methods:
         say(f"joint: all {len(source.classes) - 1} classes at once, {base_epochs} epochs")
@@ -157,7 +161,7 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
         rep = train_base(store, data_dir, arch=cfg.arch,
                          loop=LoopConfig(epochs=base_epochs, lr=base_defaults(cfg.arch).lr,
                                          seed=cfg.seed), progress=progress)
-        o, n, a, per = _score(store, 0, source, base_ids)
+        o, n, a, per = score_step(store, 0, source, base_ids)
         rows.append(Row("joint", len(steps) - 1, o, n, a, harmonic_iou(o, n), rep.fit.seconds,
                         per))
     result = BenchmarkResult(cfg, rows)

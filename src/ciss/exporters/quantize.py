@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import shutil
-import statistics
-import time
+from functools import partial
 from pathlib import Path
-
-import numpy as np
 
 from ciss.analysis.scoring import batches
 from ciss.data.classes import ClassList
@@ -15,6 +12,7 @@ from ciss.errors import CheckFailed
 from ciss.exporters.export import ExportResult, record_engine, retention_sets, staging_dir
 from ciss.exporters.parity import ParityTolerance, check_parity
 from ciss.store import Store
+from ciss.timing import median_ms
 
 # Quantised logits differ by design: judge labels and mIoU only, a little looser than fp32.
 INT8_TOLERANCE = ParityTolerance(min_agreement=0.97, max_miou_delta=0.01)
@@ -55,16 +53,6 @@ def quantize(src: Path, dst: Path, reader: RetentionReader, work: Path) -> Path:
     return dst
 
 
-def median_ms(run, images: np.ndarray, repeats: int = 15) -> float:
-    run(images)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run(images)
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
-
-
 def export_int8_step(store: Store, step: int) -> ExportResult:
     """Quantise the step's model.onnx into model.int8.onnx; measured speed goes in the card."""
     from ciss.runtime.engine import OnnxEngine
@@ -84,7 +72,8 @@ def export_int8_step(store: Store, step: int) -> ExportResult:
         fp32 = OnnxEngine(store.step_dir(step) / "model.onnx")
         folder = next(iter(sets.values()))
         images = next(batches(folder, folder.val, 8))[0]
-        speed = {"fp32_ms": median_ms(fp32.run, images), "int8_ms": median_ms(engine.run, images),
+        speed = {"fp32_ms": median_ms(partial(fp32.run, images), repeats=15),
+                 "int8_ms": median_ms(partial(engine.run, images), repeats=15),
                  "batch": int(images.shape[0]), "size": list(images.shape[2:])}
         speed["speedup"] = speed["fp32_ms"] / speed["int8_ms"]
         update = record_engine(report, "int8")

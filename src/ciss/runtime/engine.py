@@ -13,19 +13,6 @@ from ciss.errors import CissError
 ENGINE_FILES = {"onnx": "model.onnx", "int8": "model.int8.onnx"}
 
 
-def available_providers() -> list[str]:
-    import onnxruntime as ort
-
-    return list(ort.get_available_providers())
-
-
-def default_providers() -> list[str]:
-    """TensorRT EP, CUDA EP, then CPU: whatever this onnxruntime build offers, in that order."""
-    avail = available_providers()
-    order = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    return [p for p in order if p in avail]
-
-
 @dataclass
 class OnnxEngine:
     """An ONNX Runtime session over a ciss ONNX file.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -113,11 +114,6 @@ def train_base(store: Store, data_dir: Path, *, arch: str = "tiny", weights: str
                "device": str(device), "torch": torch.__version__},
     )
     step = store.write_step(card, model.cpu(), {"retention": retention_writer(folder, keep)})
-    _drop_checkpoint(ckpt)
+    shutil.rmtree(ckpt, ignore_errors=True)  # the step landed: the checkpoint is spent
     return StepReport(step=step, card=store.card(step), scores=scores, fit=result)
 
-
-def _drop_checkpoint(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)

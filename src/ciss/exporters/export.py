@@ -17,8 +17,7 @@ from ciss.data.classes import ClassList
 from ciss.errors import CheckFailed, CissError
 from ciss.exporters.parity import ParityReport, check_parity
 from ciss.store import Store
-from ciss.store.retention import open_retention
-from ciss.updater.add_classes import ancestors
+from ciss.store.retention import retention_sets
 
 
 @dataclass(frozen=True)
@@ -44,6 +43,16 @@ FORMATS: dict[str, Format] = {
 }
 
 
+def has_artifact(artifacts: dict[str, str], fmt: str) -> bool:
+    """Whether a card's artifacts include format ``fmt``'s (torch needs none)."""
+    if fmt == "torch":
+        return True
+    name = check_format(fmt).artifact
+    if name is None:
+        return False
+    return any(a.startswith(name) for a in artifacts) if name.endswith("/") else name in artifacts
+
+
 def check_format(name: str) -> Format:
     if name not in FORMATS:
         hint = difflib.get_close_matches(name, list(FORMATS), n=1)
@@ -59,15 +68,6 @@ class ExportResult:
     path: Path
     parity: ParityReport | None
     note: str = ""
-
-
-def retention_sets(store: Store, step: int) -> dict:
-    """Every retention folder the step is judged on (its own and its ancestors'), verified."""
-    sets = {}
-    for s in ancestors(store, step):
-        store.verify(s, ["retention"])
-        sets[str(s)] = open_retention(store.step_dir(s) / "retention")
-    return sets
 
 
 def card_digest(store: Store, step: int) -> str:
@@ -125,7 +125,7 @@ def export_onnx_step(store: Store, step: int) -> ExportResult:
 
 def ensure_onnx(store: Store, step: int) -> Path:
     """The step's verified model.onnx, exported first when missing."""
-    if "model.onnx" not in store.card(step).artifacts:
+    if not has_artifact(store.card(step).artifacts, "onnx"):
         export_onnx_step(store, step)
     store.verify(step, ["model.onnx"])
     return store.step_dir(step) / "model.onnx"

@@ -9,9 +9,10 @@ from pathlib import Path
 from ciss.analysis.scoring import batches
 from ciss.data.classes import ClassList
 from ciss.errors import CheckFailed
-from ciss.exporters.export import ExportResult, record_engine, retention_sets, staging_dir
+from ciss.exporters.export import ExportResult, record_engine, staging_dir
 from ciss.exporters.parity import ParityTolerance, check_parity
 from ciss.store import Store
+from ciss.store.retention import retention_sets
 from ciss.timing import median_ms
 
 # Quantised logits differ by design: judge labels and mIoU only, a little looser than fp32.

@@ -17,8 +17,9 @@ import numpy as np
 
 from ciss.data.classes import ClassList
 from ciss.errors import CheckFailed, CissError
-from ciss.exporters.export import ExportResult, record_engine, retention_sets, staging_dir
+from ciss.exporters.export import ExportResult, record_engine, staging_dir
 from ciss.exporters.parity import ParityTolerance, check_parity
+from ciss.store.retention import retention_sets
 
 
 @dataclass(frozen=True)

@@ -24,15 +24,10 @@ def _now() -> str:
 
 def ensure_engine(store: Store, step: int, engine: str) -> None:
     """Export the engine's artifact first when the step does not have it yet."""
-    from ciss.exporters.export import export_step
+    from ciss.exporters.export import export_step, has_artifact
 
-    card = store.card(step)
-    if engine == "onnx" and "model.onnx" not in card.artifacts:
-        export_step(store, step, ["onnx"])
-    elif engine == "int8" and "model.int8.onnx" not in card.artifacts:
-        export_step(store, step, ["int8"])
-    elif engine == "tensorrt" and not any(n.startswith("engines/") for n in card.artifacts):
-        export_step(store, step, ["tensorrt"])
+    if not has_artifact(store.card(step).artifacts, engine):
+        export_step(store, step, [engine])
 
 
 def deploy(store: Store, step: int | None = None, engine: str = "onnx", force: bool = False,

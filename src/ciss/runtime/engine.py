@@ -10,8 +10,6 @@ import numpy as np
 
 from ciss.errors import CissError
 
-ENGINE_FILES = {"onnx": "model.onnx", "int8": "model.int8.onnx"}
-
 
 @dataclass
 class OnnxEngine:
@@ -75,11 +73,13 @@ def load_engine(store, step: int, engine: str, providers: list[str] | None = Non
         from ciss.exporters.tensorrt import load_tensorrt_engine
 
         return load_tensorrt_engine(store, step)
-    if engine not in ENGINE_FILES:
+    from ciss.exporters.export import FORMATS, has_artifact
+
+    if engine not in ("onnx", "int8"):
         raise CissError(f"--engine {engine}: choose torch, onnx, int8 or tensorrt")
-    name = ENGINE_FILES[engine]
+    name = FORMATS[engine].artifact
     card = store.card(step)
-    if name not in card.artifacts:
+    if not has_artifact(card.artifacts, engine):
         raise CissError(f"step {step} has no {name}; run 'ciss export --step {step} "
                         f"--format {engine}' first")
     store.verify(step, [name])

@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass, field
 from ciss.analysis.evaluate import predictor_for
 from ciss.data.classes import ClassList
 from ciss.errors import CissError
+from ciss.exporters.export import has_artifact
 from ciss.store import Store
-from ciss.updater.add_classes import ancestors, score_retention
+from ciss.store.retention import ancestors
+from ciss.updater.add_classes import score_retention
 
 
 @dataclass
@@ -72,17 +74,17 @@ def run_gate(store: Store, step: int | None = None, against: int | None = None,
         raise CissError(f"--against {against}: not an ancestor of step {step} "
                         f"(its line is {' -> '.join(map(str, chain))})")
     parent = store.card(against)
-    old_sets = ancestors(store, against)
+    oldest = ancestors(store, against)[0]
     classes_now = ClassList(tuple(card.classes))
-    after = score_retention(store, old_sets, predictor_for(store, step, engine), classes_now)
-    before_engine = engine if _has_engine(parent.artifacts, engine) else "torch"
-    before = score_retention(store, old_sets, predictor_for(store, against, before_engine),
+    after = score_retention(store, against, predictor_for(store, step, engine), classes_now)
+    before_engine = engine if has_artifact(parent.artifacts, engine) else "torch"
+    before = score_retention(store, against, predictor_for(store, against, before_engine),
                              ClassList(tuple(parent.classes)))
     introduced = _introduced(store, chain)
     result = GateResult(True, step, against, engine, None)
     drops = []
     for name in parent.classes[1:]:
-        s = str(introduced.get(name, old_sets[0]))
+        s = str(introduced.get(name, oldest))
         b = before.get(s, {}).get(name)
         a = after.get(s, {}).get(name)
         d = None if a is None or b is None else 100 * (b - a)
@@ -108,12 +110,3 @@ def run_gate(store: Store, step: int | None = None, against: int | None = None,
                               "from torch")
     return result
 
-
-def _has_engine(artifacts: dict, engine: str) -> bool:
-    from ciss.runtime.engine import ENGINE_FILES
-
-    if engine == "torch":
-        return True
-    if engine == "tensorrt":
-        return any(n.startswith("engines/") for n in artifacts)
-    return ENGINE_FILES.get(engine) in artifacts

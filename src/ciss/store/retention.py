@@ -26,6 +26,25 @@ def retention_writer(folder: DatasetFolder, stems: list[str]):
     return write
 
 
+def ancestors(store, step: int) -> list[int]:
+    """``step`` and every step it descends from, oldest first."""
+    chain = []
+    cur: int | None = step
+    while cur is not None:
+        chain.append(cur)
+        cur = store.card(cur).parent
+    return chain[::-1]
+
+
+def retention_sets(store, step: int) -> dict[str, DatasetFolder]:
+    """The retention folders of ``step`` and its ancestors, checksums verified, keyed by step."""
+    sets = {}
+    for s in ancestors(store, step):
+        store.verify(s, ["retention"])
+        sets[str(s)] = open_retention(store.step_dir(s) / "retention")
+    return sets
+
+
 def open_retention(path: Path) -> DatasetFolder:
     """Open a step's retention folder (its val list holds every sample)."""
     if not path.is_dir():

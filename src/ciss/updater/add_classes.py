@@ -19,7 +19,7 @@ from ciss.errors import CissError
 from ciss.models import freeze, frozen_stages, grow_classifier
 from ciss.models.build import ARCHS
 from ciss.store import StepCard, Store
-from ciss.store.retention import open_retention, retention_writer
+from ciss.store.retention import retention_sets, retention_writer
 from ciss.updater.loop import FitResult, LoopConfig, fit, resolve_device
 from ciss.updater.methods import METHODS, IncrementalStep, MethodConfig, TrunkCache
 from ciss.updater.train import DataConfig, StepReport, retention_stems
@@ -56,25 +56,12 @@ def _new_classes(folder: DatasetFolder, parent: StepCard, data_dir: Path) -> lis
     return new
 
 
-def ancestors(store: Store, step: int) -> list[int]:
-    """``step`` and every step it descends from, oldest first."""
-    chain = []
-    cur: int | None = step
-    while cur is not None:
-        chain.append(cur)
-        cur = store.card(cur).parent
-    return chain[::-1]
-
-
-def score_retention(store: Store, steps: list[int], predict, classes: ClassList
+def score_retention(store: Store, step: int, predict, classes: ClassList
                     ) -> dict[str, dict[str, float | None]]:
-    """Per-class IoU on each step's retention set (partial-label rule), keyed by step."""
-    out = {}
-    for s in steps:
-        store.verify(s, ["retention"])
-        folder = open_retention(store.step_dir(s) / "retention")
-        out[str(s)] = score_folder(predict, folder, folder.val, classes).per_class()
-    return out
+    """Per-class IoU on the retention sets of ``step`` and its ancestors (partial-label rule),
+    keyed by step."""
+    return {s: score_folder(predict, folder, folder.val, classes).per_class()
+            for s, folder in retention_sets(store, step).items()}
 
 
 def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodConfig(),
@@ -126,8 +113,7 @@ def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodCo
     t0 = time.perf_counter()
     student.eval()
     predict = torch_predictor(student, device)
-    chain = ancestors(store, parent_step)
-    retention = score_retention(store, chain, predict, classes)
+    retention = score_retention(store, parent_step, predict, classes)
     keep = retention_stems(folder, [folder.classes.index(n) for n in folder.classes.objects])
     if not keep:
         raise CissError(f"{data_dir}: the val split shows none of the folder's classes; "

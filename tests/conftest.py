@@ -57,6 +57,27 @@ def base_store(split_dir, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def story(base_store, split_dir, tmp_path_factory) -> Path:
+    """Step 1 = mib, step 2 = ft (both from step 0, 2 epochs each), every step in ONNX."""
+    from ciss.exporters.export import export_step
+    from ciss.store import Store
+    from ciss.updater.add_classes import UpdateConfig, add_classes
+    from ciss.updater.loop import LoopConfig
+    from ciss.updater.methods import MethodConfig
+
+    root = tmp_path_factory.mktemp("story") / "store"
+    shutil.copytree(base_store, root)
+    store = Store(root)
+    for method in ("mib", "ft"):
+        add_classes(store, split_dir / "step-1", method=MethodConfig(method=method),
+                    update=UpdateConfig(parent=0), loop=LoopConfig(epochs=2, batch_size=8),
+                    progress=False)
+    for step in store.steps():
+        export_step(store, step, ["onnx"])
+    return root
+
+
 @pytest.fixture
 def store_copy(base_store, tmp_path) -> Path:
     """A private copy of the base store that a test may modify."""

@@ -56,6 +56,9 @@ def test_demo_fast(tmp_path):
     assert "old-class mIoU after the new step: mib" in res.output
     assert "retention gate" in res.output and "serving step" in res.output
     assert "ONNX label agreement" in res.output
+    assert "POST /v1/segment" in res.output and "served-masks" in res.output
+    masks = sorted((tmp_path / "demo" / "served-masks").glob("*.png"))
+    assert len(masks) == 3 and all(m.stat().st_size > 0 for m in masks)
     doc = json.loads(run("steps", "--store", tmp_path / "demo" / "store", "--json").output)
     assert [d["method"] for d in doc] == ["base", "mib", "ft"]
     assert all("model.onnx" in d["artifacts"] for d in doc)

@@ -12,24 +12,6 @@ from ciss.errors import CheckFailed, CissError
 from ciss.runtime.deploy import deploy, rollback
 from ciss.runtime.gate import run_gate
 from ciss.store import Store
-from ciss.updater.add_classes import UpdateConfig, add_classes
-from ciss.updater.loop import LoopConfig
-from ciss.updater.methods import MethodConfig
-
-
-@pytest.fixture(scope="module")
-def story(base_store, split_dir, tmp_path_factory):
-    """Step 1 = mib, step 2 = ft (both from step 0), 2 epochs each."""
-    import shutil
-
-    root = tmp_path_factory.mktemp("gate") / "store"
-    shutil.copytree(base_store, root)
-    store = Store(root)
-    for method in ("mib", "ft"):
-        add_classes(store, split_dir / "step-1", method=MethodConfig(method=method),
-                    update=UpdateConfig(parent=0), loop=LoopConfig(epochs=2, batch_size=8),
-                    progress=False)
-    return root
 
 
 def test_gate_json_contract_and_ft_refused(story):

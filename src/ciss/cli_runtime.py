@@ -88,3 +88,64 @@ def rollback(store_path) -> None:
     rec = do_rollback(_store(store_path))
     click.echo(f"rolled back to step {rec['step']} on {rec['engine']} "
                f"(from step {rec['rolled_back_from']})")
+
+
+@main.command()
+@store_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on (0.0.0.0 exposes it to the network).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--engine", type=ENGINE_CHOICE, default=None,
+              help="Serve this engine instead of the one deployed.json names.")
+@click.option("--providers", default="CPUExecutionProvider", show_default=True,
+              help="ONNX Runtime providers, best first, comma-separated (e.g. "
+                   "CUDAExecutionProvider,CPUExecutionProvider); the first must load.")
+@click.option("--admin-token", envvar="CISS_ADMIN_TOKEN", default=None,
+              help="Enables /admin/* with 'Authorization: Bearer <token>' (env CISS_ADMIN_TOKEN).")
+@click.option("--poll", type=float, default=1.0, show_default=True,
+              help="Seconds between looks at deployed.json.")
+@click.option("--max-body-mb", type=float, default=32.0, show_default=True)
+@click.option("--max-pixels", type=int, default=16_000_000, show_default=True,
+              help="Largest image (or N*H*W of an /infer tensor).")
+@click.option("--concurrency", type=int, default=1, show_default=True,
+              help="Engine runs at once (1 suits a small CPU; raise it on a GPU).")
+@click.option("--accept-forced", is_flag=True,
+              help="Serve a deployment forced past a failing gate (refused by default).")
+@_gate_options
+def serve(store_path, host, port, engine, providers, admin_token, poll, max_body_mb, max_pixels,
+          concurrency, accept_forced, max_mean_drop, max_class_drop) -> None:
+    """Serve the deployed step over HTTP; hot-swap when deployed.json changes and passes the gate.
+
+    Speaks the Open Inference Protocol v2 (model 'ciss', version = step + 1) plus
+    POST /v1/segment (image in, PNG mask out), /v1/status and /metrics.
+
+    Example: ciss serve --port 8000  then  curl -H 'Content-Type: image/png'
+    --data-binary @x.png localhost:8000/v1/segment -o mask.png
+    """
+    import logging
+
+    from ciss.runtime.server import ServeConfig
+    from ciss.runtime.server import serve as run_server
+    from ciss.runtime.slot import SwapPolicy
+
+    if concurrency < 1 or poll <= 0 or max_body_mb <= 0 or max_pixels < 1:
+        raise click.UsageError("--concurrency, --poll, --max-body-mb and --max-pixels must be "
+                               "positive")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = ServeConfig(
+        store=_store(store_path).root, host=host, port=port, admin_token=admin_token or None,
+        poll_s=poll, max_body_bytes=int(max_body_mb * (1 << 20)), max_pixels=max_pixels,
+        concurrency=concurrency,
+        policy=SwapPolicy(engine=engine, providers=[p.strip() for p in providers.split(",")
+                                                    if p.strip()],
+                          max_mean_drop=max_mean_drop, max_class_drop=max_class_drop,
+                          accept_forced=accept_forced))
+
+    def announce(app) -> None:
+        cur = app.state.slot.current
+        click.echo(f"serving step {cur.step} (OIP version {cur.version}) on {cur.describe}; "
+                   f"gate passed={cur.gate['passed']}")
+        click.echo(f"listening on http://{host}:{port}  (try: curl {host}:{port}/v1/status); "
+                   f"admin endpoints {'on' if admin_token else 'off'}; Ctrl-C stops")
+
+    run_server(config, on_ready=announce)

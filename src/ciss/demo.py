@@ -47,12 +47,12 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
         raise CissError(f"{out}: exists and is not empty; remove it or pass another --out")
     t0 = time.perf_counter()
     data_dir, split_dir, store = out / "data", out / "15-5", Store(out / "store")
-    echo(f"[1/6] synthetic data: {plan.n_train} train + {plan.n_val} val images -> {data_dir}")
+    echo(f"[1/7] synthetic data: {plan.n_train} train + {plan.n_val} val images -> {data_dir}")
     write_synthetic(data_dir, SyntheticConfig(n_train=plan.n_train, n_val=plan.n_val))
-    echo("[2/6] split 15-5 (overlap): step-0 learns 15 classes, step-1 adds 5 dotted shapes "
+    echo("[2/7] split 15-5 (overlap): step-0 learns 15 classes, step-1 adds 5 dotted shapes "
          "labelled alone (old objects in those images are 'background')")
     steps = write_split(open_folder(data_dir), parse_scenario("15-5"), split_dir)
-    echo(f"[3/6] base training of tiny on {steps[0]} ({plan.base_epochs} epochs)")
+    echo(f"[3/7] base training of tiny on {steps[0]} ({plan.base_epochs} epochs)")
     base = train_base(store, steps[0], loop=LoopConfig(epochs=plan.base_epochs,
                                                        lr=base_defaults("tiny").lr),
                       progress=not fast)
@@ -60,7 +60,7 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
     numbers = {"base_step": base.step}
     for method in ("mib", "ft"):
         d = step_defaults(method)
-        echo(f"[{4 if method == 'mib' else 5}/6] add-classes --method {method} --from 0 "
+        echo(f"[{4 if method == 'mib' else 5}/7] add-classes --method {method} --from 0 "
              f"({plan.step_epochs} epochs, early stages frozen)")
         rep = add_classes(store, steps[1], method=MethodConfig(method=method,
                                                                kd_weight=d.kd_weight),
@@ -69,7 +69,7 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
         echo(before_after_table(store, rep.step))
         numbers[f"{method}_step"] = rep.step
         echo(f"      step {rep.step} ({method}) written ({rep.fit.seconds:.0f}s of training)")
-    echo("[6/6] export every step to ONNX behind the parity gate, score on the full-label val, "
+    echo("[6/7] export every step to ONNX behind the parity gate, score on the full-label val, "
          "gate the deploys")
     rows = []
     for step in store.steps():
@@ -99,11 +99,65 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
         except CheckFailed as exc:
             echo(f"      step {step} ({method}): REFUSED. {exc}")
             numbers[f"{method}_gate"] = "refused"
-    deployed = store.deployed()
-    echo(f"      serving step {deployed['step'] if deployed else '-'} (deployed.json)")
+    if store.deployed() is None:  # nothing passed: serve the base step, which has no old class
+        deploy(store, base.step, "onnx")
+    echo("[7/7] ciss serve: segment over HTTP, then try to force the ft step past the gate")
+    ft_step = numbers["ft_step"] if numbers.get("ft_gate") == "refused" else None
+    numbers["served"] = serve_story(store, data_dir, out / "served-masks", ft_step, echo)
     numbers["seconds"] = round(time.perf_counter() - t0, 1)
     old = {m: numbers[f"step{numbers[m + '_step']}"]["old"] for m in ("mib", "ft")}
     echo(f"done in {numbers['seconds']}s. old-class mIoU after the new step: mib "
          f"{pct(old['mib'])}, ft {pct(old['ft'])} (base {pct(numbers['step0']['old'])})")
-    echo(f"store: {store.root}   next: ciss steps --store {store.root}")
+    echo(f"outputs in {out}: store/ (steps, engines, deployed.json), served-masks/ (PNG masks "
+         "from the server), 15-5/ and data/")
+    echo(f"next: ciss steps --store {store.root}   or   ciss serve --store {store.root}")
     return numbers
+
+
+def serve_story(store, data_dir: Path, masks_dir: Path, ft_step: int | None,
+                echo: Callable[[str], None]) -> dict:
+    """Serve the deployed step on loopback, segment a few val images over HTTP, then force-deploy
+    the ft step (when the gate refused it) and show the running server refusing it too."""
+    import json
+    import urllib.request
+
+    from ciss.data.folder import open_folder
+    from ciss.runtime.deploy import deploy, rollback
+    from ciss.runtime.server import ServeConfig, background
+
+    def http(url: str, body: bytes | None = None) -> bytes:
+        req = urllib.request.Request(url, data=body, headers={"Content-Type": "image/png"})
+        with urllib.request.urlopen(req, timeout=120) as r:  # our own loopback server
+            return r.read()
+
+    folder = open_folder(data_dir, require_train=False)
+    masks_dir.mkdir(parents=True, exist_ok=True)
+    with background(ServeConfig(store=store.root, poll_s=0.2)) as (url, app):
+        meta = json.loads(http(f"{url}/v2/models/ciss"))
+        echo(f"      {url}: model ciss versions {meta['versions']} (version = step + 1), "
+             f"serving step {meta['parameters']['step']} on {meta['parameters']['runtime']}")
+        for stem in sorted(folder.val)[:3]:
+            path = folder.images[stem]
+            (masks_dir / f"{stem}.png").write_bytes(http(f"{url}/v1/segment",
+                                                         path.read_bytes()))
+            doc = json.loads(http(f"{url}/v1/segment?format=json", path.read_bytes()))
+            top = sorted(doc["pixels"].items(), key=lambda kv: -kv[1])[:3]
+            echo(f"      POST /v1/segment {path.name} -> {masks_dir.name}/{stem}.png "
+                 f"({doc['width']}x{doc['height']}; " + ", ".join(f"{k} {v}px" for k, v in top)
+                 + ")")
+        served = app.state.slot.current.step
+        if ft_step is None:
+            echo("      (the ft step passed the gate on this run, so there is no refusal to show)")
+            return {"step": served, "refused_ft": None}
+        deploy(store, ft_step, "onnx", force=True)
+        echo(f"      ciss deploy --step {ft_step} --force (the ft step, forced past the gate)")
+        deadline = time.monotonic() + 120
+        while (app.state.slot.last_error is None and app.state.slot.current.step != ft_step
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
+        status = json.loads(http(f"{url}/v1/status"))
+        echo(f"      server: still serving step {status['step']}; refused: "
+             f"{status['last_error']}")
+        rollback(store)
+        echo(f"      ciss rollback -> deployed.json points at step {served} again")
+    return {"step": served, "refused_ft": status["step"] == served and bool(status["last_error"])}

@@ -11,6 +11,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ciss.errors import CissError
 
+
+class ImageTooLarge(CissError):
+    """The image has more pixels than allowed (decompression bomb protection)."""
+
+
 # PIL's own bomb limit is ~89 Mpx with a warning first; we refuse early and clearly instead.
 MAX_PIXELS = 64_000_000
 
@@ -18,11 +23,13 @@ MAX_PIXELS = 64_000_000
 def _open(source: Path | bytes, what: str, max_pixels: int) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except Image.DecompressionBombError as exc:  # PIL refuses > ~179 Mpx before we can look
+        raise ImageTooLarge(f"{what}: {exc}") from exc
     except (UnidentifiedImageError, OSError) as exc:
         raise CissError(f"{what}: not a readable image ({exc.__class__.__name__})") from exc
     w, h = img.size
     if w * h > max_pixels:
-        raise CissError(
+        raise ImageTooLarge(
             f"{what}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
             "(decompression bomb protection)"
         )
@@ -80,11 +87,22 @@ def read_mask(path: Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def write_mask(path: Path, mask: np.ndarray, palette: list[int] | None = None) -> None:
-    """Write a uint8 HxW class-id mask as a palette PNG (values stay the class ids)."""
+def _mask_image(mask: np.ndarray, palette: list[int] | None) -> Image.Image:
     img = Image.fromarray(mask.astype(np.uint8), mode="L").convert("P")
     img.putpalette(palette or voc_palette())
-    img.save(path, format="PNG", optimize=False)
+    return img
+
+
+def write_mask(path: Path, mask: np.ndarray, palette: list[int] | None = None) -> None:
+    """Write a uint8 HxW class-id mask as a palette PNG (values stay the class ids)."""
+    _mask_image(mask, palette).save(path, format="PNG", optimize=False)
+
+
+def mask_png(mask: np.ndarray, palette: list[int] | None = None) -> bytes:
+    """The palette PNG of :func:`write_mask`, as bytes (for HTTP responses)."""
+    buf = io.BytesIO()
+    _mask_image(mask, palette).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
 
 
 def voc_palette() -> list[int]:

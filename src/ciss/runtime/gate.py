@@ -55,8 +55,12 @@ def _introduced(store: Store, chain: list[int]) -> dict[str, int]:
 
 def run_gate(store: Store, step: int | None = None, against: int | None = None,
              engine: str = "onnx", max_mean_drop: float = 5.0,
-             max_class_drop: float = 15.0) -> GateResult:
+             max_class_drop: float = 15.0, predict=None) -> GateResult:
     """Compare ``step`` with ``against`` (default: its parent) on the old classes.
+
+    Args:
+        predict: the candidate's predictor (uint8 [N,3,H,W] -> labels); default: ``engine``
+            loaded from the store. The server passes the very engine it is about to serve.
 
     Raises:
         CissError: unknown steps, ``against`` not an ancestor, a missing engine artifact.
@@ -76,7 +80,8 @@ def run_gate(store: Store, step: int | None = None, against: int | None = None,
     parent = store.card(against)
     oldest = ancestors(store, against)[0]
     classes_now = ClassList(tuple(card.classes))
-    after = score_retention(store, against, predictor_for(store, step, engine), classes_now)
+    after = score_retention(store, against, predict or predictor_for(store, step, engine),
+                            classes_now)
     before_engine = engine if has_artifact(parent.artifacts, engine) else "torch"
     before = score_retention(store, against, predictor_for(store, against, before_engine),
                              ClassList(tuple(parent.classes)))

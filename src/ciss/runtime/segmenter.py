@@ -58,5 +58,13 @@ class Segmenter:
             labels = np.asarray(Image.fromarray(labels).resize((w, h), Image.NEAREST))
         return labels
 
+    def decode(self, data: bytes, what: str = "request body") -> np.ndarray:
+        """Image bytes -> uint8 HxWx3 RGB (EXIF orientation applied; any PIL mode).
+
+        Raises:
+            CissError: not an image, truncated; ImageTooLarge beyond ``max_pixels``.
+        """
+        return read_image(data, what, max_pixels=self.max_pixels)
+
     def segment_bytes(self, data: bytes, what: str = "request body") -> np.ndarray:
-        return self.segment(read_image(data, what, max_pixels=self.max_pixels))
+        return self.segment(self.decode(data, what))

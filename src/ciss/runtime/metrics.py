@@ -1,0 +1,64 @@
+"""Prometheus metrics of one server (its own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Latency buckets in seconds: small CPU models answer in milliseconds, big ones in seconds.
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class ServerMetrics:
+    """Counters, histograms and gauges named after KServe's/Triton's where one exists."""
+
+    registry: object
+    requests: object
+    failures: object
+    latency: object
+    queue: object
+    compute: object
+    inflight: object
+    served_step: object
+    model_info: object
+    gate_runs: object
+    gate_passed: object
+    gate_mean_drop: object
+    swaps: object
+
+    @classmethod
+    def create(cls) -> ServerMetrics:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = CollectorRegistry()
+        return cls(
+            registry=r,
+            requests=Counter("ciss_requests", "HTTP requests by endpoint and status code.",
+                             ["endpoint", "code"], registry=r),
+            failures=Counter("ciss_request_failures", "Requests answered with an error, by "
+                             "endpoint and reason (client = 4xx, server = 5xx).",
+                             ["endpoint", "reason"], registry=r),
+            latency=Histogram("ciss_request_duration_seconds", "End-to-end request latency.",
+                              ["endpoint"], buckets=BUCKETS, registry=r),
+            queue=Histogram("ciss_queue_duration_seconds", "Time waiting for an engine slot.",
+                            buckets=BUCKETS, registry=r),
+            compute=Histogram("ciss_compute_duration_seconds", "Engine run time per batch.",
+                              buckets=BUCKETS, registry=r),
+            inflight=Gauge("ciss_inflight_requests", "Requests being handled now.", registry=r),
+            served_step=Gauge("ciss_served_step", "The store step being served.", registry=r),
+            model_info=Gauge("ciss_model_info", "1 for the served step/engine.",
+                             ["step", "engine", "version"], registry=r),
+            gate_runs=Counter("ciss_gate_runs", "Retention-gate runs by result.", ["result"],
+                              registry=r),
+            gate_passed=Gauge("ciss_gate_last_passed", "1 if the last gate run passed.",
+                              registry=r),
+            gate_mean_drop=Gauge("ciss_gate_last_mean_old_drop_points", "Mean old-class IoU "
+                                 "drop (points) measured by the last gate run.", registry=r),
+            swaps=Counter("ciss_model_swaps", "Attempts to switch the served engine, by outcome.",
+                          ["outcome"], registry=r),
+        )
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)

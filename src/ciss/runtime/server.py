@@ -1,0 +1,386 @@
+"""``ciss serve``: the deployed step over HTTP (Open Inference Protocol v2, PNG masks, metrics).
+
+This module imports FastAPI at the top (unlike most of ciss): FastAPI resolves the handlers
+type hints from the module's globals. Only ``ciss serve`` imports it.
+
+Endpoints (model name ``ciss``; OIP version = step + 1, as in the exported Triton repository):
+
+- ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/ciss[/versions/V]``,
+  ``/v2/models/ciss[/versions/V]/ready``; ``POST /v2/models/ciss[/versions/V]/infer`` with
+  input ``image`` UINT8 [N,3,H,W], outputs ``labels`` UINT8 [N,H,W] and ``logits`` FP32
+  [N,K,H,W], JSON tensors or Triton's binary-data extension.
+- ``POST /v1/segment``: image bytes in, palette PNG mask out (``?format=json`` for JSON).
+- ``GET /v1/status``: served step, gate result, why the last deployment was refused.
+- ``GET /metrics``: Prometheus text format.
+- ``POST /admin/reload|deploy|rollback`` with ``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ciss import __version__
+from ciss.data.imageio import ImageTooLarge, mask_png
+from ciss.errors import CissError
+from ciss.runtime.admin import add_admin_routes
+from ciss.runtime.bodies import HttpError, read_body
+from ciss.runtime.metrics import ServerMetrics
+from ciss.runtime.oip import HEADER, ProtocolError, encode_infer_response, parse_infer_request
+from ciss.runtime.slot import ModelSlot, ServedModel, SwapPolicy, oip_version
+from ciss.store import Store
+
+MODEL = "ciss"
+log = logging.getLogger("ciss.serve")
+
+
+@dataclass
+class ServeConfig:
+    """Everything ``ciss serve`` needs.
+
+    Attributes:
+        store: the model store (its ``deployed.json`` says what to serve).
+        policy: gate tolerances, engine override, ORT providers, forced deployments.
+        admin_token: enables ``/admin/*``; without it those answer 403.
+        poll_s: how often ``deployed.json`` is checked.
+        max_body_bytes: largest request body (also after gzip/deflate inflation).
+        max_pixels: largest image (``/v1/segment``) or tensor (N*H*W, ``/infer``).
+        max_side: ``/v1/segment`` images are shrunk to this longer side for inference.
+        min_side: smaller images are refused (the network's strides need a few pixels).
+        max_batch: largest N of an ``/infer`` tensor.
+        concurrency: engine runs at once.
+        graceful_s: how long shutdown waits for in-flight requests.
+    """
+
+    store: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    policy: SwapPolicy = field(default_factory=SwapPolicy)
+    admin_token: str | None = None
+    poll_s: float = 1.0
+    max_body_bytes: int = 32 << 20
+    max_pixels: int = 16_000_000
+    max_side: int = 1024
+    min_side: int = 8
+    max_batch: int = 16
+    concurrency: int = 1
+    graceful_s: float = 10.0
+
+
+def _endpoint(path: str) -> str:
+    """A low-cardinality metrics label for a request path."""
+    if path.startswith("/v2/models/"):
+        return "infer" if path.endswith("/infer") else "model"
+    if path.startswith("/admin/"):
+        return "admin"
+    if path in ("/v1/segment", "/v1/status", "/metrics", "/v2", "/v2/health/live",
+                "/v2/health/ready"):
+        return path.strip("/").replace("/", "_") or "root"
+    return "other"
+
+
+def _check_tensor(images: np.ndarray, config: ServeConfig) -> None:
+    if images.dtype != np.uint8:
+        raise HttpError(400, f"input 'image' must be UINT8, got {images.dtype}")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise HttpError(400, f"input 'image' must have shape [N,3,H,W], got {list(images.shape)}")
+    n, _, h, w = images.shape
+    if not 1 <= n <= config.max_batch:
+        raise HttpError(400, f"input 'image': batch of {n}; allowed 1..{config.max_batch}")
+    if min(h, w) < config.min_side:
+        raise HttpError(422, f"input 'image' is {h}x{w}; the smallest side served is "
+                             f"{config.min_side} px", "too_small")
+    if n * h * w > config.max_pixels:
+        raise HttpError(413, f"input 'image' has {n * h * w} pixels; the limit is "
+                             f"{config.max_pixels}", "too_large")
+
+
+def _metadata(served: ServedModel, store: Store, history: list[dict]) -> dict:
+    seen, versions = set(), []
+    for step in [served.step] + [h.get("step") for h in reversed(history)]:
+        if isinstance(step, int) and step not in seen and step in store.steps():
+            seen.add(step)
+            versions.append(oip_version(step))
+    k = len(served.classes)
+    return {"name": MODEL, "versions": versions, "platform": "ciss_" + served.engine,
+            "inputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, 3, -1, -1]}],
+            "outputs": [{"name": "labels", "datatype": "UINT8", "shape": [-1, -1, -1]},
+                        {"name": "logits", "datatype": "FP32", "shape": [-1, k, -1, -1]}],
+            "parameters": {"step": served.step, "engine": served.engine,
+                           "classes": served.classes, "runtime": served.describe,
+                           "gate": served.gate, "loaded_at": served.loaded_at}}
+
+
+class _Metered:
+    """ASGI middleware: request counts by endpoint and status, latency, in-flight gauge."""
+
+    def __init__(self, app, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        label = _endpoint(scope["path"])
+        code = ["500"]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                code[0] = str(message["status"])
+            await send(message)
+
+        t0 = time.perf_counter()
+        self.metrics.inflight.inc()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.inflight.dec()
+            self.metrics.requests.labels(label, code[0]).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - t0)
+
+
+def create_app(config: ServeConfig):
+    """The FastAPI app over ``config.store``, its deployed step loaded, verified and gated.
+
+    Raises:
+        CissError: nothing deployed, or the deployment cannot be loaded.
+        CheckFailed: the deployed step fails the retention gate.
+    """
+    store = Store(config.store)
+    metrics = ServerMetrics.create()
+    slot = ModelSlot(store, config.policy, metrics, max_side=config.max_side,
+                     max_pixels=config.max_pixels, concurrency=config.concurrency)
+    slot.start()
+    stop = threading.Event()
+    state = {"ready": True}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        watcher = threading.Thread(target=slot.watch, args=(stop, config.poll_s),
+                                   name="ciss-deploy-watcher", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            state["ready"] = False  # uvicorn has drained in-flight requests by now
+            stop.set()
+            watcher.join(timeout=5)
+            log.info("shut down cleanly (was serving step %s)", slot.current.step)
+
+    app = FastAPI(title="ciss", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url=None)
+    app.state.slot = slot
+    app.state.metrics = metrics
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(HttpError)
+    async def _http_error(request, exc: HttpError):
+        metrics.failures.labels(_endpoint(request.url.path), exc.reason).inc()
+        return error(exc.status, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _starlette_error(request, exc):
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc):
+        return error(400, f"invalid request: {exc.errors()[:1]}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc):
+        log.error("request to %s failed", request.url.path, exc_info=exc)
+        metrics.failures.labels(_endpoint(request.url.path), "server").inc()
+        return error(500, f"internal error ({type(exc).__name__}); see the server log")
+
+    app.add_middleware(_Metered, metrics=metrics)
+
+    def served_version(version: str | None) -> ServedModel:
+        served = slot.current
+        if version is not None and version != served.version:
+            raise HttpError(404, f"model {MODEL} version {version} is not served; serving "
+                                 f"version {served.version} (step {served.step})", "not_found")
+        return served
+
+    @app.get("/v2")
+    def server_metadata():
+        return {"name": MODEL, "version": __version__, "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/health/live")
+    def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    def ready():
+        ok = state["ready"] and slot.current is not None
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/v2/models/" + MODEL)
+    @app.get("/v2/models/" + MODEL + "/versions/{version}")
+    def model_metadata(version: str | None = None):
+        served = served_version(version)
+        return _metadata(served, store, (store.deployed() or {}).get("history", []))
+
+    @app.get("/v2/models/" + MODEL + "/ready")
+    @app.get("/v2/models/" + MODEL + "/versions/{version}/ready")
+    def model_ready(version: str | None = None):
+        served = slot.current
+        ok = state["ready"] and (version is None or version == served.version)
+        return JSONResponse({"name": MODEL, "ready": ok}, status_code=200 if ok else 503)
+
+    @app.post("/v2/models/" + MODEL + "/infer")
+    @app.post("/v2/models/" + MODEL + "/versions/{version}/infer")
+    async def infer(request: Request, version: str | None = None):
+        served = served_version(version)  # one engine for the whole request, even mid-swap
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in ("", "application/json", "application/octet-stream"):
+            raise HttpError(415, f"Content-Type {ctype!r}: send application/json, or "
+                                 "application/octet-stream with Inference-Header-Content-Length",
+                            "unsupported")
+        body = await read_body(request, config.max_body_bytes)
+        if not body:
+            raise HttpError(400, "empty body: send an inference request")
+        raw_len = request.headers.get(HEADER.lower())
+        if raw_len is not None and not raw_len.isdigit():
+            raise HttpError(400, f"{HEADER} {raw_len!r} is not a number")
+        try:
+            req = parse_infer_request(body, None if raw_len is None else int(raw_len),
+                                      max_elements=3 * config.max_pixels)
+        except ProtocolError as exc:
+            raise HttpError(400, str(exc)) from exc
+        unknown = set(req.inputs) - {"image"}
+        if unknown or "image" not in req.inputs:
+            raise HttpError(400, f"inputs must be exactly ['image'], got {sorted(req.inputs)}")
+        if req.outputs is not None:
+            bad = set(req.outputs) - {"labels", "logits"}
+            if bad:
+                raise HttpError(400, f"unknown output(s) {sorted(bad)}: choose labels, logits")
+        images = req.inputs["image"]
+        _check_tensor(images, config)
+        outputs = await run_in_threadpool(served.segmenter.engine.run, images)
+        payload, header_len = await run_in_threadpool(
+            encode_infer_response, MODEL, served.version, req, outputs)
+        headers = {HEADER: str(header_len)} if header_len is not None else {}
+        return Response(payload, media_type="application/octet-stream" if header_len
+                        else "application/json", headers=headers)
+
+    @app.get("/v2/models/{name}")
+    @app.post("/v2/models/{name}/infer")
+    def unknown_model(name: str):
+        raise HttpError(404, f"unknown model {name!r}; this server serves {MODEL!r}",
+                        "not_found")
+
+    def segment(served: ServedModel, data: bytes, as_json: bool) -> Response:
+        try:
+            image = served.segmenter.decode(data)
+        except ImageTooLarge as exc:
+            raise HttpError(413, str(exc), "too_large") from exc
+        except CissError as exc:
+            raise HttpError(400, str(exc), "bad_image") from exc
+        h, w = image.shape[:2]
+        if min(h, w) < config.min_side:
+            raise HttpError(422, f"image is {w}x{h}; the smallest side served is "
+                                 f"{config.min_side} px", "too_small")
+        labels = served.segmenter.segment(image)
+        headers = {"X-Ciss-Step": str(served.step), "X-Ciss-Version": served.version}
+        if not as_json:
+            return Response(mask_png(labels), media_type="image/png", headers=headers)
+        counts = np.bincount(labels.ravel(), minlength=len(served.classes))
+        return JSONResponse({"step": served.step, "version": served.version, "width": w,
+                             "height": h, "classes": served.classes,
+                             "pixels": {served.classes[i]: int(c) for i, c in enumerate(counts)
+                                        if c and i < len(served.classes)},
+                             "labels": labels.tolist()}, headers=headers)
+
+    @app.post("/v1/segment")
+    async def segment_endpoint(request: Request, format: str = "png"):
+        if format not in ("png", "json"):
+            raise HttpError(400, f"format={format!r}: choose png or json")
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if not (ctype.startswith("image/") or ctype == "application/octet-stream"):
+            raise HttpError(415, f"Content-Type {ctype or '(none)'!r}: send the image bytes as "
+                                 "image/* or application/octet-stream, e.g. curl -H "
+                                 "'Content-Type: image/png' --data-binary @x.png", "unsupported")
+        served = slot.current
+        body = await read_body(request, config.max_body_bytes)
+        if not body:
+            raise HttpError(400, "empty body: send the image's bytes")
+        return await run_in_threadpool(segment, served, body, format == "json")
+
+    @app.get("/v1/status")
+    def status():
+        served = slot.current
+        return {"step": served.step, "version": served.version, "engine": served.engine,
+                "runtime": served.describe, "loaded_at": served.loaded_at, "gate": served.gate,
+                "last_error": slot.last_error, "ready": state["ready"]}
+
+    @app.get("/metrics")
+    def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    add_admin_routes(app, config.admin_token, config.policy, slot, store)
+    return app
+
+
+def make_server(app, config: ServeConfig):
+    """A uvicorn server for ``app`` that drains in-flight requests on shutdown."""
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(
+        app, host=config.host, port=config.port, log_level="warning", access_log=False,
+        timeout_graceful_shutdown=config.graceful_s, lifespan="on"))
+
+
+def serve(config: ServeConfig, sock=None, on_ready=None) -> None:
+    """Run the server until SIGINT/SIGTERM; in-flight requests finish (``graceful_s``).
+
+    Args:
+        sock: an already bound socket (instead of ``config.host``/``port``).
+        on_ready: called with the app once it is loaded, before the port accepts connections.
+    """
+    app = create_app(config)
+    if on_ready is not None:
+        on_ready(app)
+    make_server(app, config).run(sockets=[sock] if sock is not None else None)
+
+
+@contextmanager
+def background(config: ServeConfig, timeout_s: float = 60.0) -> Iterator[tuple[str, object]]:
+    """Serve on a free loopback port in a thread: yields (base URL, app); stops on exit.
+
+    For the demo, tests and benchmarks: the same app and uvicorn server as ``ciss serve``.
+    """
+    import socket
+
+    app = create_app(config)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = make_server(app, config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
+                              name="ciss-serve")
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise CissError("the server did not start (see the log above)")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=config.graceful_s + 10)
+        sock.close()

@@ -1,0 +1,247 @@
+"""The served model and how it is replaced: watch ``deployed.json``, verify, gate, swap.
+
+Requests read :attr:`ModelSlot.current` once and keep that reference until they finish, so a
+swap is one attribute assignment: in-flight requests complete on the old engine, new ones use
+the new engine, and nothing is dropped. A candidate that fails to verify, load or pass the
+retention gate is never assigned; the old engine keeps serving and the reason is kept in
+:attr:`ModelSlot.last_error` (and in the metrics and the log).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from ciss.errors import CheckFailed, CissError
+from ciss.runtime.metrics import ServerMetrics
+from ciss.runtime.segmenter import Segmenter
+from ciss.store import Store
+from ciss.store.store import DEPLOYED
+
+log = logging.getLogger("ciss.serve")
+
+
+def oip_version(step: int) -> str:
+    """The OIP/Triton version of a step: step + 1 (Triton versions start at 1)."""
+    return str(step + 1)
+
+
+@dataclass
+class SwapPolicy:
+    """What the server demands of a deployment before it serves it.
+
+    Attributes:
+        engine: serve this engine instead of the one ``deployed.json`` names.
+        providers: ONNX Runtime providers, best first (the first must load).
+        max_mean_drop, max_class_drop: the retention gate's tolerances (points).
+        accept_forced: serve a deployment recorded as forced past a failing gate.
+    """
+
+    engine: str | None = None
+    providers: list[str] | None = None
+    max_mean_drop: float = 5.0
+    max_class_drop: float = 15.0
+    accept_forced: bool = False
+
+
+class MeteredEngine:
+    """An engine whose runs take one of a bounded number of slots and are timed.
+
+    Two cores gain nothing from two engine runs at once (each already uses every core), and
+    oversubscription makes tail latency worse, so runs queue here; the wait is the queue time.
+    """
+
+    def __init__(self, engine, slots: int, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.slots = threading.BoundedSemaphore(slots)
+        self.metrics = metrics
+
+    def run(self, images):
+        t0 = time.perf_counter()
+        with self.slots:
+            t1 = time.perf_counter()
+            out = self.engine.run(images)
+        self.metrics.queue.observe(t1 - t0)
+        self.metrics.compute.observe(time.perf_counter() - t1)
+        return out
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One loaded, verified, gated engine."""
+
+    step: int
+    engine: str
+    segmenter: Segmenter
+    classes: list[str]
+    loaded_at: str
+    gate: dict
+    describe: str
+
+    @property
+    def version(self) -> str:
+        return oip_version(self.step)
+
+
+@dataclass
+class SwapOutcome:
+    """What one look at ``deployed.json`` did: ``unchanged``, ``swapped`` or ``refused``."""
+
+    outcome: str
+    step: int | None = None
+    reason: str | None = None
+
+
+class ModelSlot:
+    """Holds the served model and replaces it only with a candidate that passed every check.
+
+    Args:
+        store: the model store whose ``deployed.json`` is watched.
+        policy: gate tolerances, engine override, providers.
+        metrics: where swaps and gate results are counted.
+        max_side, max_pixels: the Segmenter's resize and decoding limits.
+        concurrency: engine runs allowed at once (more only oversubscribes a small CPU).
+    """
+
+    def __init__(self, store: Store, policy: SwapPolicy, metrics: ServerMetrics,
+                 max_side: int = 1024, max_pixels: int = 16_000_000,
+                 concurrency: int = 1) -> None:
+        self.store = store
+        self.policy = policy
+        self.metrics = metrics
+        self.max_side = max_side
+        self.max_pixels = max_pixels
+        self.concurrency = concurrency
+        self.current: ServedModel | None = None
+        self.last_error: str | None = None
+        self.last_swap: str | None = None
+        self._seen: str | None = None
+        self._loading = threading.Lock()
+
+    def load(self, record: dict) -> ServedModel:
+        """Verify, load and gate the deployment ``record`` (nothing is swapped here).
+
+        Raises:
+            CissError: unknown step, missing or tampered artifact, unloadable engine.
+            CheckFailed: the retention gate failed on the loaded engine.
+        """
+        from ciss.runtime.gate import run_gate
+        from ciss.runtime.loading import load_engine_any
+
+        step = record.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise CissError(f"{self.store.root / DEPLOYED}: 'step' must be an integer")
+        engine_name = self.policy.engine or record.get("engine") or "onnx"
+        step = self.store.resolve(step)
+        card = self.store.verify(step)  # every artifact's checksum, not only the engine's
+        engine = load_engine_any(self.store, step, engine_name, self.policy.providers)
+        gate = run_gate(self.store, step, engine=engine_name,
+                        max_mean_drop=self.policy.max_mean_drop,
+                        max_class_drop=self.policy.max_class_drop,
+                        predict=engine.predict_labels)
+        self.metrics.gate_runs.labels("passed" if gate.passed else "failed").inc()
+        self.metrics.gate_passed.set(1 if gate.passed else 0)
+        if gate.mean_old_drop is not None:
+            self.metrics.gate_mean_drop.set(gate.mean_old_drop)
+        if not gate.passed and not (record.get("forced") and self.policy.accept_forced):
+            forced = (" (deployed with --force; start the server with --accept-forced to "
+                      "serve forced deployments)" if record.get("forced") else "")
+            raise CheckFailed(f"step {step} on {engine_name} failed the retention gate: "
+                              + "; ".join(gate.reasons[:3]) + forced)
+        return ServedModel(
+            step=step, engine=engine_name,
+            segmenter=Segmenter(MeteredEngine(engine, self.concurrency, self.metrics),
+                                card.classes, max_side=self.max_side,
+                                max_pixels=self.max_pixels),
+            classes=list(card.classes),
+            loaded_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            gate={"passed": gate.passed, "against": gate.against,
+                  "mean_old_drop": gate.mean_old_drop, "reasons": gate.reasons},
+            describe=engine.describe())
+
+    def _read(self) -> tuple[str, dict]:
+        path = self.store.root / DEPLOYED
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise CissError(f"{path}: nothing deployed (run 'ciss deploy' first)") from None
+        try:
+            record = json.loads(raw)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            raise CissError(f"{path}: not valid JSON ({exc})") from exc
+        return hashlib.sha256(raw).hexdigest(), record
+
+    def start(self) -> ServedModel:
+        """Load what ``deployed.json`` names now; raise instead of serving nothing.
+
+        Raises:
+            CissError: nothing deployed, or the deployment cannot be loaded.
+            CheckFailed: the deployed step fails the retention gate.
+        """
+        with self._loading:
+            key, record = self._read()
+            self._seen = key
+            model = self.load(record)
+            self._install(model)
+            return model
+
+    def _install(self, model: ServedModel) -> None:
+        self.current = model  # the swap: one reference assignment
+        self.last_error = None
+        self.last_swap = model.loaded_at
+        self.metrics.swaps.labels("swapped").inc()
+        self.metrics.served_step.set(model.step)
+        self.metrics.model_info.clear()
+        self.metrics.model_info.labels(str(model.step), model.engine, model.version).set(1)
+        log.info("serving step %d on %s (%s)", model.step, model.engine, model.describe)
+
+    def refresh(self, force: bool = False) -> SwapOutcome:
+        """Look at ``deployed.json`` once; swap if it names a new deployment that passes.
+
+        Args:
+            force: re-examine the file even if its content was already seen (admin reload).
+        """
+        with self._loading:
+            try:
+                key, record = self._read()
+            except CissError as exc:
+                return self._refuse(None, str(exc))
+            if key == self._seen and not force:
+                return SwapOutcome("unchanged", self.current and self.current.step)
+            self._seen = key
+            cur = self.current
+            wanted = self.policy.engine or record.get("engine") or "onnx"
+            if cur and not force and (cur.step, cur.engine) == (record.get("step"), wanted):
+                return SwapOutcome("unchanged", cur.step)
+            try:
+                model = self.load(record)
+            except (CissError, CheckFailed) as exc:
+                return self._refuse(record.get("step"), str(exc))
+            except Exception as exc:  # noqa: BLE001 - a bad engine must never stop serving
+                log.exception("loading step %s failed", record.get("step"))
+                return self._refuse(record.get("step"), f"{type(exc).__name__}: {exc}")
+            self._install(model)
+            return SwapOutcome("swapped", model.step)
+
+    def _refuse(self, step, reason: str) -> SwapOutcome:
+        self.last_error = reason
+        self.metrics.swaps.labels("refused").inc()
+        keep = (f"; still serving step {self.current.step}" if self.current
+                else "; nothing is served")
+        log.warning("deployment refused: %s%s", reason, keep)
+        return SwapOutcome("refused", step if isinstance(step, int) else None, reason)
+
+    def watch(self, stop: threading.Event, interval_s: float) -> None:
+        """Poll ``deployed.json`` every ``interval_s`` until ``stop`` is set."""
+        while not stop.wait(interval_s):
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - the watcher must outlive any one bad deployment
+                log.exception("watching %s failed", self.store.root / DEPLOYED)

@@ -59,6 +59,8 @@ def test_demo_fast(tmp_path):
     assert "POST /v1/segment" in res.output and "served-masks" in res.output
     masks = sorted((tmp_path / "demo" / "served-masks").glob("*.png"))
     assert len(masks) == 3 and all(m.stat().st_size > 0 for m in masks)
+    for method in ("ft", "mib"):
+        assert (tmp_path / "demo" / f"diagnosis-{method}" / "report.html").stat().st_size > 0
     doc = json.loads(run("steps", "--store", tmp_path / "demo" / "store", "--json").output)
     assert [d["method"] for d in doc] == ["base", "mib", "ft"]
     assert all("model.onnx" in d["artifacts"] for d in doc)

@@ -236,11 +236,11 @@ def steps(store_path, as_json) -> None:
 @click.option("--fast", is_flag=True, help="Tiny data and few epochs (a smoke run).")
 def demo(out: Path, fast: bool) -> None:
     """The whole story on synthetic data: data, split 15-5, base training, add-classes with mib
-    and ft, export, retention gate, deploy, report."""
+    and ft, export, retention gate, deploy, diagnosis, then serving over HTTP."""
     from ciss.demo import run_demo
 
     run_demo(out, fast=fast, echo=click.echo)
 
 
 # Commands defined in their own modules register themselves on ``main`` when imported.
-from ciss import cli_deploy, cli_runtime, cli_update  # noqa: E402,F401
+from ciss import cli_analysis, cli_deploy, cli_runtime, cli_update  # noqa: E402,F401

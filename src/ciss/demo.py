@@ -47,12 +47,12 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
         raise CissError(f"{out}: exists and is not empty; remove it or pass another --out")
     t0 = time.perf_counter()
     data_dir, split_dir, store = out / "data", out / "15-5", Store(out / "store")
-    echo(f"[1/7] synthetic data: {plan.n_train} train + {plan.n_val} val images -> {data_dir}")
+    echo(f"[1/8] synthetic data: {plan.n_train} train + {plan.n_val} val images -> {data_dir}")
     write_synthetic(data_dir, SyntheticConfig(n_train=plan.n_train, n_val=plan.n_val))
-    echo("[2/7] split 15-5 (overlap): step-0 learns 15 classes, step-1 adds 5 dotted shapes "
+    echo("[2/8] split 15-5 (overlap): step-0 learns 15 classes, step-1 adds 5 dotted shapes "
          "labelled alone (old objects in those images are 'background')")
     steps = write_split(open_folder(data_dir), parse_scenario("15-5"), split_dir)
-    echo(f"[3/7] base training of tiny on {steps[0]} ({plan.base_epochs} epochs)")
+    echo(f"[3/8] base training of tiny on {steps[0]} ({plan.base_epochs} epochs)")
     base = train_base(store, steps[0], loop=LoopConfig(epochs=plan.base_epochs,
                                                        lr=base_defaults("tiny").lr),
                       progress=not fast)
@@ -60,7 +60,7 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
     numbers = {"base_step": base.step}
     for method in ("mib", "ft"):
         d = step_defaults(method)
-        echo(f"[{4 if method == 'mib' else 5}/7] add-classes --method {method} --from 0 "
+        echo(f"[{4 if method == 'mib' else 5}/8] add-classes --method {method} --from 0 "
              f"({plan.step_epochs} epochs, early stages frozen)")
         rep = add_classes(store, steps[1], method=MethodConfig(method=method,
                                                                kd_weight=d.kd_weight),
@@ -69,7 +69,7 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
         echo(before_after_table(store, rep.step))
         numbers[f"{method}_step"] = rep.step
         echo(f"      step {rep.step} ({method}) written ({rep.fit.seconds:.0f}s of training)")
-    echo("[6/7] export every step to ONNX behind the parity gate, score on the full-label val, "
+    echo("[6/8] export every step to ONNX behind the parity gate, score on the full-label val, "
          "gate the deploys")
     rows = []
     for step in store.steps():
@@ -99,9 +99,20 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
         except CheckFailed as exc:
             echo(f"      step {step} ({method}): REFUSED. {exc}")
             numbers[f"{method}_gate"] = "refused"
+    echo("[7/8] ciss diagnose: why did each step forget?")
+    from ciss.analysis.diagnose import diagnose
+    from ciss.analysis.report import write_report
+
+    for method in ("ft", "mib"):
+        diag = diagnose(store, numbers[f"{method}_step"])
+        page, _ = write_report(diag, out / f"diagnosis-{method}")
+        numbers[f"{method}_diagnosis"] = {"lost": diag.lost, "cka": diag.cka,
+                                          "transplant_gain": diag.transplant_gain}
+        echo(f"      {method} (step {diag.step}, {diag.seconds}s): {diag.verdict}")
+        echo(f"      report: {page}")
     if store.deployed() is None:  # nothing passed: serve the base step, which has no old class
         deploy(store, base.step, "onnx")
-    echo("[7/7] ciss serve: segment over HTTP, then try to force the ft step past the gate")
+    echo("[8/8] ciss serve: segment over HTTP, then try to force the ft step past the gate")
     ft_step = numbers["ft_step"] if numbers.get("ft_gate") == "refused" else None
     numbers["served"] = serve_story(store, data_dir, out / "served-masks", ft_step, echo)
     numbers["seconds"] = round(time.perf_counter() - t0, 1)
@@ -109,7 +120,7 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
     echo(f"done in {numbers['seconds']}s. old-class mIoU after the new step: mib "
          f"{pct(old['mib'])}, ft {pct(old['ft'])} (base {pct(numbers['step0']['old'])})")
     echo(f"outputs in {out}: store/ (steps, engines, deployed.json), served-masks/ (PNG masks "
-         "from the server), 15-5/ and data/")
+         "from the server), diagnosis-ft/ and diagnosis-mib/ (report.html), 15-5/ and data/")
     echo(f"next: ciss steps --store {store.root}   or   ciss serve --store {store.root}")
     return numbers
 

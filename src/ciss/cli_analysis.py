@@ -1,0 +1,39 @@
+"""``ciss diagnose``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ciss.cli import _store, main, store_option
+
+
+@main.command()
+@store_option
+@click.option("--step", type=int, default=None, help="Step to diagnose (default: latest).")
+@click.option("--against", type=int, default=None,
+              help="Earlier step of its line to compare with (default: its parent).")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="A labelled folder (default: the retention sets, partial-label rule).")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="New folder for report.html and diagnosis.json.")
+@click.option("--max-images", type=int, default=300, show_default=True,
+              help="Images used per set.")
+def diagnose(store_path, step, against, data, out, max_images) -> None:
+    """Explain why a step forgot: background shift vs new-class bias, stage by stage.
+
+    Example: ciss diagnose --step 2 --out diag-step2
+    """
+    from ciss.analysis.diagnose import diagnose as run
+    from ciss.analysis.report import write_report
+    from ciss.errors import CissError
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CissError(f"{out}: exists and is not empty; choose a new --out folder")
+    if max_images < 1:
+        raise click.UsageError("--max-images must be at least 1")
+    result = run(_store(store_path), step, against, data, max_images=max_images)
+    html, js = write_report(result, out)
+    click.echo(result.verdict)
+    click.echo(f"report: {html}  numbers: {js}  ({result.images} images, {result.seconds}s)")

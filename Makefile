@@ -29,7 +29,7 @@ test-all: $(STAMP)
 	CISS_SLOW=1 $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs/examples
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache build src/*.egg-info

@@ -72,6 +72,8 @@ def _loop_options(f):
                      help="Training crop side (default: median image side, at most 512)."),
         click.option("--scale", default="1.0,1.0", show_default=True,
                      help="Random rescale range MIN,MAX (photos: 0.5,2.0 as in the literature)."),
+        click.option("--sync-bn", is_flag=True,
+                     help="Under torchrun on GPUs: BatchNorm statistics over all ranks."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]
     for opt in reversed(opts):
@@ -150,10 +152,11 @@ def data_split(data_dir: Path, scenario: str, setting: str, out: Path) -> None:
               help="Pretrained backbone (downloads once; default: random init).")
 @_loop_options
 def train(store_path, data_dir, arch, weights, epochs, batch_size, lr, optimizer, seed, device,
-          crop_size, scale, quiet) -> None:
+          crop_size, scale, sync_bn, quiet) -> None:
     """Train step 0 on a dataset folder and write it to the store.
 
     An interrupted run resumes from its last epoch when the same command is repeated.
+    Runs unchanged under torchrun (DDP; --batch-size is per process; rank 0 writes).
 
     Example: ciss train --data data/15-5/step-0 --epochs 12
     """
@@ -163,10 +166,12 @@ def train(store_path, data_dir, arch, weights, epochs, batch_size, lr, optimizer
 
     d = base_defaults(arch)
     loop = LoopConfig(epochs=epochs or d.epochs, batch_size=batch_size, lr=lr or d.lr,
-                      optimizer=optimizer, seed=seed, device=device)
+                      optimizer=optimizer, seed=seed, device=device, sync_bn=sync_bn)
     report = train_base(_store(store_path), data_dir, arch=arch, weights=weights, loop=loop,
                         data=DataConfig(crop_size=crop_size, scale=parse_scale(scale)),
                         progress=not quiet)
+    if report.rank != 0:  # under torchrun only rank 0 reports
+        return
     s = report.scores
     ids = list(range(1, len(report.card.classes)))
     click.echo(f"step {report.step}: {arch}, {len(ids)} classes, mIoU {pct(s.miou(ids))} "

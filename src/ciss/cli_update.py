@@ -33,8 +33,10 @@ from ciss.tables import pct, table
 @_loop_options
 def add_classes_cmd(store_path, data_dir, parent, method, freeze, init, kd_weight, alpha, scale,
                     cache_trunk_mb, val_dir, epochs, batch_size, lr, optimizer, seed, device,
-                    crop_size, quiet) -> None:
+                    crop_size, sync_bn, quiet) -> None:
     """Learn the folder's new classes on top of a stored step without forgetting the old.
+
+    Runs unchanged under torchrun (DDP; --batch-size is per process; rank 0 writes).
 
     Example: ciss add-classes --data data/15-5/step-1
     """
@@ -47,7 +49,7 @@ def add_classes_cmd(store_path, data_dir, parent, method, freeze, init, kd_weigh
     store = _store(store_path)
     d = step_defaults(method)
     loop = LoopConfig(epochs=epochs or d.epochs, batch_size=batch_size, lr=lr or d.lr,
-                      optimizer=optimizer, seed=seed, device=device)
+                      optimizer=optimizer, seed=seed, device=device, sync_bn=sync_bn)
     report = add_classes(
         store, data_dir,
         method=MethodConfig(method=method, kd_weight=kd_weight if kd_weight is not None
@@ -56,6 +58,8 @@ def add_classes_cmd(store_path, data_dir, parent, method, freeze, init, kd_weigh
                             cache_trunk_mb=cache_trunk_mb),
         loop=loop, data=DataConfig(crop_size=crop_size, scale=parse_scale(scale)), val_dir=val_dir,
         progress=not quiet)
+    if report.rank != 0:  # under torchrun only rank 0 reports
+        return
     click.echo(before_after_table(store, report.step))
     card = report.card
     click.echo(f"step {report.step} ({method}, parent {card.parent}): +{len(card.new_classes)} "

@@ -130,6 +130,7 @@ def serve_story(store, data_dir: Path, masks_dir: Path, ft_step: int | None,
     """Serve the deployed step on loopback, segment a few val images over HTTP, then force-deploy
     the ft step (when the gate refused it) and show the running server refusing it too."""
     import json
+    import logging
     import urllib.request
 
     from ciss.data.folder import open_folder
@@ -143,6 +144,8 @@ def serve_story(store, data_dir: Path, masks_dir: Path, ft_step: int | None,
 
     folder = open_folder(data_dir, require_train=False)
     masks_dir.mkdir(parents=True, exist_ok=True)
+    # The server logs refusals as warnings; the demo prints them itself, once.
+    logging.getLogger("ciss.serve").setLevel(logging.ERROR)
     with background(ServeConfig(store=store.root, poll_s=0.2)) as (url, app):
         meta = json.loads(http(f"{url}/v2/models/ciss"))
         echo(f"      {url}: model ciss versions {meta['versions']} (version = step + 1), "

@@ -23,22 +23,28 @@ def _cause(lost: dict) -> tuple[str, str]:
                      f"{_pct(shares['to_old'])} to other old classes")
 
 
-def _where(d) -> tuple[str | None, str]:
+def _where(d, drop: float) -> tuple[str | None, str]:
     gains = {k: v for k, v in d.transplant_gain.items() if v is not None}
     stages = list(d.cka)
     late = set(stages[-2:])
     if not gains:
-        return None, "no trainable stage differs from the parent"
+        return None, "in no stage: no trainable stage differs from the parent"
     best = max(gains, key=gains.get)
     ordered = sorted(gains.items(), key=lambda kv: -kv[1])
-    parts = ", ".join(f"{k} +{v:.1f}" for k, v in ordered[:3])
-    early = [s for s in stages if s not in late]
+    parts = ", ".join(f"{k} {v:+.1f}" for k, v in ordered[:3])
+    early = stages[: max(1, len(stages) // 2)]
     cka_early = [d.cka[s] for s in early if d.cka.get(s) is not None]
     cka_note = ""
     if cka_early:
         cka_note = (f"; early stages barely changed (CKA >= {min(cka_early):.2f} up to "
                     f"{early[-1]})" if min(cka_early) > 0.9 else
                     f"; early stages changed too (CKA down to {min(cka_early):.2f})")
+    if gains[best] < 0.5:
+        return None, (f"in no single stage: putting back the parent's weights of one stage "
+                      f"changes old-class mIoU by {parts} points{cka_note}")
+    if gains[best] < 0.25 * drop:
+        return None, (f"spread over several stages: putting back any one stage recovers at most "
+                      f"{gains[best]:.1f} of the {drop:.1f} points ({parts}){cka_note}")
     place = "in the classifier stages" if best in late else f"in {best}"
     return best, (f"{place}: putting back the parent's weights recovers old-class mIoU by "
                   f"{parts} points{cka_note}")
@@ -54,7 +60,7 @@ def write_verdict(d) -> str:
     if drop < 1.0:
         return head + " Little or no forgetting on these images."
     kind, cause = _cause(d.lost)
-    best, where = _where(d)
+    best, where = _where(d, drop)
     tips = []
     offset = d.bias["offset"]["new"]
     if kind in ("to_background", "mixed") and d.method != "mib":
@@ -72,7 +78,7 @@ def write_verdict(d) -> str:
     if best is not None and best not in stages[-2:]:
         tips.append(f"freezing more of the network (--freeze {best})")
     lead = "Forgetting is" if kind == "mixed" else "Most forgetting is"
-    text = f"{head} {lead} {cause}; it sits {where}."
+    text = f"{head} {lead} {cause}; it is {where}."
     if tips:
         text += " Try " + "; or ".join(tips) + "."
     return text

@@ -108,9 +108,9 @@ def _check_tensor(images: np.ndarray, config: ServeConfig) -> None:
 
 
 def _metadata(served: ServedModel, store: Store, history: list[dict]) -> dict:
-    seen, versions = set(), []
-    for step in [served.step] + [h.get("step") for h in reversed(history)]:
-        if isinstance(step, int) and step not in seen and step in store.steps():
+    seen, versions, stored = set(), [], set(store.steps())
+    for step in [served.step] + [h.get("step") for h in reversed(history) if isinstance(h, dict)]:
+        if isinstance(step, int) and step not in seen and step in stored:
             seen.add(step)
             versions.append(oip_version(step))
     k = len(served.classes)
@@ -232,7 +232,11 @@ def create_app(config: ServeConfig):
     @app.get("/v2/models/" + MODEL + "/versions/{version}")
     def model_metadata(version: str | None = None):
         served = served_version(version)
-        return _metadata(served, store, (store.deployed() or {}).get("history", []))
+        try:
+            history = (store.deployed() or {}).get("history", [])
+        except CissError:  # a hand-broken deployed.json: the served model is still described
+            history = []
+        return _metadata(served, store, history if isinstance(history, list) else [])
 
     @app.get("/v2/models/" + MODEL + "/ready")
     @app.get("/v2/models/" + MODEL + "/versions/{version}/ready")

@@ -20,6 +20,14 @@ from ciss.models import freeze, frozen_stages, grow_classifier
 from ciss.models.build import ARCHS
 from ciss.store import StepCard, Store
 from ciss.store.retention import retention_sets, retention_writer
+from ciss.updater.distributed import (
+    DistInfo,
+    agree,
+    check_shared_store,
+    distributed,
+    run_on_main,
+    sync_batchnorm,
+)
 from ciss.updater.loop import FitResult, LoopConfig, fit, resolve_device
 from ciss.updater.methods import METHODS, IncrementalStep, MethodConfig, TrunkCache
 from ciss.updater.train import DataConfig, StepReport, retention_stems
@@ -82,7 +90,17 @@ def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodCo
         raise CissError(f"--method {method.method}: choose from {', '.join(METHODS)}")
     folder = open_folder(data_dir)
     parent_step = store.resolve(update.parent)
-    device = resolve_device(loop.device)
+    with distributed(resolve_device(loop.device)) as (info, device):
+        check_shared_store(info, store.root, store.work_dir)
+        agree(info, "the parent step", [parent_step, store.card(parent_step).artifacts.get(
+            "weights.safetensors")])
+        agree(info, "the training data", folder.fingerprint())
+        return _add_classes(store, folder, data_dir, parent_step, method, update, loop, data,
+                            val_dir, progress, after_epoch, info, device)
+
+
+def _add_classes(store, folder, data_dir, parent_step, method, update, loop, data, val_dir,
+                 progress, after_epoch, info: DistInfo, device) -> StepReport:
     teacher, parent = store.load_model(parent_step, device=str(device))
     new = _new_classes(folder, parent, Path(data_dir))
     classes = ClassList(tuple(parent.classes)).extended(new)
@@ -90,6 +108,8 @@ def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodCo
     grow_classifier(student, len(new), init=update.init)
     stage = update.freeze or ARCHS[parent.arch].default_freeze
     freeze(student, stage)
+    if loop.sync_bn and info.enabled:
+        student = sync_batchnorm(student, device)
     for p in teacher.parameters():
         p.requires_grad_(False)
     torch.manual_seed(loop.seed)
@@ -105,11 +125,26 @@ def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodCo
     cache = TrunkCache(update.cache_trunk_mb << 20) if cacheable else None
     step_fn = IncrementalStep(student, teacher, len(parent.classes), method, cache)
     key = loop.key("add", str(parent_step), parent.artifacts.get("weights.safetensors", ""),
-                   folder.fingerprint(), repr(method), repr(update), repr(data))
+                   folder.fingerprint(), repr(method), repr(update), repr(data),
+                   str(info.world_size))
     ckpt = store.work_dir / f"add-{key}"
     result: FitResult = fit(student, step_fn, dataset, loop, checkpoint=ckpt, key=key,
-                            desc=method.method, after_epoch=after_epoch, progress=progress)
+                            desc=method.method, after_epoch=after_epoch, progress=progress,
+                            dist_info=info)
+    written: list = []
+    step = run_on_main(info, lambda: _evaluate_and_write(
+        store, folder, data_dir, parent_step, parent, student, classes, new, method, update,
+        loop, data, val_dir, crop, cache, result, info, device, written))
+    if info.is_main:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return StepReport(step=step, card=store.card(step), scores=written[0] if written else None,
+                      fit=result, rank=info.rank)
 
+
+def _evaluate_and_write(store, folder, data_dir, parent_step, parent, student, classes, new,
+                        method, update, loop, data, val_dir, crop, cache, result,
+                        info: DistInfo, device, written: list) -> int:
+    """Rank 0's part after training: score, build the card, write the step."""
     t0 = time.perf_counter()
     student.eval()
     predict = torch_predictor(student, device)
@@ -120,7 +155,7 @@ def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodCo
                         "the step needs a retention set (add val images or a val.txt)")
     own: FolderScores = score_folder(predict, folder, keep, classes)
     extra = {"history": result.history, "resumed_from": result.resumed_from,
-             "device": str(device), "torch": torch.__version__,
+             "device": str(device), "torch": torch.__version__, "world_size": info.world_size,
              "trunk_cache": None if cache is None else
              {"hits": cache.hits, "misses": cache.misses, "mb": round(cache.used / 2**20, 1)}}
     if val_dir is not None:
@@ -135,7 +170,9 @@ def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodCo
         step=-1, parent=parent_step, classes=list(classes.names), new_classes=new,
         arch=parent.arch, frozen=list(frozen_stages(student)), method=method.method,
         hparams={**asdict(loop), **asdict(method), **asdict(update), **asdict(data),
-                 "crop_size": crop, "trunk_cache": cache is not None},
+                 "crop_size": crop, "trunk_cache": cache is not None,
+                 "world_size": info.world_size,
+                 "global_batch_size": loop.batch_size * info.world_size},
         data={"folder": str(Path(data_dir).resolve()), "fingerprint": folder.fingerprint(),
               "train_images": len(folder.train), "val_images": len(folder.val),
               "retention_images": len(keep), "folder_classes": list(folder.classes.names),
@@ -147,7 +184,5 @@ def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodCo
                  "iterations": result.iterations},
         extra=extra,
     )
-    step = store.write_step(card, student.cpu(),
-                            {"retention": retention_writer(folder, keep)})
-    shutil.rmtree(ckpt, ignore_errors=True)
-    return StepReport(step=step, card=store.card(step), scores=own, fit=result)
+    written.append(own)
+    return store.write_step(card, student.cpu(), {"retention": retention_writer(folder, keep)})

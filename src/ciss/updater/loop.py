@@ -11,10 +11,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from ciss.errors import CheckFailed, CissError
 from ciss.updater.checkpoint import load_checkpoint, save_checkpoint
+from ciss.updater.distributed import DistInfo, any_rank, barrier, mean_over_ranks
 
 # (images, masks[, keys]) -> {"loss": ..., other parts}
 StepFn = Callable[..., dict[str, torch.Tensor]]
@@ -34,6 +36,7 @@ class LoopConfig:
         seed: data order and augmentation depend only on (seed, epoch).
         device: "auto" (CUDA when present), "cpu" or "cuda[:i]".
         amp: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).
+        sync_bn: under torchrun on GPUs, BatchNorm statistics over all ranks' batches.
     """
 
     epochs: int = 10
@@ -45,6 +48,7 @@ class LoopConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    sync_bn: bool = False
 
     def key(self, *parts: str) -> str:
         """A fingerprint of these settings plus ``parts``: checkpoints resume only on a match."""
@@ -92,9 +96,33 @@ def poly_schedule(optimizer, total: int, warmup: float) -> torch.optim.lr_schedu
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class _StepModule(nn.Module):
+    """The model with its step function as ``forward``, so DistributedDataParallel can wrap the
+    whole step (frozen trunk, teacher and losses included) and sync the trainable gradients."""
+
+    def __init__(self, model: nn.Module, step_fn: StepFn) -> None:
+        super().__init__()
+        self.model = model
+        self.step_fn = step_fn  # a plain callable: the teacher it may hold is not registered
+
+    def forward(self, *batch):
+        return self.step_fn(*batch)
+
+
+def _sampler(dataset, cfg: LoopConfig, info: DistInfo, epoch: int):
+    if info.enabled:
+        sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
+                                     shuffle=True, seed=cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        return sampler
+    return RandomSampler(dataset, generator=torch.Generator().manual_seed(
+        cfg.seed * 100_003 + epoch))
+
+
 def fit(model: torch.nn.Module, step_fn: StepFn, dataset, cfg: LoopConfig, *,
         checkpoint: Path | None = None, key: str = "", desc: str = "train",
-        after_epoch: Callable[[int], None] | None = None, progress: bool = True) -> FitResult:
+        after_epoch: Callable[[int], None] | None = None, progress: bool = True,
+        dist_info: DistInfo = DistInfo()) -> FitResult:
     """Train ``model``'s trainable parameters with ``step_fn`` over ``dataset``.
 
     Args:
@@ -104,19 +132,30 @@ def fit(model: torch.nn.Module, step_fn: StepFn, dataset, cfg: LoopConfig, *,
         checkpoint: folder for the per-epoch checkpoint; an existing one with the same
             ``key`` is resumed from.
         after_epoch: called with the finished epoch (tests use it to interrupt).
+        dist_info: under torchrun, this rank: the step runs inside DistributedDataParallel on
+            this rank's shard, ``cfg.batch_size`` is per rank, epoch losses are averaged over
+            ranks and only rank 0 writes the checkpoint.
 
     Raises:
         CheckFailed: when the loss becomes NaN or infinite.
     """
     from tqdm import tqdm
 
+    info = dist_info
     device = next(model.parameters()).device
-    if len(dataset) < cfg.batch_size:
-        raise CissError(f"only {len(dataset)} training images for --batch-size "
+    shard = len(dataset) // info.world_size
+    if shard < cfg.batch_size:
+        raise CissError(f"only {shard} training images per process for --batch-size "
                         f"{cfg.batch_size}; lower the batch size or add images")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
-    per_epoch = len(dataset) // cfg.batch_size
+    run_step = step_fn
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        run_step = DistributedDataParallel(
+            _StepModule(model, step_fn), device_ids=[device] if device.type == "cuda" else None)
+    per_epoch = shard // cfg.batch_size
     scheduler = poly_schedule(optimizer, per_epoch * cfg.epochs, cfg.warmup)
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = (torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported()
@@ -136,20 +175,22 @@ def fit(model: torch.nn.Module, step_fn: StepFn, dataset, cfg: LoopConfig, *,
         t0 = time.perf_counter()
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         loader = DataLoader(dataset, batch_size=cfg.batch_size, drop_last=True,
-                            sampler=RandomSampler(dataset, generator=gen))
+                            sampler=_sampler(dataset, cfg, info, epoch))
         model.train()
         sums: dict[str, float] = {}
         bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not progress, dynamic_ncols=True)
+                   disable=not progress or not info.is_main, dynamic_ncols=True)
         for it, batch in enumerate(bar):
             batch = [t.to(device, non_blocking=True) for t in batch]
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                parts = step_fn(*batch)
+                parts = run_step(*batch)
             loss = parts["loss"]
-            if not torch.isfinite(loss):
-                raise CheckFailed(f"the training loss became {loss.item()} at epoch {epoch + 1}, "
+            # every rank must stop together, or the others would wait forever in all-reduce
+            if any_rank(info, not bool(torch.isfinite(loss)), device):
+                where = (f"became {loss.item()}" if not torch.isfinite(loss)
+                         else "became non-finite on another rank")
+                raise CheckFailed(f"the training loss {where} at epoch {epoch + 1}, "
                                   f"iteration {it + 1}; lower --lr (now {cfg.lr}) and retry")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -163,12 +204,13 @@ def fit(model: torch.nn.Module, step_fn: StepFn, dataset, cfg: LoopConfig, *,
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         seconds = time.perf_counter() - t0
         result.seconds += seconds
-        result.history.append({**{k: v / max(1, per_epoch) for k, v in sums.items()},
-                               "seconds": round(seconds, 3)})
-        if checkpoint is not None:
+        means = mean_over_ranks(info, {k: v / max(1, per_epoch) for k, v in sums.items()})
+        result.history.append({**means, "seconds": round(seconds, 3)})
+        if checkpoint is not None and info.is_main:
             save_checkpoint(checkpoint, key=key, epoch=epoch, model=model, optimizer=optimizer,
                             scheduler=scheduler,
                             extra={"history": result.history, "seconds": result.seconds})
+        barrier(info)
         if after_epoch is not None:
             after_epoch(epoch)
     if result.history and not all(math.isfinite(v) for v in result.history[-1].values()):

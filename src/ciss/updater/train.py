@@ -19,6 +19,14 @@ from ciss.errors import CissError
 from ciss.models import build_model
 from ciss.store import StepCard, Store
 from ciss.store.retention import retention_writer
+from ciss.updater.distributed import (
+    DistInfo,
+    agree,
+    check_shared_store,
+    distributed,
+    run_on_main,
+    sync_batchnorm,
+)
 from ciss.updater.loop import FitResult, LoopConfig, fit, resolve_device
 
 
@@ -42,8 +50,9 @@ class StepReport:
 
     step: int
     card: StepCard
-    scores: FolderScores
+    scores: FolderScores | None  # None on ranks other than 0 (they do not evaluate)
     fit: FitResult
+    rank: int = 0
 
 
 def training_dataset(folder: DatasetFolder, lut, data: DataConfig, seed: int
@@ -77,13 +86,24 @@ def train_base(store: Store, data_dir: Path, *, arch: str = "tiny", weights: str
     if store.steps():
         raise CissError(f"{store.root}: already has steps; use 'ciss add-classes' to extend the "
                         "latest one, or choose a new --store")
-    classes = folder.classes
     present = set().union(*(folder.presence[s] for s in folder.train)) - {0}
     if not present:
         raise CissError(f"{data_dir}: no object class appears in the training split")
-    device = resolve_device(loop.device)
+    with distributed(resolve_device(loop.device)) as (info, device):
+        check_shared_store(info, store.root, store.work_dir)
+        agree(info, "the store", store.steps())
+        agree(info, "the training data", folder.fingerprint())
+        return _train_base(store, folder, data_dir, arch, weights, loop, data, progress,
+                           after_epoch, info, device)
+
+
+def _train_base(store, folder, data_dir, arch, weights, loop, data, progress, after_epoch,
+                info: DistInfo, device) -> StepReport:
+    classes = folder.classes
     torch.manual_seed(loop.seed)
     model = build_model(arch, num_classes=len(classes), weights=weights).to(device)
+    if loop.sync_bn and info.enabled:
+        model = sync_batchnorm(model, device)
     dataset = training_dataset(folder, label_lut(classes, classes), data, loop.seed)
 
     def step_fn(images, masks):
@@ -91,29 +111,41 @@ def train_base(store: Store, data_dir: Path, *, arch: str = "tiny", weights: str
         loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
         return {"loss": loss, "ce": loss.detach()}
 
-    key = loop.key("base", arch, str(weights), folder.fingerprint(), repr(data))
+    key = loop.key("base", arch, str(weights), folder.fingerprint(), repr(data),
+                   str(info.world_size))
     ckpt = store.work_dir / f"train-{key}"
     result = fit(model, step_fn, dataset, loop, checkpoint=ckpt, key=key, desc="base",
-                 after_epoch=after_epoch, progress=progress)
-    t0 = time.perf_counter()
-    keep = retention_stems(folder, list(range(1, len(classes))))
-    scores = score_folder(torch_predictor(model, device), folder, keep, classes)
-    eval_s = time.perf_counter() - t0
-    card = StepCard(
-        step=0, parent=None, classes=list(classes.names), new_classes=list(classes.objects),
-        arch=arch, frozen=[], method="base",
-        hparams={**asdict(loop), **asdict(data), "weights": weights,
-                 "crop_size": dataset.transform.crop_size},
-        data={"folder": str(Path(data_dir).resolve()), "fingerprint": folder.fingerprint(),
-              "train_images": len(folder.train), "val_images": len(folder.val),
-              "retention_images": len(keep), "layout": folder.layout},
-        retention={"0": {"torch": scores.per_class()}},
-        timings={"train_s": round(result.seconds, 2), "eval_s": round(eval_s, 2),
-                 "iterations": result.iterations},
-        extra={"history": result.history, "resumed_from": result.resumed_from,
-               "device": str(device), "torch": torch.__version__},
-    )
-    step = store.write_step(card, model.cpu(), {"retention": retention_writer(folder, keep)})
-    shutil.rmtree(ckpt, ignore_errors=True)  # the step landed: the checkpoint is spent
-    return StepReport(step=step, card=store.card(step), scores=scores, fit=result)
+                 after_epoch=after_epoch, progress=progress, dist_info=info)
+
+    def write() -> int:
+        t0 = time.perf_counter()
+        keep = retention_stems(folder, list(range(1, len(classes))))
+        scores = score_folder(torch_predictor(model, device), folder, keep, classes)
+        eval_s = time.perf_counter() - t0
+        card = StepCard(
+            step=0, parent=None, classes=list(classes.names), new_classes=list(classes.objects),
+            arch=arch, frozen=[], method="base",
+            hparams={**asdict(loop), **asdict(data), "weights": weights,
+                     "crop_size": dataset.transform.crop_size, "world_size": info.world_size,
+                     "global_batch_size": loop.batch_size * info.world_size},
+            data={"folder": str(Path(data_dir).resolve()), "fingerprint": folder.fingerprint(),
+                  "train_images": len(folder.train), "val_images": len(folder.val),
+                  "retention_images": len(keep), "layout": folder.layout},
+            retention={"0": {"torch": scores.per_class()}},
+            timings={"train_s": round(result.seconds, 2), "eval_s": round(eval_s, 2),
+                     "iterations": result.iterations},
+            extra={"history": result.history, "resumed_from": result.resumed_from,
+                   "device": str(device), "torch": torch.__version__,
+                   "world_size": info.world_size},
+        )
+        written.append(scores)
+        return store.write_step(card, model.cpu(),
+                                {"retention": retention_writer(folder, keep)})
+
+    written: list = []
+    step = run_on_main(info, write)
+    if info.is_main:
+        shutil.rmtree(ckpt, ignore_errors=True)  # the step landed: the checkpoint is spent
+    return StepReport(step=step, card=store.card(step), scores=written[0] if written else None,
+                      fit=result, rank=info.rank)
 

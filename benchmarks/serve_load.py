@@ -67,7 +67,8 @@ def png(size: int) -> bytes:
     return buf.getvalue()
 
 
-def load(url: str, body: bytes, clients: int, seconds: float, during=None) -> dict:
+def load(url: str, body: bytes, clients: int, seconds: float, during=None,
+         to_step: int | None = None) -> dict:
     """``clients`` threads POST ``body`` for ``seconds``; ``during`` runs halfway through."""
     import httpx
 
@@ -107,10 +108,8 @@ def load(url: str, body: bytes, clients: int, seconds: float, during=None) -> di
            "req_per_s": len(records) / seconds,
            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
     if swap_at is not None:
-        steps = [r[3] for r in sorted(records)]
-        out["steps_seen"] = sorted(set(steps))
-        new = steps[-1]
-        first_new = min((r[0] for r in records if r[3] == new), default=None)
+        out["steps_seen"] = sorted({r[3] for r in records})
+        first_new = min((r[0] for r in records if r[3] == str(to_step)), default=None)
         out["swap_visible_after_s"] = None if first_new is None else first_new - swap_at
     return out
 
@@ -171,7 +170,7 @@ def main() -> None:
             step = target
             runs.append({"repeat": rep, "phase": "swap", "to_step": step, **load(
                 url, body, 4, args.seconds,
-                during=lambda s=step: deploy(store, s, "onnx", **tol))})
+                during=lambda s=step: deploy(store, s, "onnx", **tol), to_step=step)})
             target = args.from_step if target == args.to_step else args.to_step
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -200,9 +199,13 @@ def report(runs: list[dict], counts: list[int], args) -> None:
         print(f"| {phase} | {c} | {med['req_per_s']:.1f} | {med['p50_ms']:.1f} | "
               f"{med['p99_ms']:.1f} | {errors} | {ratio:.2f} |")
     swaps = [r for r in runs if r["phase"] == "swap"]
-    print("swaps: " + "; ".join(f"to step {r['to_step']}: saw steps {r['steps_seen']}, "
-                                 f"new step visible {r['swap_visible_after_s']:.2f} s after "
-                                 f"deploy, {r['errors']} errors" for r in swaps))
+    def visible(r) -> str:
+        s = r["swap_visible_after_s"]
+        return ("not yet visible when the phase ended" if s is None
+                else f"visible {s:.2f} s after deploy")
+
+    print("swaps: " + "; ".join(f"to step {r['to_step']}: saw steps {r['steps_seen']}, new step "
+                                 f"{visible(r)}, {r['errors']} errors" for r in swaps))
     if args.out:
         args.out.write_text(json.dumps({"runs": runs, "summary": summary}, indent=2))
 

@@ -24,7 +24,7 @@ from ciss.data.dataset import label_lut
 from ciss.data.folder import DatasetFolder, open_folder
 from ciss.errors import CissError
 from ciss.store import Store
-from ciss.store.retention import ancestors, retention_sets
+from ciss.store.retention import resolve_comparison, retention_sets
 
 # Logit offsets tried when calibrating away a bias (logit units).
 OFFSETS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
@@ -324,18 +324,11 @@ def diagnose(store: Store, step: int | None = None, against: int | None = None,
     from ciss.analysis.verdict import write_verdict
 
     t0 = time.perf_counter()
-    step = store.resolve(step)
+    step, against, _ = resolve_comparison(store, step, against)
     card = store.card(step)
-    chain = ancestors(store, step)
-    if against is None:
-        against = card.parent
     if against is None:
         raise CissError(f"step {step} has no parent: nothing can have been forgotten "
                         "(pass --against an earlier step of its line, if any)")
-    against = store.resolve(against)
-    if against not in chain or against == step:
-        raise CissError(f"--against {against}: not an ancestor of step {step} "
-                        f"(its line is {' -> '.join(map(str, chain))})")
     parent, pcard = store.load_model(against)
     child, _ = store.load_model(step)
     parent.eval()

@@ -12,10 +12,9 @@ from dataclasses import asdict, dataclass, field
 
 from ciss.analysis.evaluate import predictor_for
 from ciss.data.classes import ClassList
-from ciss.errors import CissError
 from ciss.exporters.export import has_artifact
 from ciss.store import Store
-from ciss.store.retention import ancestors
+from ciss.store.retention import ancestors, resolve_comparison
 from ciss.updater.add_classes import score_retention
 
 
@@ -65,18 +64,11 @@ def run_gate(store: Store, step: int | None = None, against: int | None = None,
     Raises:
         CissError: unknown steps, ``against`` not an ancestor, a missing engine artifact.
     """
-    step = store.resolve(step)
+    step, against, chain = resolve_comparison(store, step, against)
     card = store.card(step)
-    chain = ancestors(store, step)
-    if against is None:
-        against = card.parent
     if against is None:
         return GateResult(True, step, None, engine, None,
                           ["step has no parent: no old class to protect"])
-    against = store.resolve(against)
-    if against not in chain or against == step:
-        raise CissError(f"--against {against}: not an ancestor of step {step} "
-                        f"(its line is {' -> '.join(map(str, chain))})")
     parent = store.card(against)
     oldest = ancestors(store, against)[0]
     classes_now = ClassList(tuple(card.classes))

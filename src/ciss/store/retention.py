@@ -36,6 +36,26 @@ def ancestors(store, step: int) -> list[int]:
     return chain[::-1]
 
 
+def resolve_comparison(store, step: int | None, against: int | None
+                       ) -> tuple[int, int | None, list[int]]:
+    """(step, reference, step's line oldest first): the reference defaults to the parent.
+
+    The reference is None only for a step without a parent and no ``against``.
+
+    Raises:
+        CissError: unknown steps, or ``against`` that is not an ancestor of ``step``.
+    """
+    step = store.resolve(step)
+    chain = ancestors(store, step)
+    if against is None:
+        return step, store.card(step).parent, chain
+    against = store.resolve(against)
+    if against not in chain or against == step:
+        raise CissError(f"--against {against}: not an ancestor of step {step} "
+                        f"(its line is {' -> '.join(map(str, chain))})")
+    return step, against, chain
+
+
 def retention_sets(store, step: int) -> dict[str, DatasetFolder]:
     """The retention folders of ``step`` and its ancestors, checksums verified, keyed by step."""
     sets = {}

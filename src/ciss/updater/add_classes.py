@@ -95,12 +95,45 @@ def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodCo
         agree(info, "the parent step", [parent_step, store.card(parent_step).artifacts.get(
             "weights.safetensors")])
         agree(info, "the training data", folder.fingerprint())
-        return _add_classes(store, folder, data_dir, parent_step, method, update, loop, data,
-                            val_dir, progress, after_epoch, info, device)
+        job = _Job(store, folder, Path(data_dir), parent_step, method, update, loop, data,
+                   val_dir, info, device)
+        return _add_classes(job, progress, after_epoch)
 
 
-def _add_classes(store, folder, data_dir, parent_step, method, update, loop, data, val_dir,
-                 progress, after_epoch, info: DistInfo, device) -> StepReport:
+@dataclass
+class _Job:
+    """One add-classes request, validated, on this rank."""
+
+    store: Store
+    folder: DatasetFolder
+    data_dir: Path
+    parent_step: int
+    method: MethodConfig
+    update: UpdateConfig
+    loop: LoopConfig
+    data: DataConfig
+    val_dir: Path | None
+    info: DistInfo
+    device: torch.device
+
+
+@dataclass
+class _Trained:
+    """What training produced, for rank 0 to score and write."""
+
+    parent: StepCard
+    student: torch.nn.Module
+    classes: ClassList
+    new: list[str]
+    crop: int
+    cache: TrunkCache | None
+    fit: FitResult
+
+
+def _add_classes(job: _Job, progress: bool, after_epoch) -> StepReport:
+    store, folder, data_dir, parent_step = job.store, job.folder, job.data_dir, job.parent_step
+    method, update, loop, data, info, device = (job.method, job.update, job.loop, job.data,
+                                                job.info, job.device)
     teacher, parent = store.load_model(parent_step, device=str(device))
     new = _new_classes(folder, parent, Path(data_dir))
     classes = ClassList(tuple(parent.classes)).extended(new)
@@ -132,19 +165,20 @@ def _add_classes(store, folder, data_dir, parent_step, method, update, loop, dat
                             desc=method.method, after_epoch=after_epoch, progress=progress,
                             dist_info=info)
     written: list = []
-    step = run_on_main(info, lambda: _evaluate_and_write(
-        store, folder, data_dir, parent_step, parent, student, classes, new, method, update,
-        loop, data, val_dir, crop, cache, result, info, device, written))
+    trained = _Trained(parent, student, classes, new, crop, cache, result)
+    step = run_on_main(info, lambda: _evaluate_and_write(job, trained, written))
     if info.is_main:
         shutil.rmtree(ckpt, ignore_errors=True)
     return StepReport(step=step, card=store.card(step), scores=written[0] if written else None,
                       fit=result, rank=info.rank)
 
 
-def _evaluate_and_write(store, folder, data_dir, parent_step, parent, student, classes, new,
-                        method, update, loop, data, val_dir, crop, cache, result,
-                        info: DistInfo, device, written: list) -> int:
+def _evaluate_and_write(job: _Job, trained: _Trained, written: list) -> int:
     """Rank 0's part after training: score, build the card, write the step."""
+    store, folder, data_dir, parent_step = job.store, job.folder, job.data_dir, job.parent_step
+    val_dir, info, device = job.val_dir, job.info, job.device
+    parent, student, classes, cache, result = (trained.parent, trained.student, trained.classes,
+                                               trained.cache, trained.fit)
     t0 = time.perf_counter()
     student.eval()
     predict = torch_predictor(student, device)
@@ -167,12 +201,12 @@ def _evaluate_and_write(store, folder, data_dir, parent_step, parent, student, c
                                                   classes).per_class()}
     eval_s = time.perf_counter() - t0
     card = StepCard(
-        step=-1, parent=parent_step, classes=list(classes.names), new_classes=new,
-        arch=parent.arch, frozen=list(frozen_stages(student)), method=method.method,
-        hparams={**asdict(loop), **asdict(method), **asdict(update), **asdict(data),
-                 "crop_size": crop, "trunk_cache": cache is not None,
+        step=-1, parent=parent_step, classes=list(classes.names), new_classes=trained.new,
+        arch=parent.arch, frozen=list(frozen_stages(student)), method=job.method.method,
+        hparams={**asdict(job.loop), **asdict(job.method), **asdict(job.update),
+                 **asdict(job.data), "crop_size": trained.crop, "trunk_cache": cache is not None,
                  "world_size": info.world_size,
-                 "global_batch_size": loop.batch_size * info.world_size},
+                 "global_batch_size": job.loop.batch_size * info.world_size},
         data={"folder": str(Path(data_dir).resolve()), "fingerprint": folder.fingerprint(),
               "train_images": len(folder.train), "val_images": len(folder.val),
               "retention_images": len(keep), "folder_classes": list(folder.classes.names),

@@ -31,7 +31,7 @@ def export(model, path: Path) -> Path:
     return export_onnx(model, path, card, "0" * 64)
 
 
-def int8(path: Path, size: int, work: Path) -> Path:
+def int8(path: Path, size: int, work: Path, signed: bool = False) -> Path:
     from ciss.exporters.quantize import quantize
 
     class Reader:
@@ -46,7 +46,8 @@ def int8(path: Path, size: int, work: Path) -> Path:
         def rewind(self):
             pass
 
-    return quantize(path, work / "int8.onnx", Reader(), work)
+    return quantize(path, work / ("int8s.onnx" if signed else "int8.onnx"), Reader(), work,
+                    signed_activations=signed)
 
 
 def main() -> None:

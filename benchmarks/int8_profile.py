@@ -2,7 +2,8 @@
 
 Usage: python benchmarks/int8_profile.py [--arch tiny] [--size 256] [--runs 20]
 
-Exports a random-init model, quantises it as ``ciss export --format int8`` does, runs each
+Exports a random-init model, quantises it as ``ciss export --format int8`` does (U8S8) and
+with signed activations (S8S8, for comparison), runs each
 session ``--runs`` times with ORT profiling on (2 intra-op threads) and prints, per op type,
 the summed kernel time per run, the share of the run, and the node counts. The explanation
 for "int8 is not faster here" is read off these rows (BENCHMARKS.md §5).
@@ -61,9 +62,11 @@ def main() -> None:
     x = np.random.default_rng(0).integers(0, 256, (1, 3, args.size, args.size), dtype=np.uint8)
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = export(model, Path(tmp) / "model.onnx")
-        int8_path = int8(fp32_path, args.size, Path(tmp))
-        prof = {"fp32": profile(fp32_path, x, args.runs), "int8": profile(int8_path, x,
-                                                                          args.runs)}
+        prof = {"fp32": profile(fp32_path, x, args.runs),
+                "int8 U8S8 (ciss default)": profile(int8(fp32_path, args.size, Path(tmp)), x,
+                                                    args.runs),
+                "int8 S8S8": profile(int8(fp32_path, args.size, Path(tmp), signed=True), x,
+                                     args.runs)}
     print(f"machine: {machine()}; {args.arch} at {args.size}x{args.size}, batch 1, "
           f"{args.runs} profiled runs (kernel time per run, 2 threads)")
     for name, (t, n) in prof.items():

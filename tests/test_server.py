@@ -293,3 +293,20 @@ def test_cli_serve_starts_answers_and_stops_gracefully(served, tmp_path):
     # uvicorn drains requests, runs the shutdown hooks, then re-raises SIGTERM (exit -15).
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "serving step 0" in out and "shut down cleanly" in out
+
+
+def test_a_provider_that_does_not_load_is_refused_at_start(served):
+    """onnxruntime falls back to CPU silently; the server checks what actually loaded."""
+    import onnxruntime as ort
+
+    from ciss.errors import CissError
+    from ciss.runtime.server import create_app
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: the fallback cannot be provoked here")
+    config = ServeConfig(store=served, policy=SwapPolicy(
+        providers=["CUDAExecutionProvider", "CPUExecutionProvider"], max_mean_drop=100,
+        max_class_drop=100))
+    with pytest.raises(CissError, match="requested CUDAExecutionProvider but ONNX Runtime "
+                                        "loaded only CPUExecutionProvider"):
+        create_app(config)

@@ -19,11 +19,14 @@ class OnnxEngine:
         path: the model file.
         providers: requested providers, best first.
         threads: intra-op threads (0 = ORT's default, one per physical core).
+        cache_dir: where the TensorRT execution provider keeps built engines and its timing
+            cache, so a restart does not rebuild them (only used with that provider).
     """
 
     path: Path
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     threads: int = 0
+    cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
         import onnxruntime as ort
@@ -34,7 +37,7 @@ class OnnxEngine:
             opts.intra_op_num_threads = self.threads
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts,
-                                                providers=self.providers)
+                                                providers=self._with_options())
         except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
             raise CissError(f"{self.path}: ONNX Runtime cannot load it ({exc})") from exc
         # Providers silently fall back to CPU when a GPU library is missing: report what loaded.
@@ -47,6 +50,22 @@ class OnnxEngine:
         self.classes = json.loads(meta.get("classes", "[]"))
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def _with_options(self) -> list:
+        out = []
+        for name in self.providers:
+            if name == "TensorrtExecutionProvider" and self.cache_dir is not None:
+                cache = str(Path(self.cache_dir) / "trt-ep")
+                out.append((name, {"trt_engine_cache_enable": True,
+                                   "trt_engine_cache_path": cache,
+                                   "trt_timing_cache_enable": True,
+                                   "trt_timing_cache_path": cache}))
+            elif name == "CUDAExecutionProvider":
+                # Variable image sizes: exhaustive cuDNN search on every new shape is slow.
+                out.append((name, {"cudnn_conv_algo_search": "HEURISTIC"}))
+            else:
+                out.append(name)
+        return out
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 [N,3,H,W] -> {"logits": float32 [N,K,H,W], "labels": uint8 [N,H,W]}."""
@@ -83,4 +102,5 @@ def load_engine(store, step: int, engine: str, providers: list[str] | None = Non
         raise CissError(f"step {step} has no {name}; run 'ciss export --step {step} "
                         f"--format {engine}' first")
     store.verify(step, [name])
-    return OnnxEngine(store.step_dir(step) / name, providers or ["CPUExecutionProvider"])
+    return OnnxEngine(store.step_dir(step) / name, providers or ["CPUExecutionProvider"],
+                      cache_dir=store.work_dir)

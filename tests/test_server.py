@@ -310,3 +310,21 @@ def test_a_provider_that_does_not_load_is_refused_at_start(served):
     with pytest.raises(CissError, match="requested CUDAExecutionProvider but ONNX Runtime "
                                         "loaded only CPUExecutionProvider"):
         create_app(config)
+
+
+def test_a_missing_or_broken_deployed_json_is_refused_once_and_serving_goes_on(served):
+    from ciss.runtime.metrics import ServerMetrics
+    from ciss.runtime.slot import ModelSlot
+
+    metrics = ServerMetrics.create()
+    slot = ModelSlot(Store(served), LOOSE, metrics)
+    assert slot.start().step == 0
+    (served / "deployed.json").unlink()
+    first = slot.refresh()
+    assert first.outcome == "refused" and "nothing deployed" in first.reason
+    assert slot.refresh().outcome == "unchanged"  # not refused (and logged) on every poll
+    (served / "deployed.json").write_text("{broken")
+    assert "not valid JSON" in slot.refresh().reason
+    assert slot.current.step == 0
+    assert metrics.registry.get_sample_value("ciss_model_swaps_total",
+                                             {"outcome": "refused"}) == 2

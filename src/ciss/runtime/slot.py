@@ -136,7 +136,7 @@ class ModelSlot:
         step = record.get("step")
         if not isinstance(step, int) or isinstance(step, bool):
             raise CissError(f"{self.store.root / DEPLOYED}: 'step' must be an integer")
-        engine_name = self.policy.engine or record.get("engine") or "onnx"
+        engine_name = self._engine_for(record)
         step = self.store.resolve(step)
         card = self.store.verify(step)  # every artifact's checksum, not only the engine's
         engine = load_engine_any(self.store, step, engine_name, self.policy.providers)
@@ -163,6 +163,9 @@ class ModelSlot:
             gate={"passed": gate.passed, "against": gate.against,
                   "mean_old_drop": gate.mean_old_drop, "reasons": gate.reasons},
             describe=engine.describe())
+
+    def _engine_for(self, record: dict) -> str:
+        return self.policy.engine or record.get("engine") or "onnx"
 
     def _read(self) -> tuple[str, dict]:
         path = self.store.root / DEPLOYED
@@ -212,13 +215,15 @@ class ModelSlot:
             try:
                 key, record = self._read()
             except CissError as exc:
-                return self._refuse(None, str(exc))
-            if key == self._seen and not force:
+                key, record = f"unreadable: {exc}", None
+            if key == self._seen and not force:  # refused once is enough: no log every poll
                 return SwapOutcome("unchanged", self.current and self.current.step)
             self._seen = key
+            if record is None:
+                return self._refuse(None, key.removeprefix("unreadable: "))
             cur = self.current
-            wanted = self.policy.engine or record.get("engine") or "onnx"
-            if cur and not force and (cur.step, cur.engine) == (record.get("step"), wanted):
+            if cur and not force and (cur.step, cur.engine) == (record.get("step"),
+                                                                  self._engine_for(record)):
                 return SwapOutcome("unchanged", cur.step)
             try:
                 model = self.load(record)

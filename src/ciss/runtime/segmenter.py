@@ -37,7 +37,8 @@ class Segmenter:
     """Segment decoded images or raw bytes with any engine.
 
     Attributes:
-        engine: has ``run(uint8 [N,3,H,W]) -> {"labels": uint8 [N,H,W], ...}``.
+        engine: has ``run(uint8 [N,3,H,W]) -> {"labels": uint8 [N,H,W], "logits": ...}`` and
+            ``predict_labels(uint8 [N,3,H,W]) -> uint8 [N,H,W]``.
         classes: the model's class names.
         max_side: images are shrunk so the longer side is at most this before inference;
             labels are resized back (NEAREST) to the input's size.
@@ -53,7 +54,8 @@ class Segmenter:
         """uint8 HxWx3 RGB -> uint8 HxW class ids at the image's own size."""
         h, w = image.shape[:2]
         small = resize_longest(image, self.max_side)
-        labels = self.engine.run(small.transpose(2, 0, 1)[None])["labels"][0]
+        # labels only: the K x H x W logits never leave the engine
+        labels = self.engine.predict_labels(small.transpose(2, 0, 1)[None])[0]
         if labels.shape != (h, w):
             labels = np.asarray(Image.fromarray(labels).resize((w, h), Image.NEAREST))
         return labels

@@ -61,14 +61,20 @@ class MeteredEngine:
         self.slots = threading.BoundedSemaphore(slots)
         self.metrics = metrics
 
-    def run(self, images):
+    def _timed(self, fn, images):
         t0 = time.perf_counter()
         with self.slots:
             t1 = time.perf_counter()
-            out = self.engine.run(images)
+            out = fn(images)
         self.metrics.queue.observe(t1 - t0)
         self.metrics.compute.observe(time.perf_counter() - t1)
         return out
+
+    def run(self, images):
+        return self._timed(self.engine.run, images)
+
+    def predict_labels(self, images):
+        return self._timed(self.engine.predict_labels, images)
 
 
 @dataclass(frozen=True)

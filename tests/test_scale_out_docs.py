@@ -54,10 +54,12 @@ def test_oip_client_example_against_ciss_serve(story, tmp_path):
     deploy(Store(root), 1, "onnx", max_mean_drop=100, max_class_drop=100)
     image = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 44, 3), np.uint8)).save(image)
-    config = ServeConfig(store=root, policy=SwapPolicy(max_mean_drop=100, max_class_drop=100))
+    # --model-name ciss_onnx: the same URLs as Triton serving the exported repository
+    config = ServeConfig(store=root, model_name="ciss_onnx",
+                         policy=SwapPolicy(max_mean_drop=100, max_class_drop=100))
     with background(config) as (url, _):
         res = subprocess.run([sys.executable, str(EXAMPLES / "oip_client.py"), "--url",
-                              url.removeprefix("http://"), "--model", "ciss", str(image),
+                              url.removeprefix("http://"), "--model", "ciss_onnx", str(image),
                               str(tmp_path / "mask.png")], capture_output=True, text=True,
                              timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -95,6 +95,8 @@ def rollback(store_path) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on (0.0.0.0 exposes it to the network).")
 @click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--model-name", default="ciss", show_default=True,
+              help="OIP model name; 'ciss_onnx' matches the exported Triton repository's URLs.")
 @click.option("--engine", type=ENGINE_CHOICE, default=None,
               help="Serve this engine instead of the one deployed.json names.")
 @click.option("--providers", default="CPUExecutionProvider", show_default=True,
@@ -112,11 +114,11 @@ def rollback(store_path) -> None:
 @click.option("--accept-forced", is_flag=True,
               help="Serve a deployment forced past a failing gate (refused by default).")
 @_gate_options
-def serve(store_path, host, port, engine, providers, admin_token, poll, max_body_mb, max_pixels,
-          concurrency, accept_forced, max_mean_drop, max_class_drop) -> None:
+def serve(store_path, host, port, model_name, engine, providers, admin_token, poll, max_body_mb,
+          max_pixels, concurrency, accept_forced, max_mean_drop, max_class_drop) -> None:
     """Serve the deployed step over HTTP; hot-swap when deployed.json changes and passes the gate.
 
-    Speaks the Open Inference Protocol v2 (model 'ciss', version = step + 1) plus
+    Speaks the Open Inference Protocol v2 (model 'ciss' by default, version = step + 1) plus
     POST /v1/segment (image in, PNG mask out), /v1/status and /metrics.
 
     Example: ciss serve --port 8000  then  curl -H 'Content-Type: image/png'
@@ -133,7 +135,8 @@ def serve(store_path, host, port, engine, providers, admin_token, poll, max_body
                                "positive")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = ServeConfig(
-        store=_store(store_path).root, host=host, port=port, admin_token=admin_token or None,
+        store=_store(store_path).root, host=host, port=port, model_name=model_name,
+        admin_token=admin_token or None,
         poll_s=poll, max_body_bytes=int(max_body_mb * (1 << 20)), max_pixels=max_pixels,
         concurrency=concurrency,
         policy=SwapPolicy(engine=engine, providers=[p.strip() for p in providers.split(",")

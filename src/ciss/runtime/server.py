@@ -3,7 +3,8 @@
 This module imports FastAPI at the top (unlike most of ciss): FastAPI resolves the handlers
 type hints from the module's globals. Only ``ciss serve`` imports it.
 
-Endpoints (model name ``ciss``; OIP version = step + 1, as in the exported Triton repository):
+Endpoints (model name ``ciss`` unless ``--model-name``; OIP version = step + 1, as in the
+exported Triton repository):
 
 - ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/ciss[/versions/V]``,
   ``/v2/models/ciss[/versions/V]/ready``; ``POST /v2/models/ciss[/versions/V]/infer`` with
@@ -42,7 +43,6 @@ from ciss.runtime.oip import HEADER, ProtocolError, encode_infer_response, parse
 from ciss.runtime.slot import ModelSlot, ServedModel, SwapPolicy, oip_version
 from ciss.store import Store
 
-MODEL = "ciss"
 log = logging.getLogger("ciss.serve")
 
 
@@ -52,6 +52,8 @@ class ServeConfig:
 
     Attributes:
         store: the model store (its ``deployed.json`` says what to serve).
+        model_name: the OIP model name (``ciss_onnx`` gives the exported Triton repository's
+            URLs, so one client configuration serves both).
         policy: gate tolerances, engine override, ORT providers, forced deployments.
         admin_token: enables ``/admin/*``; without it those answer 403.
         poll_s: how often ``deployed.json`` is checked.
@@ -67,6 +69,7 @@ class ServeConfig:
     store: Path
     host: str = "127.0.0.1"
     port: int = 8000
+    model_name: str = "ciss"
     policy: SwapPolicy = field(default_factory=SwapPolicy)
     admin_token: str | None = None
     poll_s: float = 1.0
@@ -107,14 +110,14 @@ def _check_tensor(images: np.ndarray, config: ServeConfig) -> None:
                              f"{config.max_pixels}", "too_large")
 
 
-def _metadata(served: ServedModel, store: Store, history: list[dict]) -> dict:
+def _metadata(name: str, served: ServedModel, store: Store, history: list[dict]) -> dict:
     seen, versions, stored = set(), [], set(store.steps())
     for step in [served.step] + [h.get("step") for h in reversed(history) if isinstance(h, dict)]:
         if isinstance(step, int) and step not in seen and step in stored:
             seen.add(step)
             versions.append(oip_version(step))
     k = len(served.classes)
-    return {"name": MODEL, "versions": versions, "platform": "ciss_" + served.engine,
+    return {"name": name, "versions": versions, "platform": "ciss_" + served.engine,
             "inputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, 3, -1, -1]}],
             "outputs": [{"name": "labels", "datatype": "UINT8", "shape": [-1, -1, -1]},
                         {"name": "logits", "datatype": "FP32", "shape": [-1, k, -1, -1]}],
@@ -159,6 +162,7 @@ def create_app(config: ServeConfig):
         CheckFailed: the deployed step fails the retention gate.
     """
     store = Store(config.store)
+    name = config.model_name
     metrics = ServerMetrics.create()
     slot = ModelSlot(store, config.policy, metrics, max_side=config.max_side,
                      max_pixels=config.max_pixels, concurrency=config.concurrency)
@@ -211,13 +215,13 @@ def create_app(config: ServeConfig):
     def served_version(version: str | None) -> ServedModel:
         served = slot.current
         if version is not None and version != served.version:
-            raise HttpError(404, f"model {MODEL} version {version} is not served; serving "
+            raise HttpError(404, f"model {name} version {version} is not served; serving "
                                  f"version {served.version} (step {served.step})", "not_found")
         return served
 
     @app.get("/v2")
     def server_metadata():
-        return {"name": MODEL, "version": __version__, "extensions": ["binary_tensor_data"]}
+        return {"name": "ciss", "version": __version__, "extensions": ["binary_tensor_data"]}
 
     @app.get("/v2/health/live")
     def live():
@@ -228,25 +232,25 @@ def create_app(config: ServeConfig):
         ok = state["ready"] and slot.current is not None
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
-    @app.get("/v2/models/" + MODEL)
-    @app.get("/v2/models/" + MODEL + "/versions/{version}")
+    @app.get("/v2/models/" + name)
+    @app.get("/v2/models/" + name + "/versions/{version}")
     def model_metadata(version: str | None = None):
         served = served_version(version)
         try:
             history = (store.deployed() or {}).get("history", [])
         except CissError:  # a hand-broken deployed.json: the served model is still described
             history = []
-        return _metadata(served, store, history if isinstance(history, list) else [])
+        return _metadata(name, served, store, history if isinstance(history, list) else [])
 
-    @app.get("/v2/models/" + MODEL + "/ready")
-    @app.get("/v2/models/" + MODEL + "/versions/{version}/ready")
+    @app.get("/v2/models/" + name + "/ready")
+    @app.get("/v2/models/" + name + "/versions/{version}/ready")
     def model_ready(version: str | None = None):
         served = slot.current
         ok = state["ready"] and (version is None or version == served.version)
-        return JSONResponse({"name": MODEL, "ready": ok}, status_code=200 if ok else 503)
+        return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
 
-    @app.post("/v2/models/" + MODEL + "/infer")
-    @app.post("/v2/models/" + MODEL + "/versions/{version}/infer")
+    @app.post("/v2/models/" + name + "/infer")
+    @app.post("/v2/models/" + name + "/versions/{version}/infer")
     async def infer(request: Request, version: str | None = None):
         served = served_version(version)  # one engine for the whole request, even mid-swap
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -276,15 +280,15 @@ def create_app(config: ServeConfig):
         _check_tensor(images, config)
         outputs = await run_in_threadpool(served.segmenter.engine.run, images)
         payload, header_len = await run_in_threadpool(
-            encode_infer_response, MODEL, served.version, req, outputs)
+            encode_infer_response, name, served.version, req, outputs)
         headers = {HEADER: str(header_len)} if header_len is not None else {}
         return Response(payload, media_type="application/octet-stream" if header_len
                         else "application/json", headers=headers)
 
-    @app.get("/v2/models/{name}")
-    @app.post("/v2/models/{name}/infer")
-    def unknown_model(name: str):
-        raise HttpError(404, f"unknown model {name!r}; this server serves {MODEL!r}",
+    @app.get("/v2/models/{other}")
+    @app.post("/v2/models/{other}/infer")
+    def unknown_model(other: str):
+        raise HttpError(404, f"unknown model {other!r}; this server serves {name!r}",
                         "not_found")
 
     def segment(served: ServedModel, data: bytes, as_json: bool) -> Response:

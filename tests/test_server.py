@@ -295,6 +295,7 @@ def test_cli_serve_starts_answers_and_stops_gracefully(served, tmp_path):
     assert "serving step 0" in out and "shut down cleanly" in out
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
 def test_a_provider_that_does_not_load_is_refused_at_start(served):
     """onnxruntime falls back to CPU silently; the server checks what actually loaded."""
     import onnxruntime as ort

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 # Latency buckets in seconds: small CPU models answer in milliseconds, big ones in seconds.
@@ -62,3 +63,43 @@ class ServerMetrics:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
+
+
+def endpoint_label(path: str) -> str:
+    """A low-cardinality metrics label for a request path."""
+    if path.startswith("/v2/models/"):
+        return "infer" if path.endswith("/infer") else "model"
+    if path.startswith("/admin/"):
+        return "admin"
+    if path in ("/v1/segment", "/v1/status", "/metrics", "/v2", "/v2/health/live",
+                "/v2/health/ready"):
+        return path.strip("/").replace("/", "_") or "root"
+    return "other"
+
+
+class MeteredASGI:
+    """ASGI middleware: request counts by endpoint and status, latency, in-flight gauge."""
+
+    def __init__(self, app, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        label = endpoint_label(scope["path"])
+        code = ["500"]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                code[0] = str(message["status"])
+            await send(message)
+
+        t0 = time.perf_counter()
+        self.metrics.inflight.inc()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.inflight.dec()
+            self.metrics.requests.labels(label, code[0]).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - t0)

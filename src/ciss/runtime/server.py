@@ -38,8 +38,14 @@ from ciss.data.imageio import ImageTooLarge, mask_png
 from ciss.errors import CissError
 from ciss.runtime.admin import add_admin_routes
 from ciss.runtime.bodies import HttpError, read_body
-from ciss.runtime.metrics import ServerMetrics
-from ciss.runtime.oip import HEADER, ProtocolError, encode_infer_response, parse_infer_request
+from ciss.runtime.metrics import MeteredASGI, ServerMetrics, endpoint_label
+from ciss.runtime.oip import (
+    HEADER,
+    InferRequest,
+    ProtocolError,
+    encode_infer_response,
+    parse_infer_request,
+)
 from ciss.runtime.slot import ModelSlot, ServedModel, SwapPolicy, oip_version
 from ciss.store import Store
 
@@ -82,18 +88,6 @@ class ServeConfig:
     graceful_s: float = 10.0
 
 
-def _endpoint(path: str) -> str:
-    """A low-cardinality metrics label for a request path."""
-    if path.startswith("/v2/models/"):
-        return "infer" if path.endswith("/infer") else "model"
-    if path.startswith("/admin/"):
-        return "admin"
-    if path in ("/v1/segment", "/v1/status", "/metrics", "/v2", "/v2/health/live",
-                "/v2/health/ready"):
-        return path.strip("/").replace("/", "_") or "root"
-    return "other"
-
-
 def _check_tensor(images: np.ndarray, config: ServeConfig) -> None:
     if images.dtype != np.uint8:
         raise HttpError(400, f"input 'image' must be UINT8, got {images.dtype}")
@@ -126,32 +120,82 @@ def _metadata(name: str, served: ServedModel, store: Store, history: list[dict])
                            "gate": served.gate, "loaded_at": served.loaded_at}}
 
 
-class _Metered:
-    """ASGI middleware: request counts by endpoint and status, latency, in-flight gauge."""
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
-    def __init__(self, app, metrics: ServerMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        label = _endpoint(scope["path"])
-        code = ["500"]
+def _parse_infer(body: bytes, header_length: str | None, config: ServeConfig) -> InferRequest:
+    """An ``/infer`` body decoded and checked against what this model takes.
 
-        async def send_status(message):
-            if message["type"] == "http.response.start":
-                code[0] = str(message["status"])
-            await send(message)
+    Raises:
+        HttpError: 400/413/422 naming the field that is wrong.
+    """
+    if not body:
+        raise HttpError(400, "empty body: send an inference request")
+    if header_length is not None and not header_length.isdigit():
+        raise HttpError(400, f"{HEADER} {header_length!r} is not a number")
+    try:
+        req = parse_infer_request(body, None if header_length is None else int(header_length),
+                                  max_elements=3 * config.max_pixels)
+    except ProtocolError as exc:
+        raise HttpError(400, str(exc)) from exc
+    if set(req.inputs) != {"image"}:
+        raise HttpError(400, f"inputs must be exactly ['image'], got {sorted(req.inputs)}")
+    bad = set(req.outputs or ()) - {"labels", "logits"}
+    if bad:
+        raise HttpError(400, f"unknown output(s) {sorted(bad)}: choose labels, logits")
+    _check_tensor(req.inputs["image"], config)
+    return req
 
-        t0 = time.perf_counter()
-        self.metrics.inflight.inc()
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            self.metrics.inflight.dec()
-            self.metrics.requests.labels(label, code[0]).inc()
-            self.metrics.latency.labels(label).observe(time.perf_counter() - t0)
+
+def _segment(served: ServedModel, data: bytes, as_json: bool, min_side: int) -> Response:
+    """``/v1/segment``'s work (in a worker thread): decode, segment, encode."""
+    try:
+        image = served.segmenter.decode(data)
+    except ImageTooLarge as exc:
+        raise HttpError(413, str(exc), "too_large") from exc
+    except CissError as exc:
+        raise HttpError(400, str(exc), "bad_image") from exc
+    h, w = image.shape[:2]
+    if min(h, w) < min_side:
+        raise HttpError(422, f"image is {w}x{h}; the smallest side served is {min_side} px",
+                        "too_small")
+    labels = served.segmenter.segment(image)
+    headers = {"X-Ciss-Step": str(served.step), "X-Ciss-Version": served.version}
+    if not as_json:
+        return Response(mask_png(labels), media_type="image/png", headers=headers)
+    counts = np.bincount(labels.ravel(), minlength=len(served.classes))
+    return JSONResponse({"step": served.step, "version": served.version, "width": w,
+                         "height": h, "classes": served.classes,
+                         "pixels": {served.classes[i]: int(c) for i, c in enumerate(counts)
+                                    if c and i < len(served.classes)},
+                         "labels": labels.tolist()}, headers=headers)
+
+
+def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
+    """Every error is ``{"error": message}``; client errors are counted by reason."""
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(HttpError)
+    async def _http_error(request, exc: HttpError):
+        metrics.failures.labels(endpoint_label(request.url.path), exc.reason).inc()
+        return error(exc.status, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _starlette_error(request, exc):
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc):
+        return error(400, f"invalid request: {exc.errors()[:1]}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc):
+        log.error("request to %s failed", request.url.path, exc_info=exc)
+        metrics.failures.labels(endpoint_label(request.url.path), "server").inc()
+        return error(500, f"internal error ({type(exc).__name__}); see the server log")
 
 
 def create_app(config: ServeConfig):
@@ -188,29 +232,8 @@ def create_app(config: ServeConfig):
     app.state.slot = slot
     app.state.metrics = metrics
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
-
-    @app.exception_handler(HttpError)
-    async def _http_error(request, exc: HttpError):
-        metrics.failures.labels(_endpoint(request.url.path), exc.reason).inc()
-        return error(exc.status, exc.message)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _starlette_error(request, exc):
-        return error(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request, exc):
-        return error(400, f"invalid request: {exc.errors()[:1]}")
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request, exc):
-        log.error("request to %s failed", request.url.path, exc_info=exc)
-        metrics.failures.labels(_endpoint(request.url.path), "server").inc()
-        return error(500, f"internal error ({type(exc).__name__}); see the server log")
-
-    app.add_middleware(_Metered, metrics=metrics)
+    _add_error_handlers(app, metrics)
+    app.add_middleware(MeteredASGI, metrics=metrics)
 
     def served_version(version: str | None) -> ServedModel:
         served = slot.current
@@ -253,31 +276,13 @@ def create_app(config: ServeConfig):
     @app.post("/v2/models/" + name + "/versions/{version}/infer")
     async def infer(request: Request, version: str | None = None):
         served = served_version(version)  # one engine for the whole request, even mid-swap
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype not in ("", "application/json", "application/octet-stream"):
-            raise HttpError(415, f"Content-Type {ctype!r}: send application/json, or "
-                                 "application/octet-stream with Inference-Header-Content-Length",
-                            "unsupported")
+        if _content_type(request) not in ("", "application/json", "application/octet-stream"):
+            raise HttpError(415, f"Content-Type {_content_type(request)!r}: send "
+                                 "application/json, or application/octet-stream with "
+                                 "Inference-Header-Content-Length", "unsupported")
         body = await read_body(request, config.max_body_bytes)
-        if not body:
-            raise HttpError(400, "empty body: send an inference request")
-        raw_len = request.headers.get(HEADER.lower())
-        if raw_len is not None and not raw_len.isdigit():
-            raise HttpError(400, f"{HEADER} {raw_len!r} is not a number")
-        try:
-            req = parse_infer_request(body, None if raw_len is None else int(raw_len),
-                                      max_elements=3 * config.max_pixels)
-        except ProtocolError as exc:
-            raise HttpError(400, str(exc)) from exc
-        unknown = set(req.inputs) - {"image"}
-        if unknown or "image" not in req.inputs:
-            raise HttpError(400, f"inputs must be exactly ['image'], got {sorted(req.inputs)}")
-        if req.outputs is not None:
-            bad = set(req.outputs) - {"labels", "logits"}
-            if bad:
-                raise HttpError(400, f"unknown output(s) {sorted(bad)}: choose labels, logits")
+        req = _parse_infer(body, request.headers.get(HEADER.lower()), config)
         images = req.inputs["image"]
-        _check_tensor(images, config)
         outputs = await run_in_threadpool(served.segmenter.engine.run, images)
         payload, header_len = await run_in_threadpool(
             encode_infer_response, name, served.version, req, outputs)
@@ -291,33 +296,11 @@ def create_app(config: ServeConfig):
         raise HttpError(404, f"unknown model {other!r}; this server serves {name!r}",
                         "not_found")
 
-    def segment(served: ServedModel, data: bytes, as_json: bool) -> Response:
-        try:
-            image = served.segmenter.decode(data)
-        except ImageTooLarge as exc:
-            raise HttpError(413, str(exc), "too_large") from exc
-        except CissError as exc:
-            raise HttpError(400, str(exc), "bad_image") from exc
-        h, w = image.shape[:2]
-        if min(h, w) < config.min_side:
-            raise HttpError(422, f"image is {w}x{h}; the smallest side served is "
-                                 f"{config.min_side} px", "too_small")
-        labels = served.segmenter.segment(image)
-        headers = {"X-Ciss-Step": str(served.step), "X-Ciss-Version": served.version}
-        if not as_json:
-            return Response(mask_png(labels), media_type="image/png", headers=headers)
-        counts = np.bincount(labels.ravel(), minlength=len(served.classes))
-        return JSONResponse({"step": served.step, "version": served.version, "width": w,
-                             "height": h, "classes": served.classes,
-                             "pixels": {served.classes[i]: int(c) for i, c in enumerate(counts)
-                                        if c and i < len(served.classes)},
-                             "labels": labels.tolist()}, headers=headers)
-
     @app.post("/v1/segment")
-    async def segment_endpoint(request: Request, format: str = "png"):
+    async def segmentendpoint_label(request: Request, format: str = "png"):
         if format not in ("png", "json"):
             raise HttpError(400, f"format={format!r}: choose png or json")
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        ctype = _content_type(request)
         if not (ctype.startswith("image/") or ctype == "application/octet-stream"):
             raise HttpError(415, f"Content-Type {ctype or '(none)'!r}: send the image bytes as "
                                  "image/* or application/octet-stream, e.g. curl -H "
@@ -326,7 +309,8 @@ def create_app(config: ServeConfig):
         body = await read_body(request, config.max_body_bytes)
         if not body:
             raise HttpError(400, "empty body: send the image's bytes")
-        return await run_in_threadpool(segment, served, body, format == "json")
+        return await run_in_threadpool(_segment, served, body, format == "json",
+                                       config.min_side)
 
     @app.get("/v1/status")
     def status():

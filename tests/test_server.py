@@ -329,3 +329,30 @@ def test_a_missing_or_broken_deployed_json_is_refused_once_and_serving_goes_on(s
     assert slot.current.step == 0
     assert metrics.registry.get_sample_value("ciss_model_swaps_total",
                                              {"outcome": "refused"}) == 2
+
+
+def _encoded(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_segment_decodes_every_image_kind_at_its_displayed_size(served):
+    """Grey, RGBA, palette, 16-bit and EXIF-rotated inputs: a mask of the displayed size each."""
+    rgb = Image.fromarray(_image(7, (24, 40)))  # 40 wide, 24 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees: 24 wide, 40 high
+    kinds = {
+        "grey": (_encoded(rgb.convert("L"), "PNG"), (40, 24)),
+        "rgba": (_encoded(rgb.convert("RGBA"), "PNG"), (40, 24)),
+        "palette": (_encoded(rgb.convert("P"), "PNG"), (40, 24)),
+        "16-bit": (_encoded(Image.fromarray(np.full((24, 40), 40000, np.uint16)), "PNG"),
+                   (40, 24)),
+        "exif-rotated": (_encoded(rgb, "JPEG", exif=exif), (24, 40)),
+    }
+    with background(ServeConfig(store=served, policy=LOOSE)) as (url, _):
+        for kind, (body, size) in kinds.items():
+            r = httpx.post(f"{url}/v1/segment", content=body,
+                           headers={"Content-Type": "application/octet-stream"})
+            assert r.status_code == 200, (kind, r.text)
+            assert Image.open(io.BytesIO(r.content)).size == size, kind

@@ -86,6 +86,15 @@ def store_copy(base_store, tmp_path) -> Path:
     return dest
 
 
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago (for servers and torchrun)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def make_folder(root: Path, classes: list[str], n: int = 4, size=(20, 16), values=None,
                 suffix=".png") -> Path:
     """A hand-made dataset folder: random images, masks with the given values."""

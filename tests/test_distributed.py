@@ -6,24 +6,18 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from ciss.store import Store
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port
 
 
 def torchrun(*args, nproc: int = 2, timeout: float = 300, **popen) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={_port()}", *map(str, args)]
+           f"--master_port={free_port()}", *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CISS_DIST_TIMEOUT_S": "120"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, **popen)

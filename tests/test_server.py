@@ -6,7 +6,6 @@ import gzip
 import io
 import json
 import shutil
-import socket
 import threading
 import time
 
@@ -20,6 +19,7 @@ from ciss.runtime.engine import load_engine
 from ciss.runtime.server import ServeConfig, background
 from ciss.runtime.slot import SwapPolicy
 from ciss.store import Store
+from tests.conftest import free_port
 
 LOOSE = SwapPolicy(max_mean_drop=100, max_class_drop=100)
 
@@ -252,12 +252,6 @@ def test_admin_endpoints_need_the_token(served):
         assert store.deployed()["step"] == 0 and app.state.slot.current.step == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_cli_serve_starts_answers_and_stops_gracefully(served, tmp_path):
     import signal
     import subprocess
@@ -270,7 +264,7 @@ def test_cli_serve_starts_answers_and_stops_gracefully(served, tmp_path):
     empty = tmp_path / "empty"
     res = CliRunner().invoke(main, ["serve", "--store", str(empty)])
     assert res.exit_code == 2 and "nothing deployed" in res.output
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ciss", "serve", "--store", str(served),
                              "--port", str(port), "--max-mean-drop", "100",
                              "--max-class-drop", "100"],

@@ -48,7 +48,7 @@ def test_evaluate_maps_classes_by_name(base_store, synthetic_dir):
     assert doc["unknown_classes"] == ["dots-disc", "dots-square", "dots-triangle", "dots-ring",
                                       "dots-cross"]
     assert 0.0 <= doc["miou"] <= 1.0
-    assert ev.images == 24  # the folder's val split
+    assert ev.images == 48  # the folder's val split
 
 
 def test_train_refuses_second_base_and_bad_data(store_copy, split_dir, tmp_path):

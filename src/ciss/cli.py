@@ -46,7 +46,10 @@ def _store(path: Path):
     return Store(path)
 
 
-def parse_scale(text: str) -> tuple[float, float]:
+def parse_scale(text: str | None, default: tuple[float, float] = (1.0, 1.0)
+                ) -> tuple[float, float]:
+    if text is None:
+        return default
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError as exc:
@@ -58,8 +61,11 @@ def parse_scale(text: str) -> tuple[float, float]:
 
 def _loop_options(f):
     opts = [
+        click.option("--iterations", type=click.IntRange(min=1), default=None,
+                     help="Training budget in optimiser steps (default: the recipe's, "
+                          "whatever the folder's size)."),
         click.option("--epochs", type=click.IntRange(min=1), default=None,
-                     help="Passes over the training split."),
+                     help="Passes over the training split instead of --iterations."),
         click.option("--batch-size", type=click.IntRange(min=2), default=16, show_default=True),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Peak learning rate."),
@@ -70,8 +76,16 @@ def _loop_options(f):
                      help="auto, cpu, cuda or cuda:N."),
         click.option("--crop-size", type=click.IntRange(min=16), default=None,
                      help="Training crop side (default: median image side, at most 512)."),
-        click.option("--scale", default="1.0,1.0", show_default=True,
-                     help="Random rescale range MIN,MAX (photos: 0.5,2.0 as in the literature)."),
+        click.option("--scale", default=None,
+                     help="Random rescale range MIN,MAX (default: the recipe's; photos: "
+                          "0.5,2.0 as in the literature)."),
+        click.option("--workers", type=click.IntRange(min=0), default=None,
+                     help="DataLoader workers (default: 0 for folders held in memory, "
+                          "else up to 4)."),
+        click.option("--min-iou", "floor", type=click.FloatRange(min=0, max=100),
+                     default=5.0, show_default=True,
+                     help="Warn about every trained class whose val IoU ends below this "
+                          "(points)."),
         click.option("--sync-bn", is_flag=True,
                      help="Under torchrun on GPUs: BatchNorm statistics over all ranks."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
@@ -150,36 +164,50 @@ def data_split(data_dir: Path, scenario: str, setting: str, out: Path) -> None:
 @click.option("--arch", default="tiny", show_default=True, help="An ARCHS name.")
 @click.option("--weights", type=click.Choice(["imagenet"]), default=None,
               help="Pretrained backbone (downloads once; default: random init).")
+@click.option("--loss", type=click.Choice(["ce", "wce", "ce+dice", "ohem"]), default=None,
+              help="ce, wce (classes weighted by pixel share), ce+dice or ohem "
+                   "(default: the recipe's).")
 @_loop_options
-def train(store_path, data_dir, arch, weights, epochs, batch_size, lr, optimizer, seed, device,
-          crop_size, scale, sync_bn, quiet) -> None:
+def train(store_path, data_dir, arch, weights, loss, iterations, epochs, batch_size, lr,
+          optimizer, seed, device, crop_size, scale, workers, floor, sync_bn, quiet) -> None:
     """Train step 0 on a dataset folder and write it to the store.
 
     An interrupted run resumes from its last epoch when the same command is repeated.
     Runs unchanged under torchrun (DDP; --batch-size is per process; rank 0 writes).
 
-    Example: ciss train --data data/15-5/step-0 --epochs 12
+    The budget is a number of optimiser steps (--iterations), so a small folder still gets
+    enough updates; the val split is scored along the way and the best weights are kept.
+    Every class that ends below --min-iou on the val split is named in a warning.
+
+    Example: ciss train --data data/15-5/step-0 --iterations 2000
     """
     from ciss.updater.defaults import base_defaults
-    from ciss.updater.loop import LoopConfig
     from ciss.updater.train import DataConfig, train_base
 
     d = base_defaults(arch)
-    loop = LoopConfig(epochs=epochs or d.epochs, batch_size=batch_size, lr=lr or d.lr,
-                      optimizer=optimizer, seed=seed, device=device, sync_bn=sync_bn)
+    loop = d.loop(iterations=iterations, epochs=epochs, batch_size=batch_size, lr=lr,
+                  optimizer=optimizer, seed=seed, device=device, sync_bn=sync_bn)
     report = train_base(_store(store_path), data_dir, arch=arch, weights=weights, loop=loop,
-                        data=DataConfig(crop_size=crop_size, scale=parse_scale(scale)),
-                        progress=not quiet)
+                        data=DataConfig(crop_size=crop_size, scale=parse_scale(scale, d.scale),
+                                        workers=workers),
+                        loss=loss or d.loss, floor=floor, progress=not quiet)
     if report.rank != 0:  # under torchrun only rank 0 reports
         return
     s = report.scores
     ids = list(range(1, len(report.card.classes)))
     click.echo(f"step {report.step}: {arch}, {len(ids)} classes, mIoU {pct(s.miou(ids))} "
                f"(objects, retention set), background {pct(s.iou[0])}, "
-               f"{report.fit.seconds:.0f}s training"
+               f"{report.fit.seconds:.0f}s training ({report.fit.iterations} iterations)"
                + (f" (resumed at epoch {report.fit.resumed_from + 1})"
                   if report.fit.resumed_from is not None else ""))
+    echo_warnings(report.warnings)
     click.echo(f"next: ciss evaluate --data {data_dir}   or   ciss add-classes --data NEW_FOLDER")
+
+
+def echo_warnings(warnings) -> None:
+    """One ``warning:`` line per class the step did not learn (on stderr and stdout alike)."""
+    for w in warnings:
+        click.echo(w.line(), err=True)
 
 
 # -- inspection ------------------------------------------------------------------------------

@@ -13,6 +13,10 @@ from ciss.tables import pct, table
 
 
 def _gate_options(f):
+    f = click.option("--min-new-iou", type=click.FloatRange(min=0, max=100), default=5.0,
+                     show_default=True,
+                     help="Learning check: every new class must reach this IoU (points) on "
+                          "the step's own retention set.")(f)
     f = click.option("--max-class-drop", type=float, default=15.0, show_default=True,
                      help="Largest allowed drop of any old class, IoU points.")(f)
     return click.option("--max-mean-drop", type=float, default=5.0, show_default=True,
@@ -26,8 +30,10 @@ def _gate_options(f):
 @click.option("--engine", type=ENGINE_CHOICE, default="onnx", show_default=True)
 @_gate_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def check(store_path, step, against, engine, max_mean_drop, max_class_drop, as_json) -> None:
-    """Retention gate: exit 1 when old classes regressed on the engine that will serve.
+def check(store_path, step, against, engine, max_mean_drop, max_class_drop, min_new_iou,
+          as_json) -> None:
+    """Retention gate: exit 1 when old classes regressed on the engine that will serve, or
+    when a new class was not learned (below --min-new-iou).
 
     Example: ciss check --step 2 --engine onnx --json
     """
@@ -37,16 +43,18 @@ def check(store_path, step, against, engine, max_mean_drop, max_class_drop, as_j
     store = _store(store_path)
     target = store.resolve(step)
     ensure_engine(store, target, engine)
-    result = run_gate(store, target, against, engine, max_mean_drop, max_class_drop)
+    result = run_gate(store, target, against, engine, max_mean_drop, max_class_drop,
+                      min_new_iou=min_new_iou)
     if as_json:
         click.echo(json.dumps(result.to_json()))
     else:
-        rows = [[c.name, f"step {c.introduced_in}", pct(c.before), pct(c.after),
+        rows = [[c.name, "new" if c.before is None and c.introduced_in == result.step
+                 else "old", f"step {c.introduced_in}", pct(c.before), pct(c.after),
                  "-" if c.drop is None else f"{-c.drop:+.1f}",
                  "-" if c.since_introduced is None else f"{-c.since_introduced:+.1f}"]
                 for c in result.classes]
         if rows:
-            click.echo(table(["old class", "introduced", "before %", "after %", "change",
+            click.echo(table(["class", "group", "introduced", "before %", "after %", "change",
                               "since introduced"], rows))
         verdict = "PASS" if result.passed else "FAIL"
         mean = "-" if result.mean_old_drop is None else f"{result.mean_old_drop:.1f}"
@@ -64,14 +72,15 @@ def check(store_path, step, against, engine, max_mean_drop, max_class_drop, as_j
 @click.option("--engine", type=ENGINE_CHOICE, default="onnx", show_default=True)
 @click.option("--force", is_flag=True, help="Deploy even if the gate fails (recorded).")
 @_gate_options
-def deploy(store_path, step, engine, force, max_mean_drop, max_class_drop) -> None:
+def deploy(store_path, step, engine, force, max_mean_drop, max_class_drop, min_new_iou) -> None:
     """Gate a step and point deployed.json at it (exports the engine first if needed).
 
     Example: ciss deploy --step 1 --engine onnx
     """
     from ciss.runtime.deploy import deploy as do_deploy
 
-    res = do_deploy(_store(store_path), step, engine, force, max_mean_drop, max_class_drop)
+    res = do_deploy(_store(store_path), step, engine, force, max_mean_drop, max_class_drop,
+                    min_new_iou)
     rec = res.record
     note = " (FORCED past a failing gate)" if rec["forced"] else ""
     click.echo(f"deployed step {rec['step']} on {rec['engine']}{note}; "
@@ -115,7 +124,8 @@ def rollback(store_path) -> None:
               help="Serve a deployment forced past a failing gate (refused by default).")
 @_gate_options
 def serve(store_path, host, port, model_name, engine, providers, admin_token, poll, max_body_mb,
-          max_pixels, concurrency, accept_forced, max_mean_drop, max_class_drop) -> None:
+          max_pixels, concurrency, accept_forced, max_mean_drop, max_class_drop,
+          min_new_iou) -> None:
     """Serve the deployed step over HTTP; hot-swap when deployed.json changes and passes the gate.
 
     Speaks the Open Inference Protocol v2 (model 'ciss' by default, version = step + 1) plus
@@ -142,6 +152,7 @@ def serve(store_path, host, port, model_name, engine, providers, admin_token, po
         policy=SwapPolicy(engine=engine, providers=[p.strip() for p in providers.split(",")
                                                     if p.strip()],
                           max_mean_drop=max_mean_drop, max_class_drop=max_class_drop,
+                          min_new_iou=min_new_iou,
                           accept_forced=accept_forced))
 
     def announce(app) -> None:

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import click
 
-from ciss.cli import _loop_options, _store, data_option, main, parse_scale, store_option
+from ciss.cli import (
+    _loop_options,
+    _store,
+    data_option,
+    echo_warnings,
+    main,
+    parse_scale,
+    store_option,
+)
 from ciss.tables import pct, table
 
 
@@ -32,8 +40,8 @@ from ciss.tables import pct, table
               help="A fully labelled folder to score as well.")
 @_loop_options
 def add_classes_cmd(store_path, data_dir, parent, method, freeze, init, kd_weight, alpha, scale,
-                    cache_trunk_mb, val_dir, epochs, batch_size, lr, optimizer, seed, device,
-                    crop_size, sync_bn, quiet) -> None:
+                    cache_trunk_mb, val_dir, iterations, epochs, batch_size, lr, optimizer, seed,
+                    device, crop_size, workers, floor, sync_bn, quiet) -> None:
     """Learn the folder's new classes on top of a stored step without forgetting the old.
 
     Runs unchanged under torchrun (DDP; --batch-size is per process; rank 0 writes).
@@ -42,22 +50,27 @@ def add_classes_cmd(store_path, data_dir, parent, method, freeze, init, kd_weigh
     """
     from ciss.updater.add_classes import UpdateConfig, add_classes
     from ciss.updater.defaults import step_defaults
-    from ciss.updater.loop import LoopConfig
     from ciss.updater.methods import MethodConfig
     from ciss.updater.train import DataConfig
 
     store = _store(store_path)
     d = step_defaults(method)
-    loop = LoopConfig(epochs=epochs or d.epochs, batch_size=batch_size, lr=lr or d.lr,
-                      optimizer=optimizer, seed=seed, device=device, sync_bn=sync_bn)
+    loop = d.loop(iterations=iterations, epochs=epochs, batch_size=batch_size, lr=lr,
+                  optimizer=optimizer, seed=seed, device=device, sync_bn=sync_bn)
+    parent_warnings = store.card(store.resolve(parent)).extra.get("learning", {}).get(
+        "warnings", [])
+    if parent_warnings:
+        click.echo(f"warning: the parent step has classes it never learned "
+                   f"({', '.join(w['name'] for w in parent_warnings)}); their retention "
+                   "cannot be measured. Retrain it first if they matter.", err=True)
     report = add_classes(
         store, data_dir,
         method=MethodConfig(method=method, kd_weight=kd_weight if kd_weight is not None
                             else d.kd_weight, alpha=alpha),
         update=UpdateConfig(parent=parent, freeze=freeze, init=init,
                             cache_trunk_mb=cache_trunk_mb),
-        loop=loop, data=DataConfig(crop_size=crop_size, scale=parse_scale(scale)), val_dir=val_dir,
-        progress=not quiet)
+        loop=loop, data=DataConfig(crop_size=crop_size, scale=parse_scale(scale), workers=workers),
+        val_dir=val_dir, floor=floor, progress=not quiet)
     if report.rank != 0:  # under torchrun only rank 0 reports
         return
     click.echo(before_after_table(store, report.step))
@@ -65,6 +78,7 @@ def add_classes_cmd(store_path, data_dir, parent, method, freeze, init, kd_weigh
     click.echo(f"step {report.step} ({method}, parent {card.parent}): +{len(card.new_classes)} "
                f"classes ({', '.join(card.new_classes)}), frozen up to "
                f"{card.frozen[-1] if card.frozen else 'none'}, {report.fit.seconds:.0f}s training")
+    echo_warnings(report.warnings)
     click.echo(f"next: ciss check --step {report.step}   then   ciss deploy --step {report.step}")
 
 

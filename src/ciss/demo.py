@@ -17,12 +17,15 @@ class DemoPlan:
 
     n_train: int
     n_val: int
-    base_epochs: int
-    step_epochs: int
+    base_iterations: int | None  # None: the default recipe's budget
+    step_iterations: int | None
+    min_new_iou: float  # the learning check's floor (a smoke run learns nothing)
 
 
-FULL = DemoPlan(n_train=2000, n_val=300, base_epochs=16, step_epochs=10)
-FAST = DemoPlan(n_train=160, n_val=60, base_epochs=2, step_epochs=1)
+FULL = DemoPlan(n_train=2000, n_val=300, base_iterations=None, step_iterations=None,
+                min_new_iou=5.0)
+FAST = DemoPlan(n_train=160, n_val=60, base_iterations=20, step_iterations=10,
+                min_new_iou=0.0)
 
 
 def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = print) -> dict:
@@ -37,9 +40,8 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
     from ciss.store import Store
     from ciss.updater.add_classes import UpdateConfig, add_classes
     from ciss.updater.defaults import base_defaults, step_defaults
-    from ciss.updater.loop import LoopConfig
     from ciss.updater.methods import MethodConfig
-    from ciss.updater.train import train_base
+    from ciss.updater.train import DataConfig, train_base
 
     plan = FAST if fast else FULL
     out = Path(out)
@@ -52,20 +54,24 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
     echo("[2/8] split 15-5 (overlap): step-0 learns 15 classes, step-1 adds 5 dotted shapes "
          "labelled alone (old objects in those images are 'background')")
     steps = write_split(open_folder(data_dir), parse_scenario("15-5"), split_dir)
-    echo(f"[3/8] base training of tiny on {steps[0]} ({plan.base_epochs} epochs)")
-    base = train_base(store, steps[0], loop=LoopConfig(epochs=plan.base_epochs,
-                                                       lr=base_defaults("tiny").lr),
-                      progress=not fast)
+    bd = base_defaults("tiny")
+    base_loop = bd.loop(iterations=plan.base_iterations)
+    echo(f"[3/8] base training of tiny on {steps[0]} ({base_loop.iterations} iterations)")
+    base = train_base(store, steps[0], loop=base_loop, loss=bd.loss,
+                      data=DataConfig(scale=bd.scale), progress=not fast)
     echo(f"      step {base.step} written ({base.fit.seconds:.0f}s of training)")
+    for w in base.warnings:
+        echo(f"      {w.line()}")
     numbers = {"base_step": base.step}
     for method in ("mib", "ft"):
         d = step_defaults(method)
+        step_loop = d.loop(iterations=plan.step_iterations)
         echo(f"[{4 if method == 'mib' else 5}/8] add-classes --method {method} --from 0 "
-             f"({plan.step_epochs} epochs, early stages frozen)")
+             f"({step_loop.iterations} iterations, early stages frozen)")
         rep = add_classes(store, steps[1], method=MethodConfig(method=method,
                                                                kd_weight=d.kd_weight),
-                          update=UpdateConfig(parent=base.step),
-                          loop=LoopConfig(epochs=plan.step_epochs, lr=d.lr), progress=not fast)
+                          update=UpdateConfig(parent=base.step), loop=step_loop,
+                          progress=not fast)
         echo(before_after_table(store, rep.step))
         numbers[f"{method}_step"] = rep.step
         echo(f"      step {rep.step} ({method}) written ({rep.fit.seconds:.0f}s of training)")
@@ -88,10 +94,12 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
     from ciss.errors import CheckFailed
     from ciss.runtime.deploy import deploy
 
+    if plan.min_new_iou == 0:
+        echo("      (--fast: a smoke run learns nothing, so the learning check is off here)")
     for step in (numbers["mib_step"], numbers["ft_step"]):
         method = store.card(step).method
         try:
-            res = deploy(store, step, "onnx")
+            res = deploy(store, step, "onnx", min_new_iou=plan.min_new_iou)
             mean = res.gate.mean_old_drop
             echo(f"      step {step} ({method}): PASS, mean old-class drop "
                  f"{0.0 if mean is None else mean:.1f} points -> deployed")
@@ -111,10 +119,11 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
         echo(f"      {method} (step {diag.step}, {diag.seconds}s): {diag.verdict}")
         echo(f"      report: {page}")
     if store.deployed() is None:  # nothing passed: serve the base step, which has no old class
-        deploy(store, base.step, "onnx")
+        deploy(store, base.step, "onnx", min_new_iou=plan.min_new_iou)
     echo("[8/8] ciss serve: segment over HTTP, then try to force the ft step past the gate")
     ft_step = numbers["ft_step"] if numbers.get("ft_gate") == "refused" else None
-    numbers["served"] = serve_story(store, data_dir, out / "served-masks", ft_step, echo)
+    numbers["served"] = serve_story(store, data_dir, out / "served-masks", ft_step, echo,
+                                    plan.min_new_iou)
     numbers["seconds"] = round(time.perf_counter() - t0, 1)
     old = {m: numbers[f"step{numbers[m + '_step']}"]["old"] for m in ("mib", "ft")}
     echo(f"done in {numbers['seconds']}s. old-class mIoU after the new step: mib "
@@ -126,7 +135,7 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
 
 
 def serve_story(store, data_dir: Path, masks_dir: Path, ft_step: int | None,
-                echo: Callable[[str], None]) -> dict:
+                echo: Callable[[str], None], min_new_iou: float = 5.0) -> dict:
     """Serve the deployed step on loopback, segment a few val images over HTTP, then force-deploy
     the ft step (when the gate refused it) and show the running server refusing it too."""
     import json
@@ -146,7 +155,10 @@ def serve_story(store, data_dir: Path, masks_dir: Path, ft_step: int | None,
     masks_dir.mkdir(parents=True, exist_ok=True)
     # The server logs refusals as warnings; the demo prints them itself, once.
     logging.getLogger("ciss.serve").setLevel(logging.ERROR)
-    with background(ServeConfig(store=store.root, poll_s=0.2)) as (url, app):
+    from ciss.runtime.slot import SwapPolicy
+
+    policy = SwapPolicy(min_new_iou=min_new_iou)
+    with background(ServeConfig(store=store.root, poll_s=0.2, policy=policy)) as (url, app):
         meta = json.loads(http(f"{url}/v2/models/ciss"))
         echo(f"      {url}: model ciss versions {meta['versions']} (version = step + 1), "
              f"serving step {meta['parameters']['step']} on {meta['parameters']['runtime']}")
@@ -163,7 +175,7 @@ def serve_story(store, data_dir: Path, masks_dir: Path, ft_step: int | None,
         if ft_step is None:
             echo("      (the ft step passed the gate on this run, so there is no refusal to show)")
             return {"step": served, "refused_ft": None}
-        deploy(store, ft_step, "onnx", force=True)
+        deploy(store, ft_step, "onnx", force=True, min_new_iou=min_new_iou)
         echo(f"      ciss deploy --step {ft_step} --force (the ft step, forced past the gate)")
         deadline = time.monotonic() + 120
         while (app.state.slot.last_error is None and app.state.slot.current.step != ft_step

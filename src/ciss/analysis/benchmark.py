@@ -27,9 +27,8 @@ from ciss.store import Store
 from ciss.tables import pct, table
 from ciss.updater.add_classes import UpdateConfig, add_classes
 from ciss.updater.defaults import base_defaults, step_defaults
-from ciss.updater.loop import LoopConfig
 from ciss.updater.methods import MethodConfig
-from ciss.updater.train import train_base
+from ciss.updater.train import DataConfig, train_base
 
 KNOWN = ("ft", "lwf", "ilt", "mib", "joint")
 
@@ -125,7 +124,10 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
     scenario = parse_scenario(cfg.scenario)
     steps = write_split(source, scenario, out / "split", cfg.setting)
     base_ids = scenario.steps(len(source.classes) - 1)[0]
-    base_epochs = cfg.base_epochs or base_defaults(cfg.arch).epochs
+    bd = base_defaults(cfg.arch)
+    base_loop = bd.loop(epochs=cfg.base_epochs, seed=cfg.seed)
+    budget = (f"{cfg.base_epochs} epochs" if cfg.base_epochs
+              else f"{base_loop.iterations} iterations")
     rows: list[Row] = []
     incremental = [m for m in cfg.methods if m != "joint"]
     runs = [(m, steps) for m in incremental]
@@ -134,11 +136,11 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
                               old_label=255)
         runs.append(("ft-control", control))
     if incremental or cfg.control:
-        say(f"base step: {cfg.arch}, {len(base_ids)} classes, {base_epochs} epochs")
+        say(f"base step: {cfg.arch}, {len(base_ids)} classes, {budget}")
         base = Store(out / "stores" / "base")
         rep = train_base(base, steps[0], arch=cfg.arch,
-                         loop=LoopConfig(epochs=base_epochs, lr=base_defaults(cfg.arch).lr,
-                                         seed=cfg.seed), progress=progress)
+                         loop=base_loop, loss=bd.loss, data=DataConfig(scale=bd.scale),
+                         progress=progress)
         old, new, all_, per = score_step(base, 0, source, base_ids)
         for method, step_dirs in runs:
             store = Store(out / "stores" / method)
@@ -151,16 +153,16 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
                 r = add_classes(store, step_dir,
                                 method=MethodConfig(method=loss, kd_weight=d.kd_weight),
                                 update=UpdateConfig(freeze=cfg.freeze),
-                                loop=LoopConfig(epochs=cfg.step_epochs or d.epochs, lr=d.lr,
-                                                seed=cfg.seed), progress=progress)
+                                loop=d.loop(epochs=cfg.step_epochs, seed=cfg.seed),
+                                progress=progress)
                 o, n, a, per = score_step(store, r.step, source, base_ids)
                 rows.append(Row(method, t, o, n, a, harmonic_iou(o, n), r.fit.seconds, per))
     if "joint" in cfg.methods:
-        say(f"joint: all {len(source.classes) - 1} classes at once, {base_epochs} epochs")
+        say(f"joint: all {len(source.classes) - 1} classes at once, {budget}")
         store = Store(out / "stores" / "joint")
         rep = train_base(store, data_dir, arch=cfg.arch,
-                         loop=LoopConfig(epochs=base_epochs, lr=base_defaults(cfg.arch).lr,
-                                         seed=cfg.seed), progress=progress)
+                         loop=base_loop, loss=bd.loss, data=DataConfig(scale=bd.scale),
+                         progress=progress)
         o, n, a, per = score_step(store, 0, source, base_ids)
         rows.append(Row("joint", len(steps) - 1, o, n, a, harmonic_iou(o, n), rep.fit.seconds,
                         per))

@@ -38,6 +38,8 @@ class DatasetFolder:
         has_val_list: whether the folder names its val split explicitly.
         presence: stem -> ids of the classes with at least one pixel in its mask (255 excluded).
         layout: "ciss" or "voc".
+        pixels: stem -> pixel count per class id (length = number of classes; 255 excluded).
+        shapes: stem -> (height, width) of its image.
     """
 
     root: Path
@@ -49,6 +51,8 @@ class DatasetFolder:
     has_val_list: bool
     presence: dict[str, frozenset[int]]
     layout: str = "ciss"
+    pixels: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
     _cache: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def load(self, stem: str) -> tuple[np.ndarray, np.ndarray]:
@@ -56,6 +60,11 @@ class DatasetFolder:
         if stem in self._cache:
             return self._cache[stem]
         return read_image(self.images[stem]), read_mask(self.masks[stem])
+
+    @property
+    def cached(self) -> bool:
+        """Whether every decoded image and mask is held in memory."""
+        return bool(self._cache) and len(self._cache) == len(self.images)
 
     def fingerprint(self) -> str:
         """A short hash of the class list, split lists and file sizes (identifies the data)."""
@@ -67,6 +76,13 @@ class DatasetFolder:
             h.update(f"{stem}:{self.images[stem].stat().st_size}:"
                      f"{self.masks[stem].stat().st_size}".encode())
         return h.hexdigest()[:16]
+
+    def class_pixels(self, stems: list[str]) -> np.ndarray:
+        """Pixels of each class id over ``stems`` (int64, one entry per class)."""
+        total = np.zeros(len(self.classes), dtype=np.int64)
+        for stem in stems:
+            total += self.pixels[stem]
+        return total
 
     def class_counts(self, stems: list[str]) -> dict[str, int]:
         """Number of images in ``stems`` showing each class."""
@@ -212,20 +228,25 @@ def _check_pair(stem: str, image_path: Path, mask_path: Path, n_classes: int):
         raise CissError(f"{mask_path}: mask values {bad[:5]} are not class ids of classes.txt "
                         f"(0..{n_classes - 1}, 255 = ignore)")
     present = frozenset(int(v) for v in values if v != IGNORE_INDEX)
-    return stem, image, mask, present
+    counts = np.bincount(mask.ravel(), minlength=256)[:n_classes].astype(np.int64)
+    return stem, image, mask, present, counts
 
 
 def _validate(root, classes, images, masks, train, val, has_val, layout, cache) -> DatasetFolder:
     stems = sorted(images)
     presence: dict[str, frozenset[int]] = {}
+    pixels: dict[str, np.ndarray] = {}
+    shapes: dict[str, tuple[int, int]] = {}
     kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     budget = CACHE_BUDGET_BYTES if cache else 0
     used = 0
     # PIL decoding releases the GIL: two threads use both cores of a small machine.
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = pool.map(lambda s: _check_pair(s, images[s], masks[s], len(classes)), stems)
-        for stem, image, mask, present in results:
+        for stem, image, mask, present, counts in results:
             presence[stem] = present
+            pixels[stem] = counts
+            shapes[stem] = mask.shape
             size = image.nbytes + mask.nbytes
             if used + size <= budget:
                 kept[stem] = (image, mask)
@@ -234,4 +255,4 @@ def _validate(root, classes, images, masks, train, val, has_val, layout, cache) 
         kept = {}  # a partial cache would make epochs uneven; decode everything on demand
     return DatasetFolder(root=root, classes=classes, images=images, masks=masks, train=train,
                          val=val, has_val_list=has_val, presence=presence, layout=layout,
-                         _cache=kept)
+                         pixels=pixels, shapes=shapes, _cache=kept)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+from ciss.analysis.learning import DEFAULT_FLOOR
 from ciss.errors import CheckFailed, CissError
 from ciss.runtime.gate import GateResult, run_gate
 from ciss.store import Store
@@ -31,7 +32,8 @@ def ensure_engine(store: Store, step: int, engine: str) -> None:
 
 
 def deploy(store: Store, step: int | None = None, engine: str = "onnx", force: bool = False,
-           max_mean_drop: float = 5.0, max_class_drop: float = 15.0) -> DeployResult:
+           max_mean_drop: float = 5.0, max_class_drop: float = 15.0,
+           min_new_iou: float = DEFAULT_FLOOR) -> DeployResult:
     """Gate ``step`` on ``engine`` and point ``deployed.json`` at it.
 
     Raises:
@@ -43,7 +45,7 @@ def deploy(store: Store, step: int | None = None, engine: str = "onnx", force: b
     ensure_engine(store, step, engine)
     store.verify(step)
     gate = run_gate(store, step, engine=engine, max_mean_drop=max_mean_drop,
-                    max_class_drop=max_class_drop)
+                    max_class_drop=max_class_drop, min_new_iou=min_new_iou)
     if not gate.passed and not force:
         shown = gate.reasons[:3]
         more = len(gate.reasons) - len(shown)

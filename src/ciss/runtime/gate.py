@@ -4,6 +4,10 @@ Measured per class on the retention sets (partial-label rule), on the engine tha
 against the parent (or ``--against``). Fails when the mean old-class IoU drops more than
 ``max_mean_drop`` points, any old class drops more than ``max_class_drop`` points, or the
 engine's export parity gate failed.
+
+Beside it, the learning check: a step whose *new* classes score below ``min_new_iou`` points on
+the step's own retention set was not learned, and fails the same way (a model that learned
+nothing would otherwise pass a retention gate that compares 0 with 0).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ciss.analysis.evaluate import predictor_for
+from ciss.analysis.learning import DEFAULT_FLOOR
 from ciss.data.classes import ClassList
 from ciss.exporters.export import has_artifact
 from ciss.store import Store
@@ -52,10 +57,28 @@ def _introduced(store: Store, chain: list[int]) -> dict[str, int]:
     return first
 
 
+def _learning_check(result: GateResult, card, after: dict, min_new_iou: float
+                    ) -> list[ClassDrop]:
+    """Add a reason for every new class of the step that scores below ``min_new_iou`` points
+    on its own retention set; return an entry (``before: None``) per new class."""
+    own = after.get(str(card.step), {})
+    entries = []
+    for name in card.new_classes:
+        a = own.get(name)
+        entries.append(ClassDrop(name, None, a, None, None, card.step))
+        if a is None or 100 * a < min_new_iou:
+            shown = "not in its retention set" if a is None else f"IoU {100 * a:.1f}"
+            result.reasons.append(f"new class {name} was not learned ({shown} < "
+                                  f"{min_new_iou:g} points)")
+    return entries
+
+
 def run_gate(store: Store, step: int | None = None, against: int | None = None,
              engine: str = "onnx", max_mean_drop: float = 5.0,
-             max_class_drop: float = 15.0, predict=None) -> GateResult:
-    """Compare ``step`` with ``against`` (default: its parent) on the old classes.
+             max_class_drop: float = 15.0, predict=None,
+             min_new_iou: float = DEFAULT_FLOOR) -> GateResult:
+    """Compare ``step`` with ``against`` (default: its parent) on the old classes, and check
+    that its new classes reach ``min_new_iou`` points on its own retention set.
 
     Args:
         predict: the candidate's predictor (uint8 [N,3,H,W] -> labels); default: ``engine``
@@ -66,19 +89,24 @@ def run_gate(store: Store, step: int | None = None, against: int | None = None,
     """
     step, against, chain = resolve_comparison(store, step, against)
     card = store.card(step)
+    classes_now = ClassList(tuple(card.classes))
+    # the step's own retention set comes with its ancestors' (it labels the new classes)
+    after = score_retention(store, step, predict or predictor_for(store, step, engine),
+                            classes_now)
     if against is None:
-        return GateResult(True, step, None, engine, None,
-                          ["step has no parent: no old class to protect"])
+        result = GateResult(True, step, None, engine, None)
+        result.classes = _learning_check(result, card, after, min_new_iou)
+        result.passed = not result.reasons
+        result.reasons.append("note: step has no parent: no old class to protect")
+        return result
     parent = store.card(against)
     oldest = ancestors(store, against)[0]
-    classes_now = ClassList(tuple(card.classes))
-    after = score_retention(store, against, predict or predictor_for(store, step, engine),
-                            classes_now)
     before_engine = engine if has_artifact(parent.artifacts, engine) else "torch"
     before = score_retention(store, against, predictor_for(store, against, before_engine),
                              ClassList(tuple(parent.classes)))
     introduced = _introduced(store, chain)
     result = GateResult(True, step, against, engine, None)
+    new_entries = _learning_check(result, card, after, min_new_iou)  # reasons before drops
     drops = []
     for name in parent.classes[1:]:
         s = str(introduced.get(name, oldest))
@@ -93,6 +121,7 @@ def run_gate(store: Store, step: int | None = None, against: int | None = None,
             if d > max_class_drop:
                 result.reasons.append(f"{name}: IoU {100 * b:.1f} -> {100 * a:.1f} "
                                       f"(-{d:.1f} points > {max_class_drop:g})")
+    result.classes.extend(new_entries)
     result.mean_old_drop = sum(drops) / len(drops) if drops else None
     if result.mean_old_drop is not None and result.mean_old_drop > max_mean_drop:
         result.reasons.insert(0, f"mean old-class IoU dropped {result.mean_old_drop:.1f} points "

@@ -39,6 +39,7 @@ class SwapPolicy:
         engine: serve this engine instead of the one ``deployed.json`` names.
         providers: ONNX Runtime providers, best first (the first must load).
         max_mean_drop, max_class_drop: the retention gate's tolerances (points).
+        min_new_iou: the learning check's floor for new classes (points).
         accept_forced: serve a deployment recorded as forced past a failing gate.
     """
 
@@ -46,6 +47,7 @@ class SwapPolicy:
     providers: list[str] | None = None
     max_mean_drop: float = 5.0
     max_class_drop: float = 15.0
+    min_new_iou: float = 5.0
     accept_forced: bool = False
 
 
@@ -149,6 +151,7 @@ class ModelSlot:
         gate = run_gate(self.store, step, engine=engine_name,
                         max_mean_drop=self.policy.max_mean_drop,
                         max_class_drop=self.policy.max_class_drop,
+                        min_new_iou=self.policy.min_new_iou,
                         predict=engine.predict_labels)
         self.metrics.gate_runs.labels("passed" if gate.passed else "failed").inc()
         self.metrics.gate_passed.set(1 if gate.passed else 0)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from ciss.analysis.learning import DEFAULT_FLOOR, ClassWarning, learning_warnings
 from ciss.analysis.scoring import FolderScores, score_folder, torch_predictor
 from ciss.data.classes import ClassList
 from ciss.data.dataset import SegmentationDataset, label_lut
@@ -30,7 +32,13 @@ from ciss.updater.distributed import (
 )
 from ciss.updater.loop import FitResult, LoopConfig, fit, resolve_device
 from ciss.updater.methods import METHODS, IncrementalStep, MethodConfig, TrunkCache
-from ciss.updater.train import DataConfig, StepReport, retention_stems
+from ciss.updater.train import (
+    DataConfig,
+    StepReport,
+    loader_workers,
+    retention_stems,
+    validation_stems,
+)
 
 
 @dataclass(frozen=True)
@@ -75,7 +83,8 @@ def score_retention(store: Store, step: int, predict, classes: ClassList
 def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodConfig(),
                 update: UpdateConfig = UpdateConfig(), loop: LoopConfig = LoopConfig(),
                 data: DataConfig = DataConfig(scale=(1.0, 1.0)), val_dir: Path | None = None,
-                progress: bool = True, after_epoch=None) -> StepReport:
+                floor: float = DEFAULT_FLOOR, progress: bool = True,
+                after_epoch=None) -> StepReport:
     """Train a new step that adds ``data_dir``'s unknown classes to the parent step.
 
     Names already known keep their ids and supervise normally; unknown names become new
@@ -96,7 +105,7 @@ def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodCo
             "weights.safetensors")])
         agree(info, "the training data", folder.fingerprint())
         job = _Job(store, folder, Path(data_dir), parent_step, method, update, loop, data,
-                   val_dir, info, device)
+                   val_dir, info, device, floor)
         return _add_classes(job, progress, after_epoch)
 
 
@@ -115,6 +124,7 @@ class _Job:
     val_dir: Path | None
     info: DistInfo
     device: torch.device
+    floor: float = DEFAULT_FLOOR
 
 
 @dataclass
@@ -128,6 +138,7 @@ class _Trained:
     crop: int
     cache: TrunkCache | None
     fit: FitResult
+    warnings: list[ClassWarning] = field(default_factory=list)
 
 
 def _add_classes(job: _Job, progress: bool, after_epoch) -> StepReport:
@@ -138,6 +149,7 @@ def _add_classes(job: _Job, progress: bool, after_epoch) -> StepReport:
     new = _new_classes(folder, parent, Path(data_dir))
     classes = ClassList(tuple(parent.classes)).extended(new)
     student = copy.deepcopy(teacher)
+    torch.manual_seed(loop.seed)  # the new rows' random init must not depend on what ran before
     grow_classifier(student, len(new), init=update.init)
     stage = update.freeze or ARCHS[parent.arch].default_freeze
     freeze(student, stage)
@@ -148,7 +160,9 @@ def _add_classes(job: _Job, progress: bool, after_epoch) -> StepReport:
     torch.manual_seed(loop.seed)
 
     lut = label_lut(folder.classes, classes)
-    shapes = [folder.load(s)[1].shape for s in folder.train[:200]]
+    # every training image's size is known from validation: the cache is safe only when no
+    # image is ever randomly cropped or rescaled (a key is an image and its flip, nothing else)
+    shapes = [folder.shapes[s] for s in folder.train]
     crop = data.crop_size or auto_crop_size(shapes)
     transform = TrainTransform(crop, scale=data.scale)
     cacheable = (update.cache_trunk_mb > 0 and student.frozen_upto >= 0
@@ -161,16 +175,50 @@ def _add_classes(job: _Job, progress: bool, after_epoch) -> StepReport:
                    folder.fingerprint(), repr(method), repr(update), repr(data),
                    str(info.world_size))
     ckpt = store.work_dir / f"add-{key}"
+    validate = (step_validator(store, parent_step, student, device, folder, classes, new)
+                if loop.evals else None)
     result: FitResult = fit(student, step_fn, dataset, loop, checkpoint=ckpt, key=key,
                             desc=method.method, after_epoch=after_epoch, progress=progress,
-                            dist_info=info)
+                            dist_info=info, validate=validate,
+                            workers=loader_workers(folder, data.workers))
     written: list = []
     trained = _Trained(parent, student, classes, new, crop, cache, result)
     step = run_on_main(info, lambda: _evaluate_and_write(job, trained, written))
     if info.is_main:
         shutil.rmtree(ckpt, ignore_errors=True)
     return StepReport(step=step, card=store.card(step), scores=written[0] if written else None,
-                      fit=result, rank=info.rank)
+                      fit=result, rank=info.rank, warnings=trained.warnings)
+
+
+def step_validator(store: Store, parent_step: int, student, device, folder: DatasetFolder,
+                   classes: ClassList, new: list[str]):
+    """``() -> {"score": hIoU(old, new), "old", "new"}``: old classes on the parent's retention
+    sets, new ones on the folder's val split, so the kept weights balance both."""
+    from ciss.analysis.metrics import harmonic_iou
+
+    predict = torch_predictor(student, device)
+    new_ids = [classes.index(n) for n in new]
+    keep = validation_stems(retention_stems(folder, [folder.classes.index(n) for n in new]))
+
+    def validate() -> dict[str, float]:
+        old = [v for per in score_retention(store, parent_step, predict, classes).values()
+               for k, v in per.items() if k != "background" and k not in new and v is not None]
+        old_miou = sum(old) / len(old) if old else 0.0
+        new_miou = (score_folder(predict, folder, keep, classes).miou(new_ids) or 0.0
+                    if keep else 0.0)
+        return {"score": harmonic_iou(old_miou, new_miou) or 0.0, "old": old_miou,
+                "new": new_miou}
+
+    return validate
+
+
+def model_pixels(folder: DatasetFolder, lut: np.ndarray, n_classes: int) -> np.ndarray:
+    """Training pixels per class id of the model (folder ids mapped through ``lut``)."""
+    out = np.zeros(n_classes, dtype=np.int64)
+    for fid, count in enumerate(folder.class_pixels(folder.train)):
+        if lut[fid] < n_classes:
+            out[lut[fid]] += count
+    return out
 
 
 def _evaluate_and_write(job: _Job, trained: _Trained, written: list) -> int:
@@ -188,8 +236,16 @@ def _evaluate_and_write(job: _Job, trained: _Trained, written: list) -> int:
         raise CissError(f"{data_dir}: the val split shows none of the folder's classes; "
                         "the step needs a retention set (add val images or a val.txt)")
     own: FolderScores = score_folder(predict, folder, keep, classes)
+    new_ids = [classes.index(n) for n in trained.new]
+    trained.warnings.extend(learning_warnings(
+        list(classes.names), new_ids, own.iou, own.cm,
+        model_pixels(folder, label_lut(folder.classes, classes), len(classes)),
+        floor=job.floor, validation=result.validation, loss=None))
     extra = {"history": result.history, "resumed_from": result.resumed_from,
              "device": str(device), "torch": torch.__version__, "world_size": info.world_size,
+             "learning": {"floor": job.floor,
+                          "warnings": [w.to_json() for w in trained.warnings]},
+             "validation": result.validation, "best": result.best,
              "trunk_cache": None if cache is None else
              {"hits": cache.hits, "misses": cache.misses, "mb": round(cache.used / 2**20, 1)}}
     if val_dir is not None:

@@ -34,8 +34,10 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(folder: Path, *, key: str, epoch: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler, extra: dict | None = None) -> None:
-    """Write the checkpoint for a finished ``epoch`` atomically (folder swap)."""
+                    optimizer: torch.optim.Optimizer, scheduler, extra: dict | None = None,
+                    best: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the checkpoint for a finished ``epoch`` atomically (folder swap), with the
+    best-validated weights so far when there are any."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -46,6 +48,8 @@ def save_checkpoint(folder: Path, *, key: str, epoch: int, model: torch.nn.Modul
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     tensors.update(opt_tensors)
     save_file(tensors, str(tmp / "state.safetensors"))
+    if best is not None:
+        save_file({k: v.contiguous() for k, v in best.items()}, str(tmp / "best.safetensors"))
     meta = {"key": key, "epoch": epoch, "optimizer": opt_meta,
             "scheduler": scheduler.state_dict(), "extra": extra or {}}
     (tmp / "meta.json").write_text(json.dumps(meta, default=float))
@@ -72,3 +76,11 @@ def load_checkpoint(folder: Path, *, key: str, model: torch.nn.Module,
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     scheduler.load_state_dict(meta["scheduler"])
     return meta
+
+
+def load_best(folder: Path) -> dict[str, torch.Tensor] | None:
+    """The best-validated weights saved with a checkpoint, or None."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "best.safetensors"
+    return load_file(str(path)) if path.exists() else None

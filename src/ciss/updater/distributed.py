@@ -124,12 +124,17 @@ def check_shared_store(info: DistInfo, store_root, work_dir) -> None:
                         "(e.g. NFS), since rank 0 writes the step and every rank reads it")
 
 
-def mean_over_ranks(info: DistInfo, values: dict[str, float]) -> dict[str, float]:
-    """Average a dict of floats over ranks (same keys on every rank)."""
+def mean_over_ranks(info: DistInfo, values: dict[str, float],
+                    device: torch.device | str = "cpu") -> dict[str, float]:
+    """Average a dict of floats over ranks (same keys on every rank).
+
+    The tensor lives on ``device``, the training device: NCCL only reduces CUDA tensors, so a
+    CPU tensor would fail under torchrun on GPUs (gloo takes either).
+    """
     if not info.enabled or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return {k: float(v) / info.world_size for k, v in zip(keys, t.tolist())}
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from ciss.errors import CheckFailed, CissError
-from ciss.updater.checkpoint import load_checkpoint, save_checkpoint
+from ciss.updater.checkpoint import load_best, load_checkpoint, save_checkpoint
 from ciss.updater.distributed import DistInfo, any_rank, barrier, mean_over_ranks
 
 # (images, masks[, keys]) -> {"loss": ..., other parts}
@@ -27,7 +27,10 @@ class LoopConfig:
     """Optimisation settings.
 
     Attributes:
-        epochs: passes over the training split.
+        iterations: the training budget in optimiser steps. A budget in steps rather than
+            passes means a small folder still gets enough updates and a large one does not
+            take hours (BENCHMARKS.md §1); the last pass over the data may be partial.
+        epochs: when set, passes over the training split instead of ``iterations``.
         batch_size: images per optimiser step (>= 2: BatchNorm needs it).
         lr: peak learning rate (after warm-up), poly decay (power 0.9) per iteration.
         weight_decay: decoupled (AdamW) or L2 (SGD).
@@ -37,9 +40,12 @@ class LoopConfig:
         device: "auto" (CUDA when present), "cpu" or "cuda[:i]".
         amp: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).
         sync_bn: under torchrun on GPUs, BatchNorm statistics over all ranks' batches.
+        evals: validation points spread over the budget; the weights that scored best are
+            kept (0: keep the last weights). Needs a ``validate`` function in ``fit``.
     """
 
-    epochs: int = 10
+    iterations: int = 1000
+    epochs: int | None = None
     batch_size: int = 16
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -49,6 +55,11 @@ class LoopConfig:
     device: str = "auto"
     amp: bool = True
     sync_bn: bool = False
+    evals: int = 4
+
+    def total_iterations(self, per_epoch: int) -> int:
+        """The budget in optimiser steps for ``per_epoch`` steps per pass."""
+        return self.epochs * per_epoch if self.epochs else self.iterations
 
     def key(self, *parts: str) -> str:
         """A fingerprint of these settings plus ``parts``: checkpoints resume only on a match."""
@@ -64,6 +75,8 @@ class FitResult:
     seconds: float = 0.0
     resumed_from: int | None = None
     iterations: int = 0
+    validation: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, float] | None = None  # the validation point whose weights were kept
 
 
 def resolve_device(device: str) -> torch.device:
@@ -119,10 +132,29 @@ def _sampler(dataset, cfg: LoopConfig, info: DistInfo, epoch: int):
         cfg.seed * 100_003 + epoch))
 
 
+def eval_points(total: int, per_epoch: int, evals: int) -> set[int]:
+    """The epochs (0-based) after which to validate: ``evals`` points spread over the
+    budget's second half (early weights are never the best worth keeping), the last always."""
+    n_epochs = math.ceil(total / per_epoch)
+    if evals <= 0:
+        return set()
+    marks = [total * (0.5 + 0.5 * (k + 1) / evals) for k in range(evals)]
+    return {min(n_epochs - 1, max(0, math.ceil(m / per_epoch) - 1)) for m in marks}
+
+
+@dataclass
+class _Best:
+    score: float = -math.inf
+    epoch: int = -1
+    state: dict[str, torch.Tensor] | None = None
+
+
 def fit(model: torch.nn.Module, step_fn: StepFn, dataset, cfg: LoopConfig, *,
         checkpoint: Path | None = None, key: str = "", desc: str = "train",
         after_epoch: Callable[[int], None] | None = None, progress: bool = True,
-        dist_info: DistInfo = DistInfo()) -> FitResult:
+        dist_info: DistInfo = DistInfo(),
+        validate: Callable[[], dict[str, float]] | None = None,
+        workers: int = 0) -> FitResult:
     """Train ``model``'s trainable parameters with ``step_fn`` over ``dataset``.
 
     Args:
@@ -135,11 +167,17 @@ def fit(model: torch.nn.Module, step_fn: StepFn, dataset, cfg: LoopConfig, *,
         dist_info: under torchrun, this rank: the step runs inside DistributedDataParallel on
             this rank's shard, ``cfg.batch_size`` is per rank, epoch losses are averaged over
             ranks and only rank 0 writes the checkpoint.
+        validate: ``() -> {"score": ..., other figures}`` on the current weights (in eval
+            mode); called at ``cfg.evals`` points, the best-scoring weights are kept. Every
+            rank validates the same data, so all ranks keep the same weights.
+        workers: DataLoader worker processes (0: load in this process).
 
     Raises:
         CheckFailed: when the loss becomes NaN or infinite.
     """
     from tqdm import tqdm
+
+    from ciss.progress import progress_bar
 
     info = dist_info
     device = next(model.parameters()).device
@@ -156,12 +194,16 @@ def fit(model: torch.nn.Module, step_fn: StepFn, dataset, cfg: LoopConfig, *,
         run_step = DistributedDataParallel(
             _StepModule(model, step_fn), device_ids=[device] if device.type == "cuda" else None)
     per_epoch = shard // cfg.batch_size
-    scheduler = poly_schedule(optimizer, per_epoch * cfg.epochs, cfg.warmup)
+    total = cfg.total_iterations(per_epoch)
+    n_epochs = math.ceil(total / per_epoch)
+    checkpoints = eval_points(total, per_epoch, cfg.evals if validate else 0)
+    scheduler = poly_schedule(optimizer, total, cfg.warmup)
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = (torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported()
                  else torch.float16)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     result = FitResult()
+    best = _Best()
     start_epoch = 0
     if checkpoint is not None:
         meta = load_checkpoint(checkpoint, key=key, model=model, optimizer=optimizer,
@@ -169,19 +211,29 @@ def fit(model: torch.nn.Module, step_fn: StepFn, dataset, cfg: LoopConfig, *,
         if meta is not None:
             start_epoch = meta["epoch"] + 1
             result.resumed_from = start_epoch
-            result.history = meta["extra"].get("history", [])
-            result.seconds = meta["extra"].get("seconds", 0.0)
-    for epoch in range(start_epoch, cfg.epochs):
+            extra = meta["extra"]
+            result.history = extra.get("history", [])
+            result.seconds = extra.get("seconds", 0.0)
+            result.iterations = extra.get("iterations", 0)
+            result.validation = extra.get("validation", [])
+            if extra.get("best") is not None:
+                best = _Best(extra["best"]["score"], extra["best"]["epoch"],
+                             load_best(checkpoint))
+    loader_kw = _loader_options(workers, device)
+    for epoch in range(start_epoch, n_epochs):
         t0 = time.perf_counter()
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
         loader = DataLoader(dataset, batch_size=cfg.batch_size, drop_last=True,
-                            sampler=_sampler(dataset, cfg, info, epoch))
+                            sampler=_sampler(dataset, cfg, info, epoch), **loader_kw)
+        steps = min(per_epoch, total - epoch * per_epoch)
         model.train()
         sums: dict[str, float] = {}
-        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not progress or not info.is_main, dynamic_ncols=True)
-        for it, batch in enumerate(bar):
+        bar = progress_bar(tqdm, total=steps, desc=f"{desc} {epoch + 1}/{n_epochs}",
+                           enabled=progress and info.is_main)
+        for it, batch in enumerate(loader):
+            if it >= steps:
+                break
             batch = [t.to(device, non_blocking=True) for t in batch]
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 parts = run_step(*batch)
@@ -200,19 +252,54 @@ def fit(model: torch.nn.Module, step_fn: StepFn, dataset, cfg: LoopConfig, *,
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             result.iterations += 1
+            bar.update(1)
             if it % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.close()
         seconds = time.perf_counter() - t0
         result.seconds += seconds
-        means = mean_over_ranks(info, {k: v / max(1, per_epoch) for k, v in sums.items()})
+        means = mean_over_ranks(info, {k: v / max(1, steps) for k, v in sums.items()}, device)
         result.history.append({**means, "seconds": round(seconds, 3)})
+        if epoch in checkpoints:
+            _validate(model, validate, epoch, result, best)
         if checkpoint is not None and info.is_main:
             save_checkpoint(checkpoint, key=key, epoch=epoch, model=model, optimizer=optimizer,
-                            scheduler=scheduler,
-                            extra={"history": result.history, "seconds": result.seconds})
+                            scheduler=scheduler, best=best.state,
+                            extra={"history": result.history, "seconds": result.seconds,
+                                   "iterations": result.iterations,
+                                   "validation": result.validation,
+                                   "best": None if best.state is None else
+                                   {"score": best.score, "epoch": best.epoch}})
         barrier(info)
         if after_epoch is not None:
             after_epoch(epoch)
     if result.history and not all(math.isfinite(v) for v in result.history[-1].values()):
         raise CheckFailed("training ended with a non-finite loss")
+    if best.state is not None:
+        if best.epoch != n_epochs - 1:
+            model.load_state_dict(best.state)
+        result.best = next(v for v in result.validation if v["epoch"] == best.epoch + 1)
     return result
+
+
+def _validate(model, validate, epoch: int, result: FitResult, best: _Best) -> None:
+    """Score the current weights; remember them when they beat the best so far."""
+    was_training = model.training
+    model.eval()
+    figures = validate()
+    model.train(was_training)
+    result.validation.append({"epoch": epoch + 1, "iterations": result.iterations,
+                              **{k: round(float(v), 5) for k, v in figures.items()}})
+    # ties go to the later weights: they saw more data at a lower learning rate
+    if figures["score"] >= best.score:
+        best.score, best.epoch = float(figures["score"]), epoch
+        best.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _loader_options(workers: int, device: torch.device) -> dict:
+    """DataLoader settings: pinned memory feeds a GPU asynchronously; persistent workers
+    keep their decoded state (and their start-up cost) across epochs."""
+    opts: dict = {"num_workers": workers, "pin_memory": device.type == "cuda"}
+    if workers > 0:
+        opts.update(persistent_workers=False, prefetch_factor=4)
+    return opts

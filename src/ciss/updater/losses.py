@@ -79,3 +79,88 @@ def feature_distillation(student_features: torch.Tensor,
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor,
                   ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     return F.cross_entropy(logits, target, ignore_index=ignore_index)
+
+
+# -- base-training losses for imbalanced data (BENCHMARKS.md §1 measures them) ----------------
+BASE_LOSSES = ("ce", "wce", "ce+dice", "ohem")
+
+
+def class_weights(pixel_counts: torch.Tensor, power: float = 0.5,
+                  cap: float = 10.0) -> torch.Tensor:
+    """Per-class cross-entropy weights from training pixel counts.
+
+    w_c is proportional to f_c^-power (f_c = the class's pixel share), scaled so that the
+    pixel-weighted mean weight is 1 (the loss keeps its scale) and capped at ``cap`` times the
+    smallest weight (a class seen on a few pixels must not dominate). Absent classes get the
+    largest weight.
+    """
+    counts = pixel_counts.to(torch.float64)
+    share = counts / counts.sum().clamp(min=1.0)
+    seen = share > 0
+    w = torch.ones_like(share)
+    w[seen] = share[seen] ** -power
+    w[~seen] = w[seen].max() if seen.any() else 1.0
+    w = torch.minimum(w, w.min() * cap)
+    w = w / (share * w).sum().clamp(min=1e-12)
+    return w.to(torch.float32)
+
+
+def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
+                           ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """sum_p w_{y_p} * CE_p / (number of labelled pixels): weights change each class's pull,
+    not the loss's normalisation (PyTorch's weighted mean would divide by sum_p w_{y_p})."""
+    ce = F.cross_entropy(logits.float(), target, weight=weights.to(logits.device),
+                         ignore_index=ignore_index, reduction="sum")
+    return ce / (target != ignore_index).sum().clamp(min=1)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor,
+              ignore_index: int = IGNORE_INDEX, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice, 1 - 2|P∩Y| / (|P| + |Y|), averaged over the classes present in the batch's
+    labels (background included); ignored pixels are left out of both sets."""
+    prob = logits.float().softmax(1)
+    valid = (target != ignore_index).unsqueeze(1)
+    safe = torch.where(target == ignore_index, torch.zeros_like(target), target)
+    onehot = F.one_hot(safe, logits.shape[1]).permute(0, 3, 1, 2).to(prob.dtype) * valid
+    prob = prob * valid
+    inter = (prob * onehot).sum((0, 2, 3))
+    denom = prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    present = onehot.sum((0, 2, 3)) > 0
+    dice = 1 - (2 * inter + eps) / (denom + eps)
+    return dice[present].mean() if present.any() else logits.sum() * 0
+
+
+def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, keep: float = 0.25,
+                       ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Bootstrapped cross-entropy: the mean over the hardest ``keep`` fraction of labelled
+    pixels (Wu et al. 2016), so easy background pixels stop dominating the gradient."""
+    ce = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
+    ce = ce[target != ignore_index]
+    if ce.numel() == 0:
+        return logits.sum() * 0
+    k = max(1, int(ce.numel() * keep))
+    return ce.topk(k).values.mean()
+
+
+def base_loss(name: str, logits: torch.Tensor, target: torch.Tensor,
+              weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The step-0 loss named ``name`` (one of BASE_LOSSES), with its parts.
+
+    Computed in fp32 whatever autocast chose for the logits: softmax sums over many pixels
+    lose precision in bf16/fp16.
+    """
+    logits = logits.float()
+    if name == "ce":
+        ce = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+        return {"loss": ce, "ce": ce.detach()}
+    if name == "wce":
+        ce = weighted_cross_entropy(logits, target, weights)
+        return {"loss": ce, "wce": ce.detach()}
+    if name == "ce+dice":
+        ce = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+        dice = dice_loss(logits, target)
+        return {"loss": ce + dice, "ce": ce.detach(), "dice": dice.detach()}
+    if name == "ohem":
+        ce = ohem_cross_entropy(logits, target)
+        return {"loss": ce, "ohem": ce.detach()}
+    raise ValueError(f"unknown loss {name!r}; choose from {', '.join(BASE_LOSSES)}")

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from ciss.analysis.learning import DEFAULT_FLOOR, ClassWarning, learning_warnings
 from ciss.analysis.scoring import FolderScores, score_folder, torch_predictor
-from ciss.data.classes import IGNORE_INDEX
 from ciss.data.dataset import SegmentationDataset, label_lut
 from ciss.data.folder import DatasetFolder, open_folder
 from ciss.data.transforms import TrainTransform, auto_crop_size
@@ -19,6 +18,7 @@ from ciss.errors import CissError
 from ciss.models import build_model
 from ciss.store import StepCard, Store
 from ciss.store.retention import retention_writer
+from ciss.updater import losses
 from ciss.updater.distributed import (
     DistInfo,
     agree,
@@ -38,10 +38,13 @@ class DataConfig:
         crop_size: square crop side; None picks the median shorter side (at most 512).
         scale: random rescale range before cropping (photos: (0.5, 2.0) as in the
             literature; the synthetic default learns faster without it, see BENCHMARKS.md).
+        workers: DataLoader worker processes; None picks by folder (0 when the decoded
+            folder is held in memory, else up to 4).
     """
 
     crop_size: int | None = None
     scale: tuple[float, float] = (1.0, 1.0)
+    workers: int | None = None
 
 
 @dataclass
@@ -53,14 +56,35 @@ class StepReport:
     scores: FolderScores | None  # None on ranks other than 0 (they do not evaluate)
     fit: FitResult
     rank: int = 0
+    warnings: list[ClassWarning] = field(default_factory=list)
 
 
 def training_dataset(folder: DatasetFolder, lut, data: DataConfig, seed: int
                      ) -> SegmentationDataset:
-    crop = data.crop_size or auto_crop_size(
-        [folder.load(s)[1].shape for s in folder.train[:200]])
+    crop = data.crop_size or auto_crop_size([folder.shapes[s] for s in folder.train])
     return SegmentationDataset(folder, folder.train, lut,
                                TrainTransform(crop, scale=data.scale), seed=seed)
+
+
+VALIDATION_IMAGES = 500  # validation during training scores at most this many val images
+
+
+def validation_stems(stems: list[str], limit: int = VALIDATION_IMAGES) -> list[str]:
+    """An evenly spaced, deterministic subset of ``stems`` for validation during training."""
+    if len(stems) <= limit:
+        return list(stems)
+    step = len(stems) / limit
+    return [stems[int(i * step)] for i in range(limit)]
+
+
+def loader_workers(folder: DatasetFolder, workers: int | None) -> int:
+    """DataLoader workers: none when decoded pixels sit in memory (a worker would only add
+    inter-process copies), else up to 4 to decode JPEGs in parallel with training."""
+    import os
+
+    if workers is not None:
+        return workers
+    return 0 if folder.cached else min(4, os.cpu_count() or 1)
 
 
 def retention_stems(folder: DatasetFolder, class_ids: list[int]) -> list[str]:
@@ -71,8 +95,14 @@ def retention_stems(folder: DatasetFolder, class_ids: list[int]) -> list[str]:
 
 def train_base(store: Store, data_dir: Path, *, arch: str = "tiny", weights: str | None = None,
                loop: LoopConfig = LoopConfig(), data: DataConfig = DataConfig(),
-               progress: bool = True, after_epoch=None) -> StepReport:
+               loss: str = "ce", floor: float = DEFAULT_FLOOR, progress: bool = True,
+               after_epoch=None) -> StepReport:
     """Train step 0 on ``data_dir`` and write it to ``store``.
+
+    ``loss`` is one of ``losses.BASE_LOSSES`` (``wce`` weighs classes by their training pixel
+    share). With ``loop.evals`` > 0 the val split is scored during training and the weights
+    that scored best are kept. Classes whose val IoU ends below ``floor`` points (or that are
+    never predicted) are named in ``StepReport.warnings`` and in the card.
 
     The folder is validated before anything else; nothing is written to the store unless
     training finishes. An interrupted run resumes from its last epoch checkpoint when the
@@ -93,12 +123,24 @@ def train_base(store: Store, data_dir: Path, *, arch: str = "tiny", weights: str
         check_shared_store(info, store.root, store.work_dir)
         agree(info, "the store", store.steps())
         agree(info, "the training data", folder.fingerprint())
-        return _train_base(store, folder, data_dir, arch, weights, loop, data, progress,
-                           after_epoch, info, device)
+        return _train_base(store, folder, data_dir, arch, weights, loop, data, loss, floor,
+                           progress, after_epoch, info, device)
 
 
-def _train_base(store, folder, data_dir, arch, weights, loop, data, progress, after_epoch,
-                info: DistInfo, device) -> StepReport:
+def object_miou_validator(model, device, folder: DatasetFolder, stems: list[str],
+                          classes, ids: list[int]):
+    """``() -> {"score": mean IoU of ``ids``, ...}`` on ``stems``, for ``fit``'s validation."""
+    predict = torch_predictor(model, device)
+
+    def validate() -> dict[str, float]:
+        scores = score_folder(predict, folder, stems, classes)
+        return {"score": scores.miou(ids) or 0.0}
+
+    return validate
+
+
+def _train_base(store, folder, data_dir, arch, weights, loop, data, loss, floor, progress,
+                after_epoch, info: DistInfo, device) -> StepReport:
     classes = folder.classes
     torch.manual_seed(loop.seed)
     model = build_model(arch, num_classes=len(classes), weights=weights).to(device)
@@ -106,26 +148,38 @@ def _train_base(store, folder, data_dir, arch, weights, loop, data, progress, af
         model = sync_batchnorm(model, device)
     dataset = training_dataset(folder, label_lut(classes, classes), data, loop.seed)
 
-    def step_fn(images, masks):
-        logits = model(images)
-        loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
-        return {"loss": loss, "ce": loss.detach()}
+    if loss not in losses.BASE_LOSSES:
+        raise CissError(f"--loss {loss}: choose from {', '.join(losses.BASE_LOSSES)}")
+    weights_t = (losses.class_weights(torch.from_numpy(folder.class_pixels(folder.train)))
+                 .to(device) if loss == "wce" else None)
 
-    key = loop.key("base", arch, str(weights), folder.fingerprint(), repr(data),
+    def step_fn(images, masks):
+        return losses.base_loss(loss, model(images), masks, weights_t)
+
+    objects = list(range(1, len(classes)))
+    val = validation_stems(retention_stems(folder, objects))
+    validate = (object_miou_validator(model, device, folder, val, classes, objects)
+                if val and loop.evals else None)
+    key = loop.key("base", arch, str(weights), folder.fingerprint(), repr(data), loss,
                    str(info.world_size))
     ckpt = store.work_dir / f"train-{key}"
     result = fit(model, step_fn, dataset, loop, checkpoint=ckpt, key=key, desc="base",
-                 after_epoch=after_epoch, progress=progress, dist_info=info)
+                 after_epoch=after_epoch, progress=progress, dist_info=info,
+                 validate=validate, workers=loader_workers(folder, data.workers))
 
     def write() -> int:
         t0 = time.perf_counter()
         keep = retention_stems(folder, list(range(1, len(classes))))
         scores = score_folder(torch_predictor(model, device), folder, keep, classes)
         eval_s = time.perf_counter() - t0
+        warned.extend(learning_warnings(
+            list(classes.names), objects, scores.iou, scores.cm,
+            folder.class_pixels(folder.train), floor=floor, validation=result.validation,
+            loss=loss))
         card = StepCard(
             step=0, parent=None, classes=list(classes.names), new_classes=list(classes.objects),
             arch=arch, frozen=[], method="base",
-            hparams={**asdict(loop), **asdict(data), "weights": weights,
+            hparams={**asdict(loop), **asdict(data), "weights": weights, "loss": loss,
                      "crop_size": dataset.transform.crop_size, "world_size": info.world_size,
                      "global_batch_size": loop.batch_size * info.world_size},
             data={"folder": str(Path(data_dir).resolve()), "fingerprint": folder.fingerprint(),
@@ -135,6 +189,8 @@ def _train_base(store, folder, data_dir, arch, weights, loop, data, progress, af
             timings={"train_s": round(result.seconds, 2), "eval_s": round(eval_s, 2),
                      "iterations": result.iterations},
             extra={"history": result.history, "resumed_from": result.resumed_from,
+                   "validation": result.validation, "best": result.best,
+                   "learning": {"floor": floor, "warnings": [w.to_json() for w in warned]},
                    "device": str(device), "torch": torch.__version__,
                    "world_size": info.world_size},
         )
@@ -143,9 +199,10 @@ def _train_base(store, folder, data_dir, arch, weights, loop, data, progress, af
                                 {"retention": retention_writer(folder, keep)})
 
     written: list = []
+    warned: list[ClassWarning] = []
     step = run_on_main(info, write)
     if info.is_main:
         shutil.rmtree(ckpt, ignore_errors=True)  # the step landed: the checkpoint is spent
     return StepReport(step=step, card=store.card(step), scores=written[0] if written else None,
-                      fit=result, rank=info.rank)
+                      fit=result, rank=info.rank, warnings=warned)
 

@@ -1,0 +1,99 @@
+"""Did the classes a step trained on get learned? Warnings that name each one that did not.
+
+A step whose classes sit at IoU ~0 looks like any other in a table, and everything downstream
+(the retention gate, export, serving) assumes a model that learned: comparing 0.0 with 0.0
+protects nothing. So every training command ends by naming each class whose IoU on the val
+split is below a floor, or that the model never predicts, with what to try next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+DEFAULT_FLOOR = 5.0  # IoU points: below this a class counts as not learned
+
+
+@dataclass
+class ClassWarning:
+    """One class the step did not learn.
+
+    Attributes:
+        name: the class.
+        iou: its IoU on the val split (fraction), None when the split has no pixel of it.
+        predicted_pixels: val pixels the model assigns to it (0 = never predicted).
+        train_pixels: its labelled pixels in the training split.
+        train_share: those as a fraction of all labelled training pixels.
+        advice: a concrete next step.
+    """
+
+    name: str
+    iou: float | None
+    predicted_pixels: int
+    train_pixels: int
+    train_share: float
+    advice: str
+
+    def line(self) -> str:
+        """The one-line ``warning:`` message for the terminal."""
+        what = ("never predicted" if self.predicted_pixels == 0 else
+                f"val IoU {100 * (self.iou or 0):.1f}")
+        return (f"warning: class '{self.name}' was not learned ({what}; "
+                f"{self.train_pixels} training pixels, {100 * self.train_share:.2f} %): "
+                f"{self.advice}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _advice(share: float, still_rising: bool, loss: str | None) -> str:
+    if share < 0.002:
+        return ("very few labelled pixels: add images that show it, or use a larger "
+                "--crop-size so it is not cropped away")
+    if still_rising:
+        return "validation was still improving at the end: raise --iterations (e.g. 2x)"
+    if loss in ("ce", None) and share < 0.05:
+        return ("a small class drowned by background: retry with --loss wce (class-weighted) "
+                "and check its masks with 'ciss data check'")
+    return ("check its masks with 'ciss data check' (wrong ids, missing pixels), then retry "
+            "with more --iterations")
+
+
+def still_rising(validation: list[dict[str, float]]) -> bool:
+    """True when the last validation point scored best by a clear margin (training was cut
+    short, not converged)."""
+    if len(validation) < 2:
+        return False
+    *earlier, last = [v["score"] for v in validation]
+    return last > max(earlier) + 0.01
+
+
+def learning_warnings(names: list[str], ids: list[int], iou: list[float | None],
+                      cm: np.ndarray, train_pixels: np.ndarray, *,
+                      floor: float = DEFAULT_FLOOR, validation: list[dict] | None = None,
+                      loss: str | None = None) -> list[ClassWarning]:
+    """Warnings for the classes ``ids`` that a step trained on and did not learn.
+
+    Args:
+        names: the model's class names (ids are positions).
+        ids: the classes to check (those the step trained on, background excluded).
+        iou: per-class IoU on the val split (None where the split has no pixel of a class).
+        cm: the val confusion matrix (rows = truth, columns = prediction).
+        train_pixels: labelled training pixels per class id of the model.
+        floor: IoU points under which a class counts as not learned.
+        validation: the training's validation points (to tell "cut short" from "stuck").
+        loss: the base loss used (the advice depends on it).
+    """
+    total = max(1, int(train_pixels.sum()))
+    rising = still_rising(validation or [])
+    out = []
+    for c in ids:
+        predicted = int(cm[:, c].sum())
+        value = iou[c]
+        if predicted > 0 and (value is None or 100 * value >= floor):
+            continue
+        share = int(train_pixels[c]) / total
+        out.append(ClassWarning(names[c], value, predicted, int(train_pixels[c]), share,
+                                _advice(share, rising, loss)))
+    return out

@@ -64,3 +64,39 @@ def test_demo_fast(tmp_path):
     doc = json.loads(run("steps", "--store", tmp_path / "demo" / "store", "--json").output)
     assert [d["method"] for d in doc] == ["base", "mib", "ft"]
     assert all("model.onnx" in d["artifacts"] for d in doc)
+
+
+def test_demo_replaces_its_own_output_and_refuses_other_folders(tmp_path):
+    from ciss.demo import MARKER, prepare_output
+
+    lines = []
+    out = tmp_path / "demo"
+    prepare_output(out, lines.append)
+    (out / "store").mkdir()
+    (out / "store" / "x").write_text("earlier run")
+    prepare_output(out, lines.append)  # a second run replaces the first one's files
+    assert sorted(p.name for p in out.iterdir()) == [MARKER] and "earlier demo" in lines[0]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    res = run("demo", "--out", mine, "--fast")
+    assert res.exit_code == 2 and "was not written by 'ciss demo'" in res.output
+    assert (mine / "thesis.tex").read_text() == "precious"
+
+
+def test_add_classes_logs_to_a_file_in_a_few_lines(store_copy, split_dir, tmp_path):
+    """Progress sent to a file is one line per stage: no carriage returns, no redraws."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "log"
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "ciss", "add-classes", "--store",
+                               str(store_copy), "--data", str(split_dir / "step-1"),
+                               "--epochs", "3", "--batch-size", "8"],
+                              stdout=f, stderr=subprocess.STDOUT, timeout=300)
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert "\r" not in text
+    assert len(text.splitlines()) <= 60
+    assert text.count("mib 1/3:") == 1 and "mib 3/3:" in text

@@ -106,3 +106,45 @@ def test_an_unlearnable_new_class_is_warned_about_and_refused(story, tmp_path):
     assert ghost["before"] is None and ghost["after"] < 0.05
     with pytest.raises(CheckFailed, match="ghost was not learned"):
         deploy(Store(root), rep.step, "torch")
+
+
+def test_rollback_keeps_the_forced_flag_of_the_deployment_it_restores(story, tmp_path):
+    root = tmp_path / "s"
+    shutil.copytree(story, root)
+    store = Store(root)
+    deploy(store, 2, "torch", force=True)  # ft, forced past the gate
+    deploy(store, 1, "torch")  # mib passes
+    back = rollback(store)
+    assert back["step"] == 2 and back["forced"] is True
+    assert back["gate"]["passed"] is False
+
+
+def test_the_gate_measures_the_serving_resize_and_reuses_the_parents_scores(story,
+                                                                              monkeypatch):
+    from ciss.runtime import gate as gate_mod
+
+    store = Store(story)
+    native = run_gate(store, 1, engine="torch")
+    calls = []
+    real = gate_mod.score_retention
+    monkeypatch.setattr(gate_mod, "score_retention",
+                        lambda s, step, *a: calls.append(step) or real(s, step, *a))
+    shrunk = run_gate(store, 1, engine="torch", max_side=8)  # 32 px images served at 8 px
+    after = {c.name: c.after for c in shrunk.classes}
+    assert any(after[c.name] < c.after - 0.05 for c in native.classes if c.after)
+    # the parent's stored scores hold only for images the serving resize leaves alone
+    assert calls == [1, 0]
+    calls.clear()
+    run_gate(store, 1, engine="torch")
+    assert calls == [1]  # parent scores reused from its card (images <= 1024 px)
+
+
+def test_scoring_batches_by_pixels(synthetic_dir):
+    from ciss.analysis.scoring import batches
+    from ciss.data.folder import open_folder
+
+    folder = open_folder(synthetic_dir)
+    stems = folder.val[:6]
+    sizes = [len(b[0]) for b in batches(folder, stems, 16, max_pixels=2 * 32 * 32)]
+    assert sizes == [2, 2, 2]
+    assert [len(b[0]) for b in batches(folder, stems, 16)] == [6]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from ciss.updater.losses import (
@@ -106,3 +107,63 @@ def test_unce_does_not_push_old_classes_down_on_background():
     target = torch.zeros(1, 1, 1, dtype=torch.long)
     assert unbiased_cross_entropy(logits, target, num_old=2).item() < 1e-3
     assert torch.nn.functional.cross_entropy(logits, target).item() > 9
+
+
+# -- base-training losses ---------------------------------------------------------------------
+def test_class_weights_by_hand():
+    from ciss.updater.losses import class_weights
+
+    counts = torch.tensor([81.0, 9.0, 0.0, 10.0])  # shares .81 .09 0 .10
+    w = class_weights(counts, power=0.5, cap=10.0)
+    raw = [1 / 0.9, 1 / 0.3, 1 / 0.3, 1 / math.sqrt(0.1)]  # absent class: the largest seen
+    norm = 0.81 * raw[0] + 0.09 * raw[1] + 0.10 * raw[3]
+    assert torch.allclose(w, torch.tensor([r / norm for r in raw]), atol=1e-6)
+    # the pixel-weighted mean weight is 1: the loss keeps its scale
+    assert float((counts / counts.sum() * w).sum()) == pytest.approx(1.0)
+    capped = class_weights(torch.tensor([9999.0, 1.0]), cap=4.0)
+    assert float(capped[1] / capped[0]) == pytest.approx(4.0)
+
+
+def test_weighted_ce_normalises_by_labelled_pixels():
+    from ciss.updater.losses import weighted_cross_entropy
+
+    z = [0.2, 1.0]
+    logits = torch.cat([px(z)] * 3, dim=3)
+    target = torch.tensor([[[0, 1, 255]]])
+    w = torch.tensor([0.5, 3.0])
+    expected = (0.5 * -(0.2 - lse(*z)) + 3.0 * -(1.0 - lse(*z))) / 2
+    assert float(weighted_cross_entropy(logits, target, w)) == pytest.approx(expected)
+
+
+def test_dice_by_hand_and_ignore():
+    from ciss.updater.losses import dice_loss
+
+    # two pixels, two classes; softmax probabilities p and labels y
+    logits = torch.cat([px([2.0, 0.0]), px([0.0, 1.0]), px([5.0, -5.0])], dim=3)
+    target = torch.tensor([[[0, 1, 255]]])
+    p = [[math.exp(2) / (math.exp(2) + 1), 1 / (math.exp(2) + 1)],
+         [1 / (1 + math.e), math.e / (1 + math.e)]]
+    d0 = 1 - (2 * p[0][0] + 1) / (p[0][0] + p[1][0] + 1 + 1)
+    d1 = 1 - (2 * p[1][1] + 1) / (p[0][1] + p[1][1] + 1 + 1)
+    assert float(dice_loss(logits, target)) == pytest.approx((d0 + d1) / 2)
+
+
+def test_ohem_keeps_the_hardest_pixels():
+    from ciss.updater.losses import ohem_cross_entropy
+
+    logits = torch.cat([px([3.0, 0.0]), px([0.0, 3.0]), px([0.0, 0.0]), px([1.0, 0.0])], dim=3)
+    target = torch.tensor([[[0, 0, 0, 255]]])
+    ces = [-(3 - lse(3, 0)), -(0 - lse(0, 3)), -(0 - lse(0, 0))]
+    # keep half of 3 labelled pixels -> 1 pixel, the hardest
+    assert float(ohem_cross_entropy(logits, target, keep=0.5)) == pytest.approx(max(ces))
+
+
+def test_base_loss_is_fp32_under_low_precision_logits():
+    from ciss.updater.losses import BASE_LOSSES, base_loss
+
+    logits = torch.randn(2, 3, 4, 4).to(torch.bfloat16).requires_grad_()
+    target = torch.randint(0, 3, (2, 4, 4))
+    for name in BASE_LOSSES:
+        parts = base_loss(name, logits, target, torch.ones(3))
+        assert parts["loss"].dtype == torch.float32, name
+        parts["loss"].backward()

@@ -28,6 +28,34 @@ FAST = DemoPlan(n_train=160, n_val=60, base_iterations=20, step_iterations=10,
                 min_new_iou=0.0)
 
 
+MARKER = ".ciss-demo"  # written first into every folder the demo creates
+
+
+def prepare_output(out: Path, echo: Callable[[str], None]) -> None:
+    """Make ``out`` an empty folder marked as the demo's own.
+
+    A folder holding an earlier demo's marker is emptied, so ``make demo`` can run again; any
+    other non-empty folder is refused: the demo never deletes what it did not create.
+    """
+    import shutil
+
+    if out.exists() and not out.is_dir():
+        raise CissError(f"{out}: is a file; pass another --out")
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise CissError(f"{out}: exists, is not empty and was not written by 'ciss demo'; "
+                            "remove it or pass another --out")
+        echo(f"[0/8] {out} holds an earlier demo run: replacing it")
+        for child in out.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by 'ciss demo'; the next demo run may replace this "
+                              "folder\n")
+
+
 def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = print) -> dict:
     """Synthetic data -> split 15-5 -> base -> add-classes (mib, and ft for contrast) ->
     ONNX export with parity -> full-label scores. Returns the headline numbers."""
@@ -45,8 +73,7 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
 
     plan = FAST if fast else FULL
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise CissError(f"{out}: exists and is not empty; remove it or pass another --out")
+    prepare_output(out, echo)
     t0 = time.perf_counter()
     data_dir, split_dir, store = out / "data", out / "15-5", Store(out / "store")
     echo(f"[1/8] synthetic data: {plan.n_train} train + {plan.n_val} val images -> {data_dir}")

@@ -37,13 +37,19 @@ def torch_predictor(model: torch.nn.Module, device: torch.device | str = "cpu") 
     return predict
 
 
+BATCH_PIXELS = 2_000_000  # pixels per inference batch: memory follows pixels, not images
+
+
 def batches(folder: DatasetFolder, stems: list[str], batch_size: int,
-            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(N,3,H,W) uint8 images and (N,H,W) masks; consecutive samples of equal size share a batch."""
+            max_pixels: int = BATCH_PIXELS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(N,3,H,W) uint8 images and (N,H,W) masks; consecutive samples of equal size share a
+    batch of at most ``batch_size`` images and ``max_pixels`` pixels (a 12 Mpx photo goes
+    alone: sixteen of them would need tens of GiB of activations)."""
     group: list[tuple[np.ndarray, np.ndarray]] = []
     for stem in stems:
         image, mask = folder.load(stem)
-        if group and (len(group) == batch_size or group[0][1].shape != mask.shape):
+        if group and (len(group) == batch_size or group[0][1].shape != mask.shape
+                      or (len(group) + 1) * mask.size > max_pixels):
             yield _stack(group)
             group = []
         group.append((image, mask))

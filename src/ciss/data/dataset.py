@@ -32,6 +32,8 @@ class SegmentationDataset(Dataset):
     resumed training sees exactly the samples an uninterrupted one would.
     """
 
+    epoch_in_index = True  # the training loop's sampler sends (epoch, index) pairs
+
     def __init__(self, folder: DatasetFolder, stems: list[str], lut: np.ndarray,
                  transform: TrainTransform | None = None, seed: int = 0,
                  keys: bool = False) -> None:
@@ -49,12 +51,15 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.stems)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        # (epoch, index) from the training loop's sampler: DataLoader workers hold their own
+        # copy of the dataset, so the epoch must travel with the index
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
         image, mask = self.folder.load(self.stems[index])
         mask = self.lut[mask]
         flipped = False
         if self.transform is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
+            rng = np.random.default_rng([self.seed, epoch, index])
             image, mask, flipped = self.transform(image, mask, rng)
         out = (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
                torch.from_numpy(mask.astype(np.int64)))

@@ -56,7 +56,7 @@ def deploy(store: Store, step: int | None = None, engine: str = "onnx", force: b
         current = store.deployed() or {}
         history = list(current.get("history", []))
         if current.get("step") is not None:
-            history.append({k: current[k] for k in ("step", "engine", "since", "forced")
+            history.append({k: current[k] for k in ("step", "engine", "since", "forced", "gate")
                             if k in current})
         record = {"step": step, "engine": engine, "since": _now(), "forced": bool(force
                                                                               and not gate.passed),
@@ -76,7 +76,12 @@ def rollback(store: Store) -> dict:
         history = list(current["history"])
         previous = history.pop()
         store.verify(previous["step"])
+        # the restored deployment keeps what it was: a forced one stays forced, so a server
+        # without --accept-forced still refuses it after a rollback
         record = {"step": previous["step"], "engine": previous["engine"], "since": _now(),
-                  "forced": False, "rolled_back_from": current["step"], "history": history}
+                  "forced": bool(previous.get("forced", False)),
+                  "rolled_back_from": current["step"], "history": history}
+        if "gate" in previous:
+            record["gate"] = previous["gate"]
         store.write_deployed(record)
     return record

@@ -11,6 +11,8 @@ from PIL import Image
 from ciss.data.imageio import MAX_PIXELS, read_image
 from ciss.data.transforms import resize_longest
 
+SERVE_MAX_SIDE = 1024  # the serving resize: images are shrunk to this longer side
+
 
 class TorchEngine:
     """A torch model behind the engine interface (for ``--engine torch``)."""
@@ -47,7 +49,7 @@ class Segmenter:
 
     engine: object
     classes: list[str]
-    max_side: int = 1024
+    max_side: int = SERVE_MAX_SIDE
     max_pixels: int = MAX_PIXELS
 
     def segment(self, image: np.ndarray) -> np.ndarray:
@@ -57,8 +59,15 @@ class Segmenter:
         # labels only: the K x H x W logits never leave the engine
         labels = self.engine.predict_labels(small.transpose(2, 0, 1)[None])[0]
         if labels.shape != (h, w):
-            labels = np.asarray(Image.fromarray(labels).resize((w, h), Image.NEAREST))
+            labels = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize((w, h),
+                                                                           Image.NEAREST))
         return labels
+
+    def predict_labels(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N,3,H,W] -> uint8 [N,H,W] through :meth:`segment`, i.e. with the serving
+        resize: what the retention gate must measure is what will be served."""
+        return np.stack([self.segment(np.ascontiguousarray(im.transpose(1, 2, 0)))
+                         for im in images])
 
     def decode(self, data: bytes, what: str = "request body") -> np.ndarray:
         """Image bytes -> uint8 HxWx3 RGB (EXIF orientation applied; any PIL mode).

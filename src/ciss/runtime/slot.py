@@ -148,11 +148,15 @@ class ModelSlot:
         step = self.store.resolve(step)
         card = self.store.verify(step)  # every artifact's checksum, not only the engine's
         engine = load_engine_any(self.store, step, engine_name, self.policy.providers)
+        segmenter = Segmenter(MeteredEngine(engine, self.concurrency, self.metrics),
+                              card.classes, max_side=self.max_side, max_pixels=self.max_pixels)
+        # the gate measures what will be served: this engine, the serving resize, and engine
+        # runs that queue behind live requests' (the concurrency limit) rather than beside them
         gate = run_gate(self.store, step, engine=engine_name,
                         max_mean_drop=self.policy.max_mean_drop,
                         max_class_drop=self.policy.max_class_drop,
                         min_new_iou=self.policy.min_new_iou,
-                        predict=engine.predict_labels)
+                        predict=segmenter.predict_labels, max_side=self.max_side)
         self.metrics.gate_runs.labels("passed" if gate.passed else "failed").inc()
         self.metrics.gate_passed.set(1 if gate.passed else 0)
         if gate.mean_old_drop is not None:
@@ -163,10 +167,7 @@ class ModelSlot:
             raise CheckFailed(f"step {step} on {engine_name} failed the retention gate: "
                               + "; ".join(gate.reasons[:3]) + forced)
         return ServedModel(
-            step=step, engine=engine_name,
-            segmenter=Segmenter(MeteredEngine(engine, self.concurrency, self.metrics),
-                                card.classes, max_side=self.max_side,
-                                max_pixels=self.max_pixels),
+            step=step, engine=engine_name, segmenter=segmenter,
             classes=list(card.classes),
             loaded_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             gate={"passed": gate.passed, "against": gate.against,

@@ -20,12 +20,14 @@ class StepRow:
     new_miou: float | None
     deployed: bool
     artifacts: dict[str, str]
+    warnings: list[dict]  # classes the step trained on and did not learn (card's "learning")
 
     def to_json(self) -> dict:
         return {"step": self.step, "parent": self.parent, "method": self.method,
                 "classes": self.classes, "new_classes": self.new_classes,
                 "deployed": self.deployed, "artifacts": self.artifacts,
-                "old_miou": self.old_miou, "new_miou": self.new_miou}
+                "old_miou": self.old_miou, "new_miou": self.new_miou,
+                "warnings": self.warnings}
 
 
 def retention_groups(card: StepCard, engine: str = "torch") -> tuple[float | None, float | None]:
@@ -47,5 +49,6 @@ def list_steps(store: Store) -> list[StepRow]:
         card = store.card(n)
         old, new = retention_groups(card)
         rows.append(StepRow(n, card.parent, card.method, card.classes, card.new_classes, old, new,
-                            deployed.get("step") == n, card.artifacts))
+                            deployed.get("step") == n, card.artifacts,
+                            card.extra.get("learning", {}).get("warnings", [])))
     return rows

@@ -27,6 +27,7 @@ from ciss.updater.distributed import (
     agree,
     check_shared_store,
     distributed,
+    require_ranks_for_sync_bn,
     run_on_main,
     sync_batchnorm,
 )
@@ -100,6 +101,7 @@ def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodCo
     folder = open_folder(data_dir)
     parent_step = store.resolve(update.parent)
     with distributed(resolve_device(loop.device)) as (info, device):
+        require_ranks_for_sync_bn(info, loop.sync_bn)
         check_shared_store(info, store.root, store.work_dir)
         agree(info, "the parent step", [parent_step, store.card(parent_step).artifacts.get(
             "weights.safetensors")])
@@ -265,8 +267,9 @@ def _evaluate_and_write(job: _Job, trained: _Trained, written: list) -> int:
                  "global_batch_size": job.loop.batch_size * info.world_size},
         data={"folder": str(Path(data_dir).resolve()), "fingerprint": folder.fingerprint(),
               "train_images": len(folder.train), "val_images": len(folder.val),
-              "retention_images": len(keep), "folder_classes": list(folder.classes.names),
-              "layout": folder.layout},
+              "retention_images": len(keep),
+              "retention_max_side": max(max(folder.shapes[k]) for k in keep),
+              "folder_classes": list(folder.classes.names), "layout": folder.layout},
         # "new" becomes this step's number once the store allocates it (see write_step).
         retention={**{s: {"torch": v} for s, v in retention.items()},
                    "new": {"torch": own.per_class()}},

@@ -172,6 +172,18 @@ def run_on_main(info: DistInfo, fn):
     return box[0]
 
 
+def require_ranks_for_sync_bn(info: DistInfo, sync_bn: bool) -> None:
+    """``--sync-bn`` means something only across ranks: refuse it rather than ignore it.
+
+    Raises:
+        CissError: ``sync_bn`` outside a multi-process torchrun job.
+    """
+    if sync_bn and not info.enabled:
+        raise CissError("--sync-bn syncs BatchNorm statistics across torchrun processes; this "
+                        "run has one process (start it with torchrun --nproc_per_node=N, or "
+                        "drop --sync-bn)")
+
+
 def sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """BatchNorm statistics computed over every rank's batch (``--sync-bn``).
 

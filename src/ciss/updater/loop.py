@@ -122,14 +122,36 @@ class _StepModule(nn.Module):
         return self.step_fn(*batch)
 
 
-def _sampler(dataset, cfg: LoopConfig, info: DistInfo, epoch: int):
-    if info.enabled:
-        sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
-                                     shuffle=True, seed=cfg.seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        return sampler
-    return RandomSampler(dataset, generator=torch.Generator().manual_seed(
-        cfg.seed * 100_003 + epoch))
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields ``(epoch, index)`` pairs to datasets that declare ``epoch_in_index`` (plain
+    indices to others), so that augmentation can depend on the epoch even in persistent
+    DataLoader workers (their copy of the dataset never sees ``set_epoch``)."""
+
+    def __init__(self, dataset, cfg: LoopConfig, info: DistInfo) -> None:
+        self.dataset, self.cfg, self.info = dataset, cfg, info
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _inner(self):
+        cfg, info, epoch = self.cfg, self.info, self.epoch
+        if info.enabled:
+            sampler = DistributedSampler(self.dataset, num_replicas=info.world_size,
+                                         rank=info.rank, shuffle=True, seed=cfg.seed,
+                                         drop_last=True)
+            sampler.set_epoch(epoch)
+            return sampler
+        return RandomSampler(self.dataset, generator=torch.Generator().manual_seed(
+            cfg.seed * 100_003 + epoch))
+
+    def __iter__(self):
+        if getattr(self.dataset, "epoch_in_index", False):
+            return ((self.epoch, i) for i in self._inner())
+        return iter(self._inner())
+
+    def __len__(self) -> int:
+        return len(self._inner())
 
 
 def eval_points(total: int, per_epoch: int, evals: int) -> set[int]:
@@ -160,7 +182,8 @@ def fit(model: torch.nn.Module, step_fn: StepFn, dataset, cfg: LoopConfig, *,
     Args:
         model: moved to the device already; only ``requires_grad`` parameters are optimised.
         step_fn: ``(images, masks) -> {"loss": ..., other parts}`` on device tensors.
-        dataset: yields (uint8 image, int64 mask); may implement ``set_epoch``.
+        dataset: yields (uint8 image, int64 mask[, key]); one with ``epoch_in_index`` is
+            indexed by ``(epoch, index)`` pairs (see :class:`EpochSampler`).
         checkpoint: folder for the per-epoch checkpoint; an existing one with the same
             ``key`` is resumed from.
         after_epoch: called with the finished epoch (tests use it to interrupt).
@@ -219,13 +242,15 @@ def fit(model: torch.nn.Module, step_fn: StepFn, dataset, cfg: LoopConfig, *,
             if extra.get("best") is not None:
                 best = _Best(extra["best"]["score"], extra["best"]["epoch"],
                              load_best(checkpoint))
-    loader_kw = _loader_options(workers, device)
+    sampler = EpochSampler(dataset, cfg, info)
+    # one loader for the whole run: persistent workers keep their start-up cost out of epochs
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, drop_last=True, sampler=sampler,
+                        **_loader_options(workers, device))
     for epoch in range(start_epoch, n_epochs):
         t0 = time.perf_counter()
+        sampler.set_epoch(epoch)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, drop_last=True,
-                            sampler=_sampler(dataset, cfg, info, epoch), **loader_kw)
         steps = min(per_epoch, total - epoch * per_epoch)
         model.train()
         sums: dict[str, float] = {}
@@ -301,5 +326,5 @@ def _loader_options(workers: int, device: torch.device) -> dict:
     keep their decoded state (and their start-up cost) across epochs."""
     opts: dict = {"num_workers": workers, "pin_memory": device.type == "cuda"}
     if workers > 0:
-        opts.update(persistent_workers=False, prefetch_factor=4)
+        opts.update(persistent_workers=True, prefetch_factor=4)
     return opts

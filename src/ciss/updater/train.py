@@ -24,6 +24,7 @@ from ciss.updater.distributed import (
     agree,
     check_shared_store,
     distributed,
+    require_ranks_for_sync_bn,
     run_on_main,
     sync_batchnorm,
 )
@@ -120,6 +121,7 @@ def train_base(store: Store, data_dir: Path, *, arch: str = "tiny", weights: str
     if not present:
         raise CissError(f"{data_dir}: no object class appears in the training split")
     with distributed(resolve_device(loop.device)) as (info, device):
+        require_ranks_for_sync_bn(info, loop.sync_bn)
         check_shared_store(info, store.root, store.work_dir)
         agree(info, "the store", store.steps())
         agree(info, "the training data", folder.fingerprint())
@@ -184,7 +186,9 @@ def _train_base(store, folder, data_dir, arch, weights, loop, data, loss, floor,
                      "global_batch_size": loop.batch_size * info.world_size},
             data={"folder": str(Path(data_dir).resolve()), "fingerprint": folder.fingerprint(),
                   "train_images": len(folder.train), "val_images": len(folder.val),
-                  "retention_images": len(keep), "layout": folder.layout},
+                  "retention_images": len(keep),
+                  "retention_max_side": max(max(folder.shapes[k]) for k in keep),
+                  "layout": folder.layout},
             retention={"0": {"torch": scores.per_class()}},
             timings={"train_s": round(result.seconds, 2), "eval_s": round(eval_s, 2),
                      "iterations": result.iterations},

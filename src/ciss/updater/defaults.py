@@ -28,7 +28,7 @@ class Defaults:
 
     iterations: int
     lr: float
-    loss: str = "ce"
+    loss: str = "ce+dice"
     scale: tuple[float, float] = (1.0, 1.0)
     warmup: float = 0.03
     evals: int = 4

@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--no-int8", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    from ciss.runtime.engine import OnnxEngine
+    from ciss.engines.onnx import OnnxEngine
 
     peak = matmul_gflops()
     print(f"machine: {machine()}; matmul peak (2048^2, median) {peak:.0f} GFLOPS")

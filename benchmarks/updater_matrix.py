@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ciss.analysis.benchmark import score_step
+from ciss.benchmark import score_step
 from ciss.data.folder import open_folder
 from ciss.store import Store
 from ciss.updater.add_classes import UpdateConfig, add_classes

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ciss.cli import main
+from ciss.engines.formats import FORMATS, check_format
+from ciss.engines.onnx import OnnxEngine
 from ciss.errors import CheckFailed, CissError
-from ciss.exporters import export as export_mod
-from ciss.exporters.export import check_format, export_step
+from ciss.exporters.export import export_step
 from ciss.exporters.onnx import read_metadata
-from ciss.runtime.engine import OnnxEngine
 from ciss.store import Store
 
 
@@ -29,7 +29,7 @@ def test_export_onnx_records_artifact_and_parity(store_copy):
     assert card.retention["0"]["onnx"]  # the engine's own retention scores
     meta = read_metadata(store.step_dir(0) / "model.onnx")
     assert json.loads(meta["classes"]) == card.classes and meta["step"] == "0"
-    assert len(meta["card_sha256"]) == 64
+    assert meta["weights_sha256"] == card.artifacts["weights.safetensors"]
     eng = OnnxEngine(store.step_dir(0) / "model.onnx")
     out = eng.run(np.zeros((3, 3, 41, 29), np.uint8))  # dynamic N, H, W
     assert out["logits"].shape == (3, 16, 41, 29) and out["logits"].dtype == np.float32
@@ -62,7 +62,7 @@ def test_failing_gate_keeps_nothing(store_copy, monkeypatch):
             out["labels"] = np.zeros_like(out["labels"])
             return out
 
-    monkeypatch.setattr("ciss.runtime.engine.OnnxEngine", Broken)
+    monkeypatch.setattr("ciss.engines.onnx.OnnxEngine", Broken)
     with pytest.raises(CheckFailed, match="parity gate failed: label agreement"):
         export_step(store, 0, ["onnx"])
     assert not (store.step_dir(0) / "model.onnx").exists()
@@ -78,6 +78,18 @@ def test_int8_export_of_a_learned_model_passes_and_reports_speed(store_copy):
     speed = store.card(0).extra["parity"]["int8"]["speed"]
     assert speed["fp32_ms"] > 0 and speed["int8_ms"] > 0
     assert "model.int8.onnx" in store.verify(0).artifacts
+    meta = read_metadata(store.step_dir(0) / "model.int8.onnx")  # describes itself too
+    assert meta["weights_sha256"] == store.card(0).artifacts["weights.safetensors"]
+
+
+def test_an_engine_exported_from_other_weights_is_refused(tmp_path):
+    from ciss.engines.load import check_weights
+
+    check_weights({"weights_sha256": "a" * 64}, {"weights.safetensors": "a" * 64}, "m.onnx")
+    with pytest.raises(CissError, match="exported from other weights"):
+        check_weights({"weights_sha256": "b" * 64}, {"weights.safetensors": "a" * 64}, "m.onnx")
+    with pytest.raises(CissError, match="exported from other weights"):
+        check_weights({}, {"weights.safetensors": "a" * 64}, "m.onnx")
 
 
 def test_int8_that_loses_accuracy_is_refused_and_not_kept(store_copy, monkeypatch):
@@ -149,4 +161,4 @@ def test_predict_onnx_needs_export(store_copy, tmp_path):
 
 
 def test_formats_table_drives_choices():
-    assert set(export_mod.FORMATS) == {"onnx", "int8", "tensorrt", "triton"}
+    assert set(FORMATS) == {"onnx", "int8", "tensorrt", "triton"}

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ciss.engines.load import load_engine
 from ciss.runtime.deploy import deploy
-from ciss.runtime.engine import load_engine
 from ciss.runtime.server import ServeConfig, background
 from ciss.runtime.slot import SwapPolicy
 from ciss.store import Store

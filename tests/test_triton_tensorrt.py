@@ -44,7 +44,7 @@ def test_tensorrt_without_gpu_is_a_clear_error(store_copy):
 @pytest.mark.gpu
 def test_tensorrt_engine_parity_and_cache(store_copy):
     pytest.importorskip("tensorrt", reason="tensorrt not installed")
-    from ciss.runtime.engine import load_engine
+    from ciss.engines.load import load_engine
 
     store = Store(store_copy)
     (res,) = [r for r in export_step(store, 0, ["tensorrt"]) if r.format == "tensorrt"]

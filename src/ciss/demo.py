@@ -60,12 +60,12 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
     """Synthetic data -> split 15-5 -> base -> add-classes (mib, and ft for contrast) ->
     ONNX export with parity -> full-label scores. Returns the headline numbers."""
     from ciss.analysis.evaluate import evaluate_step
-    from ciss.cli_update import before_after_table
     from ciss.data.folder import open_folder
     from ciss.data.scenarios import parse_scenario, write_split
     from ciss.data.synthetic import SyntheticConfig, write_synthetic
     from ciss.exporters.export import export_step
     from ciss.store import Store
+    from ciss.store.listing import before_after_table
     from ciss.updater.add_classes import UpdateConfig, add_classes
     from ciss.updater.defaults import base_defaults, step_defaults
     from ciss.updater.methods import MethodConfig

@@ -48,7 +48,7 @@ def predictor_for(store: Store, step: int, engine: str, device: str = "cpu") -> 
         model, _ = store.load_model(step, device=device)
         return torch_predictor(model, device)
     if engine in ("onnx", "int8", "tensorrt"):
-        from ciss.runtime.engine import load_engine
+        from ciss.engines.load import load_engine
 
         return load_engine(store, step, engine).predict_labels
     raise CissError(f"--engine {engine}: choose from {', '.join(ENGINES)}")

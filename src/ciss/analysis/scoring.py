@@ -12,6 +12,8 @@ from ciss.analysis.metrics import Scores, confusion_matrix, iou_per_class, restr
 from ciss.data.classes import ClassList
 from ciss.data.dataset import label_lut
 from ciss.data.folder import DatasetFolder
+from ciss.store import Store
+from ciss.store.retention import retention_sets
 
 # (N,3,H,W) uint8 images -> (N,H,W) integer labels in the model's class ids.
 Predictor = Callable[[np.ndarray], np.ndarray]
@@ -84,3 +86,11 @@ def score_folder(predict: Predictor, folder: DatasetFolder, stems: list[str],
     unknown = [n for n in folder.classes.names if n not in model_classes]
     return FolderScores(names=model_classes.names, iou=iou, cm=cm,
                         labelled=[model_classes.names[i] for i in labelled], unknown=unknown)
+
+
+def score_retention(store: Store, step: int, predict, classes: ClassList
+                    ) -> dict[str, dict[str, float | None]]:
+    """Per-class IoU on the retention sets of ``step`` and its ancestors (partial-label rule),
+    keyed by step."""
+    return {s: score_folder(predict, folder, folder.val, classes).per_class()
+            for s, folder in retention_sets(store, step).items()}

@@ -6,89 +6,16 @@ Every artifact is built in a staging folder, checked, and only then moved into t
 
 from __future__ import annotations
 
-import difflib
-import hashlib
 import shutil
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 from ciss.data.classes import ClassList
+from ciss.engines.formats import check_format, has_artifact
 from ciss.errors import CheckFailed, CissError
-from ciss.exporters.parity import ParityReport, check_parity
+from ciss.exporters.common import ExportResult, record_engine, staging_dir
+from ciss.exporters.parity import check_parity
 from ciss.store import Store
 from ciss.store.retention import retention_sets
-
-
-@dataclass(frozen=True)
-class Format:
-    """One row of the formats table.
-
-    Attributes:
-        artifact: file (or folder) name inside the step; None for formats written elsewhere.
-        engine: the runtime engine name that serves it (None: not served by ciss itself).
-        needs: what the machine must have.
-    """
-
-    artifact: str | None
-    engine: str | None
-    needs: str
-
-
-FORMATS: dict[str, Format] = {
-    "onnx": Format("model.onnx", "onnx", "onnx, onnxruntime"),
-    "int8": Format("model.int8.onnx", "int8", "onnxruntime (quantization); a model.onnx"),
-    "tensorrt": Format("engines/", "tensorrt", "an NVIDIA GPU, tensorrt>=10, a model.onnx"),
-    "triton": Format(None, None, "--out DIR; model.onnx and/or a TensorRT plan"),
-}
-
-
-def has_artifact(artifacts: dict[str, str], fmt: str) -> bool:
-    """Whether a card's artifacts include format ``fmt``'s (torch needs none)."""
-    if fmt == "torch":
-        return True
-    name = check_format(fmt).artifact
-    if name is None:
-        return False
-    return any(a.startswith(name) for a in artifacts) if name.endswith("/") else name in artifacts
-
-
-def check_format(name: str) -> Format:
-    if name not in FORMATS:
-        hint = difflib.get_close_matches(name, list(FORMATS), n=1)
-        raise CissError(f"unknown format '{name}'" + (f"; did you mean '{hint[0]}'?" if hint
-                                                        else "")
-                        + f" (choose from {', '.join(FORMATS)})")
-    return FORMATS[name]
-
-
-@dataclass
-class ExportResult:
-    format: str
-    path: Path
-    parity: ParityReport | None
-    note: str = ""
-
-
-def card_digest(store: Store, step: int) -> str:
-    return hashlib.sha256((store.step_dir(step) / "card.json").read_bytes()).hexdigest()
-
-
-def staging_dir(store: Store) -> Path:
-    path = store.root / ".staging" / f"export-{uuid.uuid4().hex[:8]}"
-    path.mkdir(parents=True)
-    return path
-
-
-def record_engine(report: ParityReport, fmt: str):
-    """A card update that stores the parity result and the engine's retention IoUs."""
-
-    def update(card) -> None:
-        card.extra.setdefault("parity", {})[fmt] = report.to_json()
-        for s, scores in report.per_set.items():
-            card.retention.setdefault(s, {})[report.engine] = scores[report.engine]
-
-    return update
 
 
 def export_onnx_step(store: Store, step: int) -> ExportResult:
@@ -97,14 +24,15 @@ def export_onnx_step(store: Store, step: int) -> ExportResult:
     Raises:
         CheckFailed: the gate failed (nothing is kept).
     """
+    from ciss.engines.onnx import OnnxEngine
     from ciss.exporters.onnx import export_onnx
-    from ciss.runtime.engine import OnnxEngine
 
     model, card = store.load_model(step)
     sets = retention_sets(store, step)
     tmp = staging_dir(store)
     try:
-        path = export_onnx(model, tmp / "model.onnx", card, card_digest(store, step))
+        path = export_onnx(model, tmp / "model.onnx", card,
+                           card.artifacts["weights.safetensors"])
         import onnx
 
         try:

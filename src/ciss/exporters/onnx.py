@@ -35,12 +35,13 @@ class ExportWrapper(nn.Module):
         return logits, logits.argmax(dim=1).to(torch.uint8)
 
 
-def export_onnx(model: nn.Module, path: Path, card: StepCard, card_sha256: str,
+def export_onnx(model: nn.Module, path: Path, card: StepCard, weights_sha256: str,
                 example_size: int = 64) -> Path:
     """Export ``model`` to ``path`` with self-describing metadata.
 
-    Metadata keys: ``classes`` (JSON list), ``step``, ``card_sha256``, ``arch``,
-    ``preprocessing``, ``ciss_version``.
+    Metadata keys: ``classes`` (JSON list), ``step``, ``weights_sha256`` (of the weights it
+    was exported from: checked when the engine is loaded), ``arch``, ``preprocessing``,
+    ``ciss_version``.
     """
     import onnx
 
@@ -57,7 +58,7 @@ def export_onnx(model: nn.Module, path: Path, card: StepCard, card_sha256: str,
                                         "labels": {0: "batch", 1: "height", 2: "width"}})
     proto = onnx.load(str(path))
     meta = {"classes": json.dumps(card.classes), "step": str(card.step),
-            "card_sha256": card_sha256, "arch": card.arch,
+            "weights_sha256": weights_sha256, "arch": card.arch,
             "preprocessing": "uint8 RGB [N,3,H,W], ImageNet normalisation inside the graph",
             "ciss_version": __version__}
     del proto.metadata_props[:]

@@ -9,7 +9,7 @@ from pathlib import Path
 from ciss.analysis.scoring import batches
 from ciss.data.classes import ClassList
 from ciss.errors import CheckFailed
-from ciss.exporters.export import ExportResult, record_engine, staging_dir
+from ciss.exporters.common import ExportResult, record_engine, staging_dir
 from ciss.exporters.parity import ParityTolerance, check_parity
 from ciss.store import Store
 from ciss.store.retention import retention_sets
@@ -63,12 +63,25 @@ def quantize(src: Path, dst: Path, reader: RetentionReader, work: Path, *,
                     activation_type=QuantType.QInt8 if signed_activations else QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
                     per_channel=True, reduce_range=True)
+    copy_metadata(src, dst)  # the quantizer drops it; the INT8 file must describe itself too
     return dst
+
+
+def copy_metadata(src: Path, dst: Path) -> None:
+    """Put ``src``'s metadata_props (classes, step, weights_sha256, ...) into ``dst``."""
+    import onnx
+
+    source, target = onnx.load(str(src), load_external_data=False), onnx.load(str(dst))
+    del target.metadata_props[:]
+    for prop in source.metadata_props:
+        entry = target.metadata_props.add()
+        entry.key, entry.value = prop.key, prop.value
+    onnx.save(target, str(dst))
 
 
 def export_int8_step(store: Store, step: int) -> ExportResult:
     """Quantise the step's model.onnx into model.int8.onnx; measured speed goes in the card."""
-    from ciss.runtime.engine import OnnxEngine
+    from ciss.engines.onnx import OnnxEngine
 
     model, card = store.load_model(step)
     sets = retention_sets(store, step)

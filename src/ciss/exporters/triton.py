@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 from ciss.errors import CissError
-from ciss.exporters.export import ExportResult
+from ciss.exporters.common import ExportResult
 from ciss.store import Store
 
 MAX_BATCH = 8

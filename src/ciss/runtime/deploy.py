@@ -25,7 +25,8 @@ def _now() -> str:
 
 def ensure_engine(store: Store, step: int, engine: str) -> None:
     """Export the engine's artifact first when the step does not have it yet."""
-    from ciss.exporters.export import export_step, has_artifact
+    from ciss.engines.formats import has_artifact
+    from ciss.exporters.export import export_step
 
     if not has_artifact(store.card(step).artifacts, engine):
         export_step(store, step, [engine])

@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass, field
 
 from ciss.analysis.evaluate import predictor_for
 from ciss.analysis.learning import DEFAULT_FLOOR
+from ciss.analysis.scoring import score_retention
 from ciss.data.classes import ClassList
-from ciss.exporters.export import has_artifact
+from ciss.engines.formats import has_artifact
 from ciss.runtime.segmenter import SERVE_MAX_SIDE
 from ciss.store import Store
 from ciss.store.retention import ancestors, resolve_comparison
-from ciss.updater.add_classes import score_retention
 
 
 @dataclass

@@ -5,33 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ciss.data.imageio import MAX_PIXELS, read_image
 from ciss.data.transforms import resize_longest
 
 SERVE_MAX_SIDE = 1024  # the serving resize: images are shrunk to this longer side
-
-
-class TorchEngine:
-    """A torch model behind the engine interface (for ``--engine torch``)."""
-
-    def __init__(self, model: torch.nn.Module, device: str = "cpu") -> None:
-        self.model = model.eval().to(device)
-        self.device = device
-
-    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        with torch.inference_mode():
-            logits = self.model(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))
-        return {"logits": logits.float().cpu().numpy(),
-                "labels": logits.argmax(1).to(torch.uint8).cpu().numpy()}
-
-    def predict_labels(self, images: np.ndarray) -> np.ndarray:
-        return self.run(images)["labels"]
-
-    def describe(self) -> str:
-        return f"torch on {self.device}"
 
 
 @dataclass
@@ -57,7 +36,7 @@ class Segmenter:
         h, w = image.shape[:2]
         small = resize_longest(image, self.max_side)
         # labels only: the K x H x W logits never leave the engine
-        labels = self.engine.predict_labels(small.transpose(2, 0, 1)[None])[0]
+        labels = self.engine.predict_labels(np.ascontiguousarray(small.transpose(2, 0, 1)[None]))[0]
         if labels.shape != (h, w):
             labels = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize((w, h),
                                                                            Image.NEAREST))

@@ -138,8 +138,8 @@ class ModelSlot:
             CissError: unknown step, missing or tampered artifact, unloadable engine.
             CheckFailed: the retention gate failed on the loaded engine.
         """
+        from ciss.engines.load import load_engine
         from ciss.runtime.gate import run_gate
-        from ciss.runtime.loading import load_engine_any
 
         step = record.get("step")
         if not isinstance(step, int) or isinstance(step, bool):
@@ -147,7 +147,7 @@ class ModelSlot:
         engine_name = self._engine_for(record)
         step = self.store.resolve(step)
         card = self.store.verify(step)  # every artifact's checksum, not only the engine's
-        engine = load_engine_any(self.store, step, engine_name, self.policy.providers)
+        engine = load_engine(self.store, step, engine_name, self.policy.providers)
         segmenter = Segmenter(MeteredEngine(engine, self.concurrency, self.metrics),
                               card.classes, max_side=self.max_side, max_pixels=self.max_pixels)
         # the gate measures what will be served: this engine, the serving resize, and engine

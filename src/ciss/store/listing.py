@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ciss.analysis.metrics import mean_iou
 from ciss.store.card import StepCard
 from ciss.store.store import Store
+from ciss.tables import pct, table
 
 
 @dataclass
@@ -39,7 +39,7 @@ def retention_groups(card: StepCard, engine: str = "torch") -> tuple[float | Non
                 per_class[name] = v
     old = [per_class[c] for c in card.old_classes if c in per_class]
     new = [per_class[c] for c in card.new_classes if c in per_class]
-    return (mean_iou(old) if old else None), (mean_iou(new) if new else None)
+    return (sum(old) / len(old) if old else None), (sum(new) / len(new) if new else None)
 
 
 def list_steps(store: Store) -> list[StepRow]:
@@ -52,3 +52,20 @@ def list_steps(store: Store) -> list[StepRow]:
                             deployed.get("step") == n, card.artifacts,
                             card.extra.get("learning", {}).get("warnings", [])))
     return rows
+
+
+def before_after_table(store, step: int) -> str:
+    """Per-class IoU on the retention sets: parent vs this step."""
+    card = store.card(step)
+    parent = store.card(card.parent) if card.parent is not None else None
+    rows = []
+    for s, scores in card.retention.items():
+        before = parent.retention.get(s, {}).get("torch", {}) if parent else {}
+        for name, after in scores["torch"].items():
+            if after is None or name == "background":
+                continue
+            kind = "new" if name in card.new_classes else "old"
+            b = before.get(name)
+            drop = "" if b is None else f"{100 * (after - b):+.1f}"
+            rows.append([name, kind, f"step {s}", pct(b), pct(after), drop])
+    return table(["class", "group", "retention set", "before %", "after %", "change"], rows)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ciss.analysis.learning import DEFAULT_FLOOR, ClassWarning, learning_warnings
-from ciss.analysis.scoring import FolderScores, score_folder, torch_predictor
+from ciss.analysis.scoring import FolderScores, score_folder, score_retention, torch_predictor
 from ciss.data.classes import ClassList
 from ciss.data.dataset import SegmentationDataset, label_lut
 from ciss.data.folder import DatasetFolder, open_folder
@@ -21,7 +21,7 @@ from ciss.errors import CissError
 from ciss.models import freeze, frozen_stages, grow_classifier
 from ciss.models.build import ARCHS
 from ciss.store import StepCard, Store
-from ciss.store.retention import retention_sets, retention_writer
+from ciss.store.retention import retention_writer
 from ciss.updater.distributed import (
     DistInfo,
     agree,
@@ -71,14 +71,6 @@ def _new_classes(folder: DatasetFolder, parent: StepCard, data_dir: Path) -> lis
         raise CissError(f"{data_dir}: new classes with no pixel in the training split: "
                         f"{', '.join(missing)}")
     return new
-
-
-def score_retention(store: Store, step: int, predict, classes: ClassList
-                    ) -> dict[str, dict[str, float | None]]:
-    """Per-class IoU on the retention sets of ``step`` and its ancestors (partial-label rule),
-    keyed by step."""
-    return {s: score_folder(predict, folder, folder.val, classes).per_class()
-            for s, folder in retention_sets(store, step).items()}
 
 
 def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodConfig(),

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import click
 
-from ciss.cli import (
-    _loop_options,
-    _store,
+from ciss.cli.base import (
     data_option,
     echo_warnings,
+    loop_options,
     main,
+    open_store,
     parse_scale,
     store_option,
 )
-from ciss.tables import pct, table
+from ciss.store.listing import before_after_table
 
 
 @main.command("add-classes")
@@ -38,7 +38,7 @@ from ciss.tables import pct, table
               help="Memory for caching frozen-trunk outputs (flip-only augmentation); 0 = off.")
 @click.option("--val", "val_dir", type=click.Path(path_type=Path), default=None,
               help="A fully labelled folder to score as well.")
-@_loop_options
+@loop_options
 def add_classes_cmd(store_path, data_dir, parent, method, freeze, init, kd_weight, alpha, scale,
                     cache_trunk_mb, val_dir, iterations, epochs, batch_size, lr, optimizer, seed,
                     device, crop_size, workers, floor, sync_bn, quiet) -> None:
@@ -53,7 +53,7 @@ def add_classes_cmd(store_path, data_dir, parent, method, freeze, init, kd_weigh
     from ciss.updater.methods import MethodConfig
     from ciss.updater.train import DataConfig
 
-    store = _store(store_path)
+    store = open_store(store_path)
     d = step_defaults(method)
     loop = d.loop(iterations=iterations, epochs=epochs, batch_size=batch_size, lr=lr,
                   optimizer=optimizer, seed=seed, device=device, sync_bn=sync_bn)
@@ -82,23 +82,6 @@ def add_classes_cmd(store_path, data_dir, parent, method, freeze, init, kd_weigh
     click.echo(f"next: ciss check --step {report.step}   then   ciss deploy --step {report.step}")
 
 
-def before_after_table(store, step: int) -> str:
-    """Per-class IoU on the retention sets: parent vs this step."""
-    card = store.card(step)
-    parent = store.card(card.parent) if card.parent is not None else None
-    rows = []
-    for s, scores in card.retention.items():
-        before = parent.retention.get(s, {}).get("torch", {}) if parent else {}
-        for name, after in scores["torch"].items():
-            if after is None or name == "background":
-                continue
-            kind = "new" if name in card.new_classes else "old"
-            b = before.get(name)
-            drop = "" if b is None else f"{100 * (after - b):+.1f}"
-            rows.append([name, kind, f"step {s}", pct(b), pct(after), drop])
-    return table(["class", "group", "retention set", "before %", "after %", "change"], rows)
-
-
 @main.command()
 @data_option(help="Fully labelled source folder (synthetic or VOC).")
 @click.option("--scenario", required=True, help="X-Y, e.g. 15-5, 15-1.")
@@ -120,7 +103,7 @@ def benchmark(data_dir, scenario, setting, methods, arch, base_epochs, step_epoc
 
     Example: ciss benchmark --data data/synthetic --scenario 15-5 --methods ft,lwf,ilt,mib
     """
-    from ciss.analysis.benchmark import BenchmarkConfig, run_benchmark
+    from ciss.benchmark import BenchmarkConfig, run_benchmark
 
     cfg = BenchmarkConfig(scenario=scenario, setting=setting,
                           methods=tuple(m.strip() for m in methods.split(",") if m.strip()),

@@ -1,4 +1,4 @@
-"""Inference engines behind one method: ``run(images) -> {"logits", "labels"}``."""
+"""ONNX Runtime behind the engine interface: ``run(images) -> {"logits", "labels"}``."""
 
 from __future__ import annotations
 
@@ -80,27 +80,3 @@ class OnnxEngine:
 
     def describe(self) -> str:
         return f"onnxruntime {Path(self.path).name} on {', '.join(self.loaded)}"
-
-
-def load_engine(store, step: int, engine: str, providers: list[str] | None = None):
-    """The verified engine ``engine`` of a stored step.
-
-    Raises:
-        CissError: the artifact is missing (export it first) or fails its checksum.
-    """
-    if engine == "tensorrt":
-        from ciss.exporters.tensorrt import load_tensorrt_engine
-
-        return load_tensorrt_engine(store, step)
-    from ciss.exporters.export import FORMATS, has_artifact
-
-    if engine not in ("onnx", "int8"):
-        raise CissError(f"--engine {engine}: choose torch, onnx, int8 or tensorrt")
-    name = FORMATS[engine].artifact
-    card = store.card(step)
-    if not has_artifact(card.artifacts, engine):
-        raise CissError(f"step {step} has no {name}; run 'ciss export --step {step} "
-                        f"--format {engine}' first")
-    store.verify(step, [name])
-    return OnnxEngine(store.step_dir(step) / name, providers or ["CPUExecutionProvider"],
-                      cache_dir=store.work_dir)

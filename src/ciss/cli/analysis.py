@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ciss.cli import _store, main, store_option
+from ciss.cli.base import main, open_store, store_option
 
 
 @main.command()
@@ -33,7 +33,7 @@ def diagnose(store_path, step, against, data, out, max_images) -> None:
         raise CissError(f"{out}: exists and is not empty; choose a new --out folder")
     if max_images < 1:
         raise click.UsageError("--max-images must be at least 1")
-    result = run(_store(store_path), step, against, data, max_images=max_images)
+    result = run(open_store(store_path), step, against, data, max_images=max_images)
     html, js = write_report(result, out)
     click.echo(result.verdict)
     click.echo(f"report: {html}  numbers: {js}  ({result.images} images, {result.seconds}s)")

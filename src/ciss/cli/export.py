@@ -6,10 +6,8 @@ from pathlib import Path
 
 import click
 
-from ciss.cli import _store, main, store_option
+from ciss.cli.base import ENGINE_CHOICE, main, open_store, store_option
 from ciss.tables import pct, table
-
-ENGINE_CHOICE = click.Choice(["torch", "onnx", "int8", "tensorrt"])
 
 
 @main.command()
@@ -26,7 +24,7 @@ def export(store_path, step, formats, out) -> None:
     """
     from ciss.exporters.export import export_step
 
-    results = export_step(_store(store_path), step, list(formats), out)
+    results = export_step(open_store(store_path), step, list(formats), out)
     rows = []
     for r in results:
         p = r.parity
@@ -59,7 +57,7 @@ def predict(store_path, images, out, step, engine) -> None:
     from ciss.data.imageio import read_image, write_mask
     from ciss.runtime.loading import load_segmenter
 
-    seg = load_segmenter(_store(store_path), step, engine)
+    seg = load_segmenter(open_store(store_path), step, engine)
     out.mkdir(parents=True, exist_ok=True)
     stems = [p.stem for p in images]
     if len(set(stems)) != len(stems):

@@ -7,8 +7,7 @@ import sys
 
 import click
 
-from ciss.cli import _store, main, store_option
-from ciss.cli_deploy import ENGINE_CHOICE
+from ciss.cli.base import ENGINE_CHOICE, main, open_store, store_option
 from ciss.tables import pct, table
 
 
@@ -40,7 +39,7 @@ def check(store_path, step, against, engine, max_mean_drop, max_class_drop, min_
     from ciss.runtime.deploy import ensure_engine
     from ciss.runtime.gate import run_gate
 
-    store = _store(store_path)
+    store = open_store(store_path)
     target = store.resolve(step)
     ensure_engine(store, target, engine)
     result = run_gate(store, target, against, engine, max_mean_drop, max_class_drop,
@@ -79,7 +78,7 @@ def deploy(store_path, step, engine, force, max_mean_drop, max_class_drop, min_n
     """
     from ciss.runtime.deploy import deploy as do_deploy
 
-    res = do_deploy(_store(store_path), step, engine, force, max_mean_drop, max_class_drop,
+    res = do_deploy(open_store(store_path), step, engine, force, max_mean_drop, max_class_drop,
                     min_new_iou)
     rec = res.record
     note = " (FORCED past a failing gate)" if rec["forced"] else ""
@@ -94,7 +93,7 @@ def rollback(store_path) -> None:
     """Point deployed.json back at the previously deployed step."""
     from ciss.runtime.deploy import rollback as do_rollback
 
-    rec = do_rollback(_store(store_path))
+    rec = do_rollback(open_store(store_path))
     click.echo(f"rolled back to step {rec['step']} on {rec['engine']} "
                f"(from step {rec['rolled_back_from']})")
 
@@ -145,7 +144,7 @@ def serve(store_path, host, port, model_name, engine, providers, admin_token, po
                                "positive")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = ServeConfig(
-        store=_store(store_path).root, host=host, port=port, model_name=model_name,
+        store=open_store(store_path).root, host=host, port=port, model_name=model_name,
         admin_token=admin_token or None,
         poll_s=poll, max_body_bytes=int(max_body_mb * (1 << 20)), max_pixels=max_pixels,
         concurrency=concurrency,

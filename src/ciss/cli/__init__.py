@@ -1,0 +1,10 @@
+"""The ``ciss`` command line: each command parses options, makes one library call, prints.
+
+One module per command group; ``base`` below them holds the group and the shared options.
+Importing this package registers every command on ``main``.
+"""
+
+from ciss.cli import analysis, data, demo, deploy, export, inspect, train, update  # noqa: F401
+from ciss.cli.base import main
+
+__all__ = ["main"]

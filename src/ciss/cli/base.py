@@ -1,0 +1,116 @@
+"""What every command module shares: the group, its error handling, common options."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ciss.errors import CheckFailed, CissError
+
+ENGINE_CHOICE = click.Choice(["torch", "onnx", "int8", "tensorrt"])
+
+
+class CissGroup(click.Group):
+    """Maps CissError to exit 2 and CheckFailed to exit 1, one line each, no traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CissError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except CheckFailed as exc:
+            click.echo(f"check failed: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted; run the same command again to resume", err=True)
+            sys.exit(130)
+
+
+def store_option(f):
+    return click.option("--store", "store_path", type=click.Path(path_type=Path),
+                        envvar="CISS_STORE", default="ciss-store", show_default=True,
+                        help="Model store folder (env CISS_STORE).")(f)
+
+
+def data_option(required: bool = True, help: str = "Dataset folder (ciss or VOC layout)."):
+    return click.option("--data", "data_dir", type=click.Path(path_type=Path),
+                        required=required, help=help)
+
+
+def open_store(path: Path):
+    from ciss.store import Store
+
+    return Store(path)
+
+
+def parse_scale(text: str | None, default: tuple[float, float] = (1.0, 1.0)
+                ) -> tuple[float, float]:
+    if text is None:
+        return default
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise click.BadParameter("expected MIN,MAX such as 0.5,2.0") from exc
+    if not 0 < lo <= hi:
+        raise click.BadParameter("need 0 < MIN <= MAX")
+    return lo, hi
+
+
+def loop_options(f):
+    opts = [
+        click.option("--iterations", type=click.IntRange(min=1), default=None,
+                     help="Training budget in optimiser steps (default: the recipe's, "
+                          "whatever the folder's size)."),
+        click.option("--epochs", type=click.IntRange(min=1), default=None,
+                     help="Passes over the training split instead of --iterations."),
+        click.option("--batch-size", type=click.IntRange(min=2), default=16, show_default=True),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Peak learning rate."),
+        click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw",
+                     show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto, cpu, cuda or cuda:N."),
+        click.option("--crop-size", type=click.IntRange(min=16), default=None,
+                     help="Training crop side (default: median image side, at most 512)."),
+        click.option("--scale", default=None,
+                     help="Random rescale range MIN,MAX (default: the recipe's; photos: "
+                          "0.5,2.0 as in the literature)."),
+        click.option("--workers", type=click.IntRange(min=0), default=None,
+                     help="DataLoader workers (default: 0 for folders held in memory, "
+                          "else up to 4)."),
+        click.option("--min-iou", "floor", type=click.FloatRange(min=0, max=100),
+                     default=5.0, show_default=True,
+                     help="Warn about every trained class whose val IoU ends below this "
+                          "(points)."),
+        click.option("--sync-bn", is_flag=True,
+                     help="Under torchrun on GPUs: BatchNorm statistics over all ranks."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@click.group(cls=CissGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ciss")
+def main() -> None:
+    """ciss: learn new segmentation classes without forgetting old ones, and ship each step
+    as a checked, compiled engine.
+
+    \b
+    Start here:
+      ciss demo --out demo-out            # the whole story on synthetic data
+      ciss data synthetic --out data/     # make a dataset folder
+      ciss train --data data/step-0       # step 0
+      ciss add-classes --data new/        # learn new classes, keep the old
+    """
+
+
+def echo_warnings(warnings) -> None:
+    """One ``warning:`` line per class the step did not learn (on stderr and stdout alike)."""
+    for w in warnings:
+        click.echo(w.line(), err=True)

@@ -1,0 +1,63 @@
+"""``ciss evaluate`` and ``ciss steps``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ciss.cli.base import data_option, main, open_store, store_option
+from ciss.tables import pct, table
+
+
+@main.command()
+@store_option
+@data_option(help="Labelled folder; its val split is used when it names one.")
+@click.option("--step", type=int, default=None, help="Step number (default: latest).")
+@click.option("--engine", type=click.Choice(["torch", "onnx", "int8", "tensorrt"]),
+              default="torch", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def evaluate(store_path, data_dir, step, engine, as_json) -> None:
+    """Score a step on a labelled folder (classes matched by name).
+
+    Example: ciss evaluate --data data/synthetic --json
+    """
+    from ciss.analysis.evaluate import evaluate_step
+
+    ev = evaluate_step(open_store(store_path), data_dir, step=step, engine=engine)
+    doc = ev.to_json()
+    if as_json:
+        click.echo(json.dumps(doc))
+        return
+    old, new = ev.group_ids()
+    group = {i: "old" for i in old} | {i: "new" for i in new}
+    rows = [[name, group.get(i, "bg" if i == 0 else ""), pct(v)]
+            for i, (name, v) in enumerate(doc["per_class_iou"].items())]
+    click.echo(table(["class", "group", "IoU %"], rows))
+    click.echo(f"step {ev.step} on {ev.images} images ({engine}): mIoU {pct(doc['miou'])}, "
+               f"old {pct(doc['old_miou'])}, new {pct(doc['new_miou'])}")
+    if doc["unknown_classes"]:
+        click.echo("classes unknown to the model (counted as background): "
+                   + ", ".join(doc["unknown_classes"]))
+
+
+@main.command()
+@store_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def steps(store_path, as_json) -> None:
+    """List the store's steps: parent, classes, old/new mIoU, deployed."""
+    from ciss.store.listing import list_steps
+
+    rows = list_steps(open_store(store_path))
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in rows]))
+        return
+    if not rows:
+        click.echo(f"{store_path}: no steps yet; next: ciss train --data DIR")
+        return
+    click.echo(table(["step", "parent", "method", "classes", "new", "old mIoU", "new mIoU",
+                      "not learned", "deployed"],
+                     [[r.step, "-" if r.parent is None else r.parent, r.method, len(r.classes),
+                       len(r.new_classes), pct(r.old_miou), pct(r.new_miou),
+                       ", ".join(w["name"] for w in r.warnings) or "-",
+                       "*" if r.deployed else ""] for r in rows]))

@@ -1,0 +1,56 @@
+"""Load a stored step's engine by name (checksums verified first)."""
+
+from __future__ import annotations
+
+from ciss.engines.formats import FORMATS, has_artifact
+from ciss.errors import CissError
+
+ENGINES = ("torch", "onnx", "int8", "tensorrt")
+
+
+def load_engine(store, step: int, engine: str, providers: list[str] | None = None):
+    """The verified engine ``engine`` (torch, onnx, int8 or tensorrt) of a stored step.
+
+    Args:
+        providers: ONNX Runtime providers for onnx/int8, best first (default: CPU).
+
+    Raises:
+        CissError: unknown engine, the artifact is missing (export it first) or fails its
+            checksum.
+    """
+    if engine == "torch":
+        from ciss.engines.torch import TorchEngine
+
+        model, _ = store.load_model(step)
+        return TorchEngine(model)
+    if engine == "tensorrt":
+        from ciss.engines.tensorrt import load_tensorrt_engine
+
+        return load_tensorrt_engine(store, step)
+    if engine not in ("onnx", "int8"):
+        raise CissError(f"--engine {engine}: choose {', '.join(ENGINES)}")
+    from ciss.engines.onnx import OnnxEngine
+
+    name = FORMATS[engine].artifact
+    card = store.card(step)
+    if not has_artifact(card.artifacts, engine):
+        raise CissError(f"step {step} has no {name}; run 'ciss export --step {step} "
+                        f"--format {engine}' first")
+    store.verify(step, [name])
+    engine = OnnxEngine(store.step_dir(step) / name, providers or ["CPUExecutionProvider"],
+                        cache_dir=store.work_dir)
+    check_weights(engine.metadata, card.artifacts, store.step_dir(step) / name)
+    return engine
+
+
+def check_weights(metadata: dict[str, str], artifacts: dict[str, str], path) -> None:
+    """An exported file must come from the step's weights: its ``weights_sha256`` metadata
+    against the card's checksum of ``weights.safetensors``.
+
+    Raises:
+        CissError: the file names other weights (or none).
+    """
+    made_from = metadata.get("weights_sha256")
+    if made_from != artifacts.get("weights.safetensors"):
+        raise CissError(f"{path}: exported from other weights ({str(made_from)[:12]}...) than "
+                        f"the step's weights.safetensors; export it again with 'ciss export'")

@@ -1,0 +1,189 @@
+"""TensorRT plans behind the engine interface (TensorRT 10+ name-based tensor API).
+
+Needs an NVIDIA GPU: elsewhere every entry point raises a clear error. The optimisation profile
+a plan is built with must cover every shape the server can send it: images of 8 px to the
+serving resize's longer side (1024), batches up to the server's batch limit (16). A shape
+outside the plan's profile is refused with :class:`OutOfProfile` (a 4xx at the server), never
+passed to TensorRT.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ciss.errors import CheckFailed, CissError
+
+
+class OutOfProfile(CissError):
+    """An input shape the plan's optimisation profile does not cover."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Optimisation profile: (N, H, W) at min, opt and max.
+
+    The defaults match what ``ciss serve`` can send: sides from 8 px (smaller images are
+    refused) to 1024 (the serving resize) and batches of up to 16 (the /infer limit).
+    """
+
+    min: tuple[int, int, int] = (1, 8, 8)
+    opt: tuple[int, int, int] = (1, 512, 512)
+    max: tuple[int, int, int] = (16, 1024, 1024)
+
+    def key(self) -> str:
+        return "-".join("x".join(map(str, s)) for s in (self.min, self.opt, self.max))
+
+    def covers(self, shape: tuple[int, ...]) -> bool:
+        """Whether an [N, 3, H, W] input fits between min and max."""
+        n, _, h, w = shape
+        return all(lo <= v <= hi for v, lo, hi in zip((n, h, w), self.min, self.max))
+
+    @classmethod
+    def from_key(cls, key: str) -> Profile:
+        mins, opts, maxs = (tuple(int(v) for v in part.split("x")) for part in key.split("-"))
+        return cls(mins, opts, maxs)
+
+
+def require_trt():
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise CissError("TensorRT is not installed: pip install -e '.[tensorrt]' on a machine "
+                        "with an NVIDIA GPU") from exc
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CissError("TensorRT needs an NVIDIA GPU and none is visible; export onnx instead")
+    return trt
+
+
+def plan_prefix(trt_version: str) -> str:
+    """``engines/<gpu>-cc<major><minor>-trt<version>-``: plans for this GPU and TensorRT."""
+    import torch
+
+    name = torch.cuda.get_device_name().replace(" ", "_").replace("/", "_")
+    cc = "".join(map(str, torch.cuda.get_device_capability()))
+    return f"engines/{name}-cc{cc}-trt{trt_version}-"
+
+
+def engine_key(precision: str, profile: Profile) -> str:
+    """``<gpu>-cc<major><minor>-trt<version>-<precision>-<profile>``: one plan per key."""
+    trt = require_trt()
+    return plan_prefix(trt.__version__)[len("engines/"):] + f"{precision}-{profile.key()}"
+
+
+class TensorRTEngine:
+    """A deserialized plan run on torch CUDA buffers.
+
+    An execution context holds per-inference state (input shapes, tensor addresses), so
+    concurrent runs each take their own context and CUDA stream from a pool of ``contexts``.
+    """
+
+    def __init__(self, plan: Path, profile: Profile, *, contexts: int = 1,
+                 device: str = "cuda") -> None:
+        trt = require_trt()
+        import torch
+
+        self.path = Path(plan)
+        self.profile = profile
+        self.torch = torch
+        self.device = device
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise CissError(f"{plan}: TensorRT cannot deserialize this plan (other GPU or "
+                            "TensorRT version?); rebuild it with 'ciss export --format tensorrt'")
+        self._pool: queue.Queue = queue.Queue()
+        self._made = 0
+        self._limit = max(1, contexts)
+        self._lock = threading.Lock()
+        self.dtypes = {"logits": torch.float32, "labels": torch.uint8}
+
+    def _context(self):
+        """A free (context, stream) pair; a new one while fewer than ``contexts`` exist."""
+        try:
+            return self._pool.get_nowait()
+        except queue.Empty:
+            with self._lock:
+                make = self._made < self._limit
+                self._made += make
+            if not make:
+                return self._pool.get()
+            stream = self.torch.cuda.Stream() if self.device.startswith("cuda") else None
+            return self.engine.create_execution_context(), stream
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """uint8 [N,3,H,W] -> {"logits", "labels"}.
+
+        Raises:
+            OutOfProfile: the shape is outside the plan's optimisation profile.
+            CheckFailed: TensorRT refused the shape or failed to execute.
+        """
+        shape = tuple(images.shape)
+        if len(shape) != 4 or shape[1] != 3 or not self.profile.covers(shape):
+            raise OutOfProfile(
+                f"input of shape {list(shape)} is outside the TensorRT plan's profile "
+                f"(batch {self.profile.min[0]}-{self.profile.max[0]}, sides "
+                f"{self.profile.min[1]}-{self.profile.max[1]} px)")
+        torch = self.torch
+        context, stream = self._context()
+        try:
+            x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)).to(self.device)
+            # set_input_shape reports a shape it cannot take by returning False
+            if not context.set_input_shape("image", shape):
+                raise CheckFailed(f"{self.path.name}: TensorRT refused input shape "
+                                  f"{list(shape)}")
+            context.set_tensor_address("image", x.data_ptr())
+            outs = {}
+            for name in ("logits", "labels"):
+                dims = tuple(context.get_tensor_shape(name))
+                outs[name] = torch.empty(dims, dtype=self.dtypes[name], device=self.device)
+                context.set_tensor_address(name, outs[name].data_ptr())
+            handle = stream.cuda_stream if stream is not None else 0
+            if not context.execute_async_v3(handle):
+                raise CheckFailed(f"{self.path.name}: TensorRT execution failed")
+            if stream is not None:
+                stream.synchronize()
+            return {k: v.cpu().numpy() for k, v in outs.items()}
+        finally:
+            self._pool.put((context, stream))
+
+    def predict_labels(self, images: np.ndarray) -> np.ndarray:
+        return self.run(images)["labels"]
+
+    def describe(self) -> str:
+        return f"TensorRT {self.path.name}"
+
+
+def choose_plan(names: list[str], prefix: str, mtimes: dict[str, float],
+                profile: Profile = Profile()) -> str | None:
+    """The plan to serve among a step's artifacts: the one built for ``profile`` when there is
+    one, else the most recently built (by file time, not by name: names sort by GPU, version
+    and profile, which says nothing about age)."""
+    plans = [n for n in names if n.startswith(prefix) and n.endswith(".plan")]
+    exact = [n for n in plans if n.endswith(f"-{profile.key()}.plan")]
+    if exact:
+        return exact[0]
+    return max(plans, key=lambda n: mtimes.get(n, 0.0)) if plans else None
+
+
+def load_tensorrt_engine(store, step: int, contexts: int = 1) -> TensorRTEngine:
+    """The verified plan of the step for this GPU and TensorRT (see :func:`choose_plan`)."""
+    trt = require_trt()
+    card = store.card(step)
+    prefix = plan_prefix(trt.__version__)
+    names = [n for n in card.artifacts if n.startswith(prefix)]
+    mtimes = {n: (store.step_dir(step) / n).stat().st_mtime for n in names
+              if (store.step_dir(step) / n).exists()}
+    plan = choose_plan(names, prefix, mtimes)
+    if plan is None:
+        raise CissError(f"step {step} has no TensorRT plan for this GPU and TensorRT "
+                        f"{trt.__version__}; run 'ciss export --step {step} --format tensorrt'")
+    store.verify(step, [plan])
+    profile = Profile.from_key(plan[len(prefix):-len(".plan")].split("-", 1)[1])
+    return TensorRTEngine(store.step_dir(step) / plan, profile, contexts=contexts)

@@ -1,0 +1,35 @@
+"""What every exporter shares: its result, a staging folder, the card update it records."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from ciss.exporters.parity import ParityReport
+from ciss.store import Store
+
+
+@dataclass
+class ExportResult:
+    format: str
+    path: Path
+    parity: ParityReport | None
+    note: str = ""
+
+
+def staging_dir(store: Store) -> Path:
+    path = store.root / ".staging" / f"export-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    return path
+
+
+def record_engine(report: ParityReport, fmt: str):
+    """A card update that stores the parity result and the engine's retention IoUs."""
+
+    def update(card) -> None:
+        card.extra.setdefault("parity", {})[fmt] = report.to_json()
+        for s, scores in report.per_set.items():
+            card.retention.setdefault(s, {})[report.engine] = scores[report.engine]
+
+    return update

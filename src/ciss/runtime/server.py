@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ciss import __version__
 from ciss.data.imageio import ImageTooLarge, mask_png
+from ciss.engines.tensorrt import OutOfProfile
 from ciss.errors import CissError
 from ciss.runtime.admin import add_admin_routes
 from ciss.runtime.bodies import HttpError, read_body
@@ -148,6 +149,18 @@ def _parse_infer(body: bytes, header_length: str | None, config: ServeConfig) ->
     return req
 
 
+def _run_engine(served: ServedModel, req: InferRequest) -> dict[str, np.ndarray]:
+    """The outputs the request names (all when it names none, as the protocol says); a
+    labels-only request never materialises the K x H x W logits."""
+    engine = served.segmenter.engine
+    try:
+        if req.outputs and set(req.outputs) == {"labels"}:
+            return {"labels": engine.predict_labels(req.inputs["image"])}
+        return engine.run(req.inputs["image"])
+    except OutOfProfile as exc:
+        raise HttpError(422, str(exc), "out_of_profile") from exc
+
+
 def _segment(served: ServedModel, data: bytes, as_json: bool, min_side: int) -> Response:
     """``/v1/segment``'s work (in a worker thread): decode, segment, encode."""
     try:
@@ -160,7 +173,10 @@ def _segment(served: ServedModel, data: bytes, as_json: bool, min_side: int) -> 
     if min(h, w) < min_side:
         raise HttpError(422, f"image is {w}x{h}; the smallest side served is {min_side} px",
                         "too_small")
-    labels = served.segmenter.segment(image)
+    try:
+        labels = served.segmenter.segment(image)
+    except OutOfProfile as exc:
+        raise HttpError(422, str(exc), "out_of_profile") from exc
     headers = {"X-Ciss-Step": str(served.step), "X-Ciss-Version": served.version}
     if not as_json:
         return Response(mask_png(labels), media_type="image/png", headers=headers)
@@ -281,9 +297,11 @@ def create_app(config: ServeConfig):
                                  "application/json, or application/octet-stream with "
                                  "Inference-Header-Content-Length", "unsupported")
         body = await read_body(request, config.max_body_bytes)
-        req = _parse_infer(body, request.headers.get(HEADER.lower()), config)
-        images = req.inputs["image"]
-        outputs = await run_in_threadpool(served.segmenter.engine.run, images)
+        # a 9 MB JSON tensor takes ~1 s to parse: off the event loop, so health checks and
+        # /metrics keep answering meanwhile
+        req = await run_in_threadpool(_parse_infer, body, request.headers.get(HEADER.lower()),
+                                      config)
+        outputs = await run_in_threadpool(_run_engine, served, req)
         payload, header_len = await run_in_threadpool(
             encode_infer_response, name, served.version, req, outputs)
         headers = {HEADER: str(header_len)} if header_len is not None else {}

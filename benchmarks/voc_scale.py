@@ -20,11 +20,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-import foreign_suite as fs
 import numpy as np
 import torch
 from PIL import Image
 
+import foreign_suite as fs
 from _common import machine
 
 SPEC = replace(fs.ForeignSpec("voc", 20, 0, 0), sides=(500, 500), aspect=(4 / 3, 4 / 3),

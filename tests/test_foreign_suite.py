@@ -15,7 +15,6 @@ pytest.importorskip("skimage", reason="the suite is built from scikit-image's ph
                                       "(dev extra)")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import foreign_suite as fs  # noqa: E402
-
 from ciss.data.folder import open_folder  # noqa: E402
 
 

@@ -141,6 +141,8 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
     for method in ("ft", "mib"):
         diag = diagnose(store, numbers[f"{method}_step"])
         page, _ = write_report(diag, out / f"diagnosis-{method}")
+        store.record_event("diagnosed", step=diag.step, against=diag.against,
+                           report=str(page.resolve()), verdict=diag.verdict)
         numbers[f"{method}_diagnosis"] = {"lost": diag.lost, "cka": diag.cka,
                                           "transplant_gain": diag.transplant_gain}
         echo(f"      {method} (step {diag.step}, {diag.seconds}s): {diag.verdict}")

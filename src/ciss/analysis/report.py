@@ -14,7 +14,8 @@ PALETTE = {"kept": "#2e7d32", "to_background": "#9e9e9e", "to_new": "#c62828",
            "to_old": "#f9a825"}
 
 
-def _png(fig) -> str:
+def png_base64(fig) -> str:
+    """A matplotlib figure as base64 PNG (for ``data:`` URIs: pages embed their plots)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return base64.b64encode(buf.getvalue()).decode()
@@ -37,7 +38,7 @@ def _plots(d: dict) -> dict[str, str]:
     ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("IoU %")
     ax.legend(fontsize=8)
-    out["iou"] = _png(fig)
+    out["iou"] = png_base64(fig)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, max(2.5, 0.3 * len(names))))
@@ -51,7 +52,7 @@ def _plots(d: dict) -> dict[str, str]:
     ax.tick_params(labelsize=8)
     ax.set_xlabel("share of the class's ground-truth pixels (child's prediction)")
     ax.legend(fontsize=7, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0))
-    out["destinations"] = _png(fig)
+    out["destinations"] = png_base64(fig)
     plt.close(fig)
 
     stages = list(d["cka"])
@@ -66,7 +67,7 @@ def _plots(d: dict) -> dict[str, str]:
     a2.set_title("old-class mIoU gained by putting back the parent's stage (points)", fontsize=9)
     for ax in (a1, a2):
         ax.tick_params(axis="x", rotation=45, labelsize=8)
-    out["stages"] = _png(fig)
+    out["stages"] = png_base64(fig)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3))
@@ -80,7 +81,7 @@ def _plots(d: dict) -> dict[str, str]:
         ax.set_xlabel("offset (logit units)")
         ax.set_ylabel("mIoU %")
         ax.legend(fontsize=8)
-    out["offsets"] = _png(fig)
+    out["offsets"] = png_base64(fig)
     plt.close(fig)
     return out
 

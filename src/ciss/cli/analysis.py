@@ -33,7 +33,28 @@ def diagnose(store_path, step, against, data, out, max_images) -> None:
         raise CissError(f"{out}: exists and is not empty; choose a new --out folder")
     if max_images < 1:
         raise click.UsageError("--max-images must be at least 1")
-    result = run(open_store(store_path), step, against, data, max_images=max_images)
+    store = open_store(store_path)
+    result = run(store, step, against, data, max_images=max_images)
     html, js = write_report(result, out)
+    store.record_event("diagnosed", step=result.step, against=result.against,
+                       report=str(html.resolve()), verdict=result.verdict)
     click.echo(result.verdict)
     click.echo(f"report: {html}  numbers: {js}  ({result.images} images, {result.seconds}s)")
+
+
+@main.command()
+@store_option
+@click.option("--out", type=click.Path(path_type=Path), default="ciss-report",
+              show_default=True, help="Folder for index.html and overview.json.")
+def report(store_path, out) -> None:
+    """Write the store overview: steps as a timeline, per-class IoU across steps as a heat map,
+    deployments (refused and forced ones too) and links to diagnosis reports.
+
+    One self-contained index.html (plots embedded). 'ciss serve' shows the same page at /.
+
+    Example: ciss report --out store-report && open store-report/index.html
+    """
+    from ciss.analysis.overview import write_overview
+
+    page = write_overview(open_store(store_path), out)
+    click.echo(f"wrote {page}")

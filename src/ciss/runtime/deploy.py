@@ -47,7 +47,10 @@ def deploy(store: Store, step: int | None = None, engine: str = "onnx", force: b
     store.verify(step)
     gate = run_gate(store, step, engine=engine, max_mean_drop=max_mean_drop,
                     max_class_drop=max_class_drop, min_new_iou=min_new_iou)
+    summary = {"step": step, "engine": engine, "mean_old_drop": gate.mean_old_drop,
+               "reasons": gate.reasons, "by": "ciss deploy"}
     if not gate.passed and not force:
+        store.record_event("refused", **summary)
         shown = gate.reasons[:3]
         more = len(gate.reasons) - len(shown)
         raise CheckFailed(f"step {step} refused: " + "; ".join(shown)
@@ -65,11 +68,15 @@ def deploy(store: Store, step: int | None = None, engine: str = "onnx", force: b
                            "reasons": gate.reasons},
                   "history": history[-HISTORY:]}
         store.write_deployed(record)
+    store.record_event("forced" if record["forced"] else "deployed", **summary)
     return DeployResult(record, gate)
 
 
-def rollback(store: Store) -> dict:
-    """Point ``deployed.json`` back at the previously deployed step (checksums verified)."""
+def rollback(store: Store, *, by: str = "ciss rollback", reason: str = "") -> dict:
+    """Point ``deployed.json`` back at the previously deployed step (checksums verified).
+
+    ``by`` and ``reason`` go into the store's event log (the server's automatic rollback
+    names itself and the alarm)."""
     with store.lock():
         current = store.deployed()
         if not current or not current.get("history"):
@@ -85,4 +92,6 @@ def rollback(store: Store) -> dict:
         if "gate" in previous:
             record["gate"] = previous["gate"]
         store.write_deployed(record)
+    store.record_event("rolled_back", step=record["step"], engine=record["engine"],
+                       rolled_back_from=record["rolled_back_from"], by=by, reason=reason)
     return record

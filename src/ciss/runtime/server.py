@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -336,6 +336,18 @@ def create_app(config: ServeConfig):
         return {"step": served.step, "version": served.version, "engine": served.engine,
                 "runtime": served.describe, "loaded_at": served.loaded_at, "gate": served.gate,
                 "last_error": slot.last_error, "ready": state["ready"]}
+
+    @app.get("/")
+    async def overview():
+        """The store overview (as ``ciss report``) with an upload form for /v1/segment."""
+        from ciss.analysis.overview import build_overview, render_overview
+
+        def page() -> str:
+            ov = build_overview(store)
+            ov.shadow = app.state.shadow_status() if hasattr(app.state, "shadow_status") else None
+            return render_overview(ov, upload=True)
+
+        return HTMLResponse(await run_in_threadpool(page))
 
     @app.get("/metrics")
     def prometheus():

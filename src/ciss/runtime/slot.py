@@ -251,6 +251,11 @@ class ModelSlot:
         keep = (f"; still serving step {self.current.step}" if self.current
                 else "; nothing is served")
         log.warning("deployment refused: %s%s", reason, keep)
+        try:  # the overview page shows the server's refusals beside the CLI's
+            self.store.record_event("refused", step=step if isinstance(step, int) else None,
+                                    reasons=[reason], by="ciss serve")
+        except CissError:
+            log.warning("could not record the refusal in %s", self.store.root)
         return SwapOutcome("refused", step if isinstance(step, int) else None, reason)
 
     def watch(self, stop: threading.Event, interval_s: float) -> None:

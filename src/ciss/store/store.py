@@ -30,6 +30,8 @@ WEIGHTS = "weights.safetensors"
 CARD = "card.json"
 RETENTION = "retention"
 DEPLOYED = "deployed.json"
+EVENTS = "events.json"  # gate results, refusals, forced deployments, rollbacks, diagnoses
+EVENTS_KEPT = 1000
 
 
 def default_store_path() -> Path:
@@ -282,3 +284,24 @@ class Store:
         """Replace ``deployed.json`` atomically (callers hold the lock)."""
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.root / DEPLOYED, json.dumps(record, indent=2) + "\n")
+
+    def events(self) -> list[dict]:
+        """The store's event log, oldest first (see :meth:`record_event`)."""
+        path = self.root / EVENTS
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            raise CissError(f"{path}: unreadable event log ({exc})") from exc
+
+    def record_event(self, kind: str, **fields) -> None:
+        """Append one event (``deployed``, ``refused``, ``forced``, ``rolled_back``,
+        ``diagnosed``...) with a UTC timestamp. The log is rewritten atomically under the
+        store lock and keeps the last EVENTS_KEPT events: the overview page reads it."""
+        event = {"kind": kind, "at": dt.datetime.now(dt.timezone.utc).isoformat(
+            timespec="seconds"), **fields}
+        with self.lock():
+            log = (self.events() + [event])[-EVENTS_KEPT:]
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.root / EVENTS, json.dumps(log, indent=1) + "\n")

@@ -55,3 +55,52 @@ def data_split(data_dir: Path, scenario: str, setting: str, out: Path) -> None:
                      [[s["dir"], len(s["classes"]), s["train"], s["val"]]
                       for s in meta["steps"]]))
     click.echo(f"next: ciss train --data {steps[0]}")
+
+
+@data.command("check")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def data_check(folder: Path, as_json: bool) -> None:
+    """Read a dataset folder without training: the layout found (ciss, VOC, COCO, CVAT,
+    Roboflow, Cityscapes), classes, images per split, pixel share per class and every problem.
+    Exits 1 when there is a problem.
+
+    Example: ciss data check exports/cvat-task-12
+    """
+    import sys
+    from dataclasses import asdict
+
+    from ciss.data.inspect import check_folder
+
+    report = check_folder(folder)
+    if as_json:
+        click.echo(json.dumps(asdict(report)))
+    else:
+        if report.layout:
+            click.echo(f"{folder}: {report.layout} layout, {len(report.classes)} classes, "
+                       f"{report.split['train']} train + {report.split['val']} val images")
+            click.echo(table(["class", "images", "pixels %"],
+                             [[n, report.images_with[n], f"{100 * report.pixel_share[n]:.2f}"]
+                              for n in report.classes]))
+        for p in report.problems:
+            click.echo(f"problem: {p}")
+        click.echo(f"{len(report.problems)} problem(s)" if report.problems else
+                   f"no problems; next: ciss data convert {folder} --out FOLDER, or use it "
+                   "directly with --data")
+    if report.problems:
+        sys.exit(1)
+
+
+@data.command("convert")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+def data_convert(folder: Path, out: Path) -> None:
+    """Write any supported layout (VOC, COCO, CVAT, Roboflow, Cityscapes) in the ciss layout:
+    classes.txt, images/, index masks/, train.txt, val.txt.
+
+    Example: ciss data convert exports/coco --out data/new-classes
+    """
+    from ciss.data.inspect import convert_folder
+
+    dest = convert_folder(folder, out)
+    click.echo(f"wrote {dest}\nnext: ciss add-classes --data {dest}")

@@ -1,4 +1,9 @@
-"""Dataset folders (ciss layout and Pascal VOC layout), validated before anything is trained.
+"""Dataset folders, validated before anything is trained.
+
+Layouts: the ciss layout, Pascal VOC, and what annotation tools export (COCO instances JSON,
+CVAT "Segmentation mask 1.1", Roboflow png-mask-semantic, Cityscapes; see ``data/layouts``).
+Every layout becomes the same thing: images, a uint8 index mask per image (255 = ignore) and an
+ordered class list; classes are always matched by name.
 
 A folder is read once: every image and mask is decoded, checked, and (when the folder is small
 enough) kept in memory so that training epochs never decode again.
@@ -7,6 +12,7 @@ enough) kept in memory so that training epochs never decode again.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +43,9 @@ class DatasetFolder:
         train, val: stems of each split.
         has_val_list: whether the folder names its val split explicitly.
         presence: stem -> ids of the classes with at least one pixel in its mask (255 excluded).
-        layout: "ciss" or "voc".
+        layout: "ciss", "voc", "coco", "cvat", "roboflow" or "cityscapes".
+        mask_reader: stem -> uint8 index mask, for layouts whose masks are not index PNGs
+            (None: ``masks`` are 8-bit index or palette PNGs).
         pixels: stem -> pixel count per class id (length = number of classes; 255 excluded).
         shapes: stem -> (height, width) of its image.
     """
@@ -51,6 +59,7 @@ class DatasetFolder:
     has_val_list: bool
     presence: dict[str, frozenset[int]]
     layout: str = "ciss"
+    mask_reader: Callable[[str], np.ndarray] | None = field(default=None, repr=False)
     pixels: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
     _cache: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
@@ -59,7 +68,13 @@ class DatasetFolder:
         """Image (uint8 HxWx3 RGB) and mask (uint8 HxW) of one sample."""
         if stem in self._cache:
             return self._cache[stem]
-        return read_image(self.images[stem]), read_mask(self.masks[stem])
+        return read_image(self.images[stem]), self.read_mask(stem)
+
+    def read_mask(self, stem: str) -> np.ndarray:
+        """The uint8 index mask of one sample (decoded from whatever the layout stores)."""
+        if self.mask_reader is not None:
+            return self.mask_reader(stem)
+        return read_mask(self.masks[stem])
 
     @property
     def cached(self) -> bool:
@@ -102,14 +117,17 @@ def hash_split(stems: list[str], val_fraction: float = 0.1) -> tuple[list[str], 
     return train, val
 
 
-def open_folder(path: Path | str, *, cache: bool = True,
-                require_train: bool = True) -> DatasetFolder:
+def open_folder(path: Path | str, *, cache: bool = True, require_train: bool = True,
+                problems: list[str] | None = None) -> DatasetFolder:
     """Open and validate a dataset folder (ciss layout or Pascal VOC layout).
 
     Args:
         path: the folder (for VOC: the VOC2012 folder or a VOCdevkit above it).
         cache: keep decoded pixels in memory when they fit the cache budget.
         require_train: refuse a folder whose train split is empty (training data).
+        problems: when given, a sample with a problem is left out and its problem appended
+            here instead of raised (``ciss data check`` lists them all); problems with the
+            folder as a whole are still raised.
 
     Raises:
         CissError: naming the file and the problem; nothing is written anywhere.
@@ -119,11 +137,18 @@ def open_folder(path: Path | str, *, cache: bool = True,
         raise CissError(f"{root}: no such dataset folder")
     if not root.is_dir():
         raise CissError(f"{root}: is a file, expected a dataset folder")
+    from ciss.data.layouts import detect
+
+    tool = detect(root)
     voc_root = _find_voc_root(root)
-    if voc_root is not None and not (root / "images").is_dir():
-        folder = _open_voc(voc_root, cache)
+    if tool is not None:
+        raw = tool(root)
+        folder = _validate(root, raw.classes, raw.images, raw.masks, raw.train, raw.val,
+                           raw.has_val, raw.name, cache, raw.read_mask, problems)
+    elif voc_root is not None and not (root / "images").is_dir():
+        folder = _open_voc(voc_root, cache, problems)
     else:
-        folder = _open_ciss(root, cache)
+        folder = _open_ciss(root, cache, problems)
     if require_train and not folder.train:
         raise CissError(f"{root}: the train split is empty")
     return folder
@@ -158,7 +183,7 @@ def _read_list(path: Path, known: dict[str, Path]) -> list[str]:
     return stems
 
 
-def _open_ciss(root: Path, cache: bool) -> DatasetFolder:
+def _open_ciss(root: Path, cache: bool, problems: list[str] | None = None) -> DatasetFolder:
     for required in ("classes.txt", "images", "masks"):
         if not (root / required).exists():
             raise CissError(f"{root / required}: missing (a dataset folder holds classes.txt, "
@@ -189,10 +214,10 @@ def _open_ciss(root: Path, cache: bool) -> DatasetFolder:
         raise CissError(f"{root}: both splits are empty")
     stems = sorted(set(train) | set(val))
     return _validate(root, classes, {s: images[s] for s in stems}, {s: masks[s] for s in stems},
-                     train, val, has_val, "ciss", cache)
+                     train, val, has_val, "ciss", cache, None, problems)
 
 
-def _open_voc(root: Path, cache: bool) -> DatasetFolder:
+def _open_voc(root: Path, cache: bool, problems: list[str] | None = None) -> DatasetFolder:
     classes = (ClassList.from_file(root / "classes.txt") if (root / "classes.txt").exists()
                else ClassList(VOC_CLASSES))
     mask_dir = root / "SegmentationClassAug"
@@ -213,12 +238,13 @@ def _open_voc(root: Path, cache: bool) -> DatasetFolder:
     train = [s for s in train if s not in set(val)]
     stems = sorted(set(train) | set(val))
     return _validate(root, classes, {s: images[s] for s in stems}, {s: masks[s] for s in stems},
-                     train, val, True, "voc", cache)
+                     train, val, True, "voc", cache, None, problems)
 
 
-def _check_pair(stem: str, image_path: Path, mask_path: Path, n_classes: int):
+def _check_pair(stem: str, image_path: Path, mask_path: Path, n_classes: int,
+                mask_reader: Callable[[str], np.ndarray] | None = None):
     image = read_image(image_path)
-    mask = read_mask(mask_path)
+    mask = mask_reader(stem) if mask_reader is not None else read_mask(mask_path)
     if image.shape[:2] != mask.shape:
         raise CissError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
                         f"{image_path.name} is {image.shape[1]}x{image.shape[0]}")
@@ -232,8 +258,19 @@ def _check_pair(stem: str, image_path: Path, mask_path: Path, n_classes: int):
     return stem, image, mask, present, counts
 
 
-def _validate(root, classes, images, masks, train, val, has_val, layout, cache) -> DatasetFolder:
+def _validate(root, classes, images, masks, train, val, has_val, layout, cache,
+              mask_reader=None, problems: list[str] | None = None) -> DatasetFolder:
     stems = sorted(images)
+
+    def check(stem):
+        try:
+            return _check_pair(stem, images[stem], masks[stem], len(classes), mask_reader)
+        except CissError as exc:
+            if problems is None:
+                raise
+            problems.append(str(exc))
+            return None
+
     presence: dict[str, frozenset[int]] = {}
     pixels: dict[str, np.ndarray] = {}
     shapes: dict[str, tuple[int, int]] = {}
@@ -242,8 +279,10 @@ def _validate(root, classes, images, masks, train, val, has_val, layout, cache) 
     used = 0
     # PIL decoding releases the GIL: two threads use both cores of a small machine.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = pool.map(lambda s: _check_pair(s, images[s], masks[s], len(classes)), stems)
-        for stem, image, mask, present, counts in results:
+        for result in pool.map(check, stems):
+            if result is None:
+                continue
+            stem, image, mask, present, counts = result
             presence[stem] = present
             pixels[stem] = counts
             shapes[stem] = mask.shape
@@ -251,8 +290,13 @@ def _validate(root, classes, images, masks, train, val, has_val, layout, cache) 
             if used + size <= budget:
                 kept[stem] = (image, mask)
                 used += size
-    if used and len(kept) < len(stems):
+    if used and len(kept) < len(presence):
         kept = {}  # a partial cache would make epochs uneven; decode everything on demand
+    if len(presence) < len(stems):  # samples with problems (reported) are left out
+        images = {s: p for s, p in images.items() if s in presence}
+        masks = {s: p for s, p in masks.items() if s in presence}
+        train = [s for s in train if s in presence]
+        val = [s for s in val if s in presence]
     return DatasetFolder(root=root, classes=classes, images=images, masks=masks, train=train,
                          val=val, has_val_list=has_val, presence=presence, layout=layout,
-                         pixels=pixels, shapes=shapes, _cache=kept)
+                         mask_reader=mask_reader, pixels=pixels, shapes=shapes, _cache=kept)

@@ -76,6 +76,12 @@ def read_image(source: Path | bytes, what: str | None = None, *,
     return to_rgb(img)
 
 
+def open_image(path: Path, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open an image file lazily with the size and bomb checks, without converting it (a
+    mask's mode says how to read it)."""
+    return _open(path, str(path), max_pixels)
+
+
 def read_mask(path: Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode an 8-bit single-channel or palette PNG mask to uint8 HxW (values = class ids)."""
     img = _open(path, str(path), max_pixels)

@@ -19,7 +19,7 @@ import numpy as np
 
 from ciss.data.classes import IGNORE_INDEX, ClassList
 from ciss.data.folder import DatasetFolder
-from ciss.data.imageio import read_mask, write_mask
+from ciss.data.imageio import write_mask
 from ciss.errors import CissError
 
 NAMED = ("19-1", "15-5", "15-1", "10-1", "5-3", "100-50", "100-10", "50-50")
@@ -135,6 +135,6 @@ def _write_step(folder: DatasetFolder, dest: Path, ids: list[int], old: list[int
             os.link(src, target)  # images are immutable inputs: share them when possible
         except OSError:
             shutil.copyfile(src, target)
-        write_mask(dest / "masks" / f"{stem}.png", lut[read_mask(folder.masks[stem])])
+        write_mask(dest / "masks" / f"{stem}.png", lut[folder.read_mask(stem)])
     (dest / "train.txt").write_text("".join(s + "\n" for s in train))
     (dest / "val.txt").write_text("".join(s + "\n" for s in val))

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from ciss.data.folder import DatasetFolder, open_folder
+from ciss.data.imageio import write_mask
 from ciss.errors import CissError
 
 
@@ -19,7 +20,10 @@ def retention_writer(folder: DatasetFolder, stems: list[str]):
         for stem in stems:
             image = folder.images[stem]
             shutil.copyfile(image, dest / "images" / (stem + image.suffix.lower()))
-            shutil.copyfile(folder.masks[stem], dest / "masks" / f"{stem}.png")
+            if folder.mask_reader is None:  # an index PNG already: keep the file as it is
+                shutil.copyfile(folder.masks[stem], dest / "masks" / f"{stem}.png")
+            else:  # a tool format (COCO, colour masks...): store the decoded index mask
+                write_mask(dest / "masks" / f"{stem}.png", folder.read_mask(stem))
         (dest / "val.txt").write_text("".join(s + "\n" for s in stems))
         (dest / "train.txt").write_text("")
 

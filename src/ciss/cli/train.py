@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ciss.cli.base import (
@@ -20,8 +22,9 @@ from ciss.tables import pct
 @store_option
 @data_option()
 @click.option("--arch", default="tiny", show_default=True, help="An ARCHS name.")
-@click.option("--weights", type=click.Choice(["imagenet"]), default=None,
-              help="Pretrained backbone (downloads once; default: random init).")
+@click.option("--weights", default=None,
+              help="'imagenet' (torchvision's backbone, downloaded once into the torch hub "
+                   "cache) or a local backbone state-dict file; default: random init.")
 @click.option("--loss", type=click.Choice(["ce", "wce", "ce+dice", "ohem"]), default=None,
               help="ce, wce (classes weighted by pixel share), ce+dice or ohem "
                    "(default: the recipe's).")
@@ -60,3 +63,37 @@ def train(store_path, data_dir, arch, weights, loss, iterations, epochs, batch_s
                   if report.fit.resumed_from is not None else ""))
     echo_warnings(report.warnings)
     click.echo(f"next: ciss evaluate --data {data_dir}   or   ciss add-classes --data NEW_FOLDER")
+
+
+@main.command("import")
+@store_option
+@click.option("--arch", required=True, help="A torchvision ARCHS name, e.g. deeplabv3_resnet50.")
+@click.option("--weights", required=True,
+              help="A state dict (.pth/.pt, loaded with weights_only=True, or .safetensors) "
+                   "saved from the plain torchvision model, or a named torchvision weight "
+                   "(e.g. COCO_WITH_VOC_LABELS_V1) in the local torch hub cache.")
+@click.option("--classes", "classes_file", type=click.Path(path_type=Path), default=None,
+              help="classes.txt: the model's class names, background first (named weights "
+                   "bring their own).")
+@data_option(help="Labelled folder (any supported layout); its val split becomes the step's "
+                  "retention set.")
+@click.option("--min-iou", "floor", type=click.FloatRange(min=0, max=100), default=5.0,
+              show_default=True, help="Warn about every class whose val IoU is below this.")
+def import_cmd(store_path, arch, weights, classes_file, data_dir, floor) -> None:
+    """Make an existing torchvision model step 0 of a store (scored and carded like a
+    trained one), so add-classes, check, export and serve work on top of it.
+
+    Example: ciss import --arch deeplabv3_resnet50 --weights model.pth --classes classes.txt
+    --data my-val-folder
+    """
+    from ciss.updater.importer import import_model
+
+    report = import_model(open_store(store_path), data_dir, arch=arch, weights=weights,
+                          classes_file=classes_file, floor=floor, say=click.echo)
+    s = report.scores
+    ids = list(range(1, len(report.card.classes)))
+    click.echo(f"step {report.step}: imported {arch} ({len(ids)} classes) from "
+               f"{report.card.extra['source']}; mIoU {pct(s.miou(ids))} on "
+               f"{report.card.data['retention_images']} retention images")
+    echo_warnings(report.warnings)
+    click.echo("next: ciss add-classes --data NEW_FOLDER")

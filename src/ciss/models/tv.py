@@ -6,6 +6,8 @@ only the order in which they are called is made explicit, stage by stage.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,14 +22,59 @@ MOBILENET_STAGES = {"stem": (0, 2), "stage1": (2, 4), "stage2": (4, 5), "stage3"
 
 
 def _backbone_weights(arch: str, weights: str | None):
-    if weights is None:
+    """torchvision's ImageNet weights for ``--weights imagenet``, fetched into the torch hub
+    cache first (None for no weights or a local file, which ``load_backbone_file`` reads)."""
+    if weights is None or weights != "imagenet":
+        if weights is not None and not Path(weights).is_file():
+            raise CissError(f"--weights {weights}: neither 'imagenet' nor an existing file")
         return None
-    if weights != "imagenet":
-        raise CissError(f"--weights {weights}: unknown; use 'imagenet' (or leave it out)")
     from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, ResNet101_Weights
-    return {"resnet50": ResNet50_Weights.IMAGENET1K_V1,
-            "resnet101": ResNet101_Weights.IMAGENET1K_V1,
-            "mobilenet": MobileNet_V3_Large_Weights.IMAGENET1K_V1}[arch]
+    w = {"resnet50": ResNet50_Weights.IMAGENET1K_V1,
+         "resnet101": ResNet101_Weights.IMAGENET1K_V1,
+         "mobilenet": MobileNet_V3_Large_Weights.IMAGENET1K_V1}[arch]
+    fetch_to_hub_cache(w.url)
+    return w
+
+
+def hub_cache_path(url: str) -> Path:
+    """Where torchvision looks for (and downloads) the file at ``url``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+
+
+def fetch_to_hub_cache(url: str) -> Path:
+    """The cached file for ``url``, downloaded first when missing.
+
+    Raises:
+        CissError: offline (or the download failed): one line saying which file to put where.
+    """
+    path = hub_cache_path(url)
+    if path.is_file():
+        return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path), progress=False)
+    except (OSError, ValueError) as exc:  # URLError is an OSError
+        raise CissError(f"cannot download {url} ({exc.__class__.__name__}); put that file at "
+                        f"{path}, or pass --weights PATH to a local backbone file") from None
+    return path
+
+
+def load_backbone_file(tv: nn.Module, weights: str | None) -> None:
+    """``--weights PATH``: a backbone state dict (as torchvision's ImageNet classifiers save
+    it; classifier keys such as ``fc.*`` are ignored) loaded into ``tv.backbone``."""
+    if weights is None or weights == "imagenet":
+        return
+    from ciss.models.weights import read_state_dict
+
+    state = read_state_dict(Path(weights))
+    own = tv.backbone.state_dict()
+    state = {k.removeprefix("backbone.").removeprefix("features."): v for k, v in state.items()}
+    usable = {k: v for k, v in state.items() if k in own}
+    missing = sorted(set(own) - set(usable))
+    if missing:
+        raise CissError(f"{weights}: not a backbone of this architecture; missing "
+                        f"{len(missing)} keys, e.g. {', '.join(missing[:3])}")
+    tv.backbone.load_state_dict(usable)
 
 
 def _mobilenet_stages(features: nn.Module) -> nn.ModuleDict:
@@ -44,14 +91,17 @@ class DeepLabV3(SegmentationModel):
     Stages: stem, stage1..stage4 (backbone), head (ASPP + 3x3 conv), classifier (1x1 conv).
     """
 
-    def __init__(self, arch: str, num_classes: int, weights: str | None = None) -> None:
+    def __init__(self, arch: str, num_classes: int, weights: str | None = None,
+                 tv: nn.Module | None = None) -> None:
+        """``tv``: an existing torchvision model to wrap (``ciss import``); else one is built."""
         super().__init__(arch, num_classes)
-        from torchvision.models import segmentation as seg
+        if tv is None:
+            from torchvision.models import segmentation as seg
 
-        builder = getattr(seg, arch)
-        backbone_key = "mobilenet" if "mobilenet" in arch else arch.rsplit("_", 1)[-1]
-        tv = builder(weights=None, weights_backbone=_backbone_weights(backbone_key, weights),
-                     num_classes=num_classes, aux_loss=False)
+            backbone_key = "mobilenet" if "mobilenet" in arch else arch.rsplit("_", 1)[-1]
+            tv = getattr(seg, arch)(weights=None, weights_backbone=_backbone_weights(
+                backbone_key, weights), num_classes=num_classes, aux_loss=False)
+            load_backbone_file(tv, weights)
         body = tv.backbone
         if "mobilenet" in arch:
             # IntermediateLayerGetter keeps the feature blocks as children "0".."16".
@@ -111,13 +161,17 @@ class LRASPP(SegmentationModel):
     Stages: stem, stage1..stage4, head (cbr x scale), classifier (low + high 1x1 convs).
     """
 
-    def __init__(self, arch: str, num_classes: int, weights: str | None = None) -> None:
+    def __init__(self, arch: str, num_classes: int, weights: str | None = None,
+                 tv: nn.Module | None = None) -> None:
+        """``tv``: an existing torchvision model to wrap (``ciss import``); else one is built."""
         super().__init__(arch, num_classes)
-        from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+        if tv is None:
+            from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 
-        tv = lraspp_mobilenet_v3_large(
-            weights=None, weights_backbone=_backbone_weights("mobilenet", weights),
-            num_classes=num_classes)
+            tv = lraspp_mobilenet_v3_large(
+                weights=None, weights_backbone=_backbone_weights("mobilenet", weights),
+                num_classes=num_classes)
+            load_backbone_file(tv, weights)
         self.stages.update(_mobilenet_stages(nn.Sequential(*tv.backbone.children())))
         h = tv.classifier
         self.stages["head"] = LRASPPHeadPart(h.cbr, h.scale)

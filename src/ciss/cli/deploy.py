@@ -121,10 +121,21 @@ def rollback(store_path) -> None:
               help="Engine runs at once (1 suits a small CPU; raise it on a GPU).")
 @click.option("--accept-forced", is_flag=True,
               help="Serve a deployment forced past a failing gate (refused by default).")
+@click.option("--shadow-rate", type=click.FloatRange(min=0, max=1), default=0.0,
+              show_default=True,
+              help="After a swap, run the previous step on this fraction of requests (off the "
+                   "request path) and watch each old class's agreement; 0 = off.")
+@click.option("--watch-window", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Shadowed requests the agreement is computed over (sliding).")
+@click.option("--min-agreement", type=click.FloatRange(min=0, max=1), default=0.5,
+              show_default=True,
+              help="Alarm when an old class (with enough pixels) agrees less than this.")
+@click.option("--auto-rollback", is_flag=True,
+              help="Roll back to the previous deployment on an alarm (recorded with why).")
 @_gate_options
 def serve(store_path, host, port, model_name, engine, providers, admin_token, poll, max_body_mb,
-          max_pixels, concurrency, accept_forced, max_mean_drop, max_class_drop,
-          min_new_iou) -> None:
+          max_pixels, concurrency, accept_forced, shadow_rate, watch_window, min_agreement,
+          auto_rollback, max_mean_drop, max_class_drop, min_new_iou) -> None:
     """Serve the deployed step over HTTP; hot-swap when deployed.json changes and passes the gate.
 
     Speaks the Open Inference Protocol v2 (model 'ciss' by default, version = step + 1) plus
@@ -137,6 +148,7 @@ def serve(store_path, host, port, model_name, engine, providers, admin_token, po
 
     from ciss.runtime.server import ServeConfig
     from ciss.runtime.server import serve as run_server
+    from ciss.runtime.shadow import ShadowPolicy
     from ciss.runtime.slot import SwapPolicy
 
     if concurrency < 1 or poll <= 0 or max_body_mb <= 0 or max_pixels < 1:
@@ -148,6 +160,8 @@ def serve(store_path, host, port, model_name, engine, providers, admin_token, po
         admin_token=admin_token or None,
         poll_s=poll, max_body_bytes=int(max_body_mb * (1 << 20)), max_pixels=max_pixels,
         concurrency=concurrency,
+        shadow=ShadowPolicy(rate=shadow_rate, window=watch_window, min_agreement=min_agreement,
+                            auto_rollback=auto_rollback),
         policy=SwapPolicy(engine=engine, providers=[p.strip() for p in providers.split(",")
                                                     if p.strip()],
                           max_mean_drop=max_mean_drop, max_class_drop=max_class_drop,

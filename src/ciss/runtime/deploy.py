@@ -89,6 +89,8 @@ def rollback(store: Store, *, by: str = "ciss rollback", reason: str = "") -> di
         record = {"step": previous["step"], "engine": previous["engine"], "since": _now(),
                   "forced": bool(previous.get("forced", False)),
                   "rolled_back_from": current["step"], "history": history}
+        if reason:
+            record["reason"] = reason
         if "gate" in previous:
             record["gate"] = previous["gate"]
         store.write_deployed(record)

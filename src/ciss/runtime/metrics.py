@@ -26,6 +26,10 @@ class ServerMetrics:
     gate_passed: object
     gate_mean_drop: object
     swaps: object
+    shadow_agreement: object
+    shadow_samples: object
+    shadow_skipped: object
+    shadow_alarms: object
 
     @classmethod
     def create(cls) -> ServerMetrics:
@@ -57,6 +61,17 @@ class ServerMetrics:
                                  "drop (points) measured by the last gate run.", registry=r),
             swaps=Counter("ciss_model_swaps", "Attempts to switch the served engine, by outcome.",
                           ["outcome"], registry=r),
+            shadow_agreement=Gauge("ciss_shadow_agreement", "Share of the previous step's "
+                                   "pixels of each old class the served step also assigns "
+                                   "to it (sliding window of shadowed requests).", ["cls"],
+                                   registry=r),
+            shadow_samples=Counter("ciss_shadow_samples", "Requests shadowed by the previous "
+                                   "step.", registry=r),
+            shadow_skipped=Counter("ciss_shadow_skipped", "Sampled requests not shadowed, by "
+                                   "reason (in_flight: one run already; queue: requests "
+                                   "waiting).", ["reason"], registry=r),
+            shadow_alarms=Counter("ciss_shadow_alarms", "Retention alarms raised on live "
+                                  "traffic.", registry=r),
         )
 
     def render(self) -> bytes:

@@ -47,6 +47,7 @@ from ciss.runtime.oip import (
     encode_infer_response,
     parse_infer_request,
 )
+from ciss.runtime.shadow import ShadowPolicy, ShadowWatch
 from ciss.runtime.slot import ModelSlot, ServedModel, SwapPolicy, oip_version
 from ciss.store import Store
 
@@ -71,6 +72,7 @@ class ServeConfig:
         max_batch: largest N of an ``/infer`` tensor.
         concurrency: engine runs at once.
         graceful_s: how long shutdown waits for in-flight requests.
+        shadow: the live retention watch (off unless ``shadow.rate`` > 0).
     """
 
     store: Path
@@ -87,6 +89,7 @@ class ServeConfig:
     max_batch: int = 16
     concurrency: int = 1
     graceful_s: float = 10.0
+    shadow: ShadowPolicy = field(default_factory=ShadowPolicy)
 
 
 def _check_tensor(images: np.ndarray, config: ServeConfig) -> None:
@@ -161,7 +164,8 @@ def _run_engine(served: ServedModel, req: InferRequest) -> dict[str, np.ndarray]
         raise HttpError(422, str(exc), "out_of_profile") from exc
 
 
-def _segment(served: ServedModel, data: bytes, as_json: bool, min_side: int) -> Response:
+def _segment(served: ServedModel, data: bytes, as_json: bool, min_side: int,
+             shadow: ShadowWatch | None = None) -> Response:
     """``/v1/segment``'s work (in a worker thread): decode, segment, encode."""
     try:
         image = served.segmenter.decode(data)
@@ -177,6 +181,8 @@ def _segment(served: ServedModel, data: bytes, as_json: bool, min_side: int) -> 
         labels = served.segmenter.segment(image)
     except OutOfProfile as exc:
         raise HttpError(422, str(exc), "out_of_profile") from exc
+    if shadow is not None:
+        shadow.offer(served.step, image, labels)
     headers = {"X-Ciss-Step": str(served.step), "X-Ciss-Version": served.version}
     if not as_json:
         return Response(mask_png(labels), media_type="image/png", headers=headers)
@@ -224,8 +230,27 @@ def create_app(config: ServeConfig):
     store = Store(config.store)
     name = config.model_name
     metrics = ServerMetrics.create()
+    slot: ModelSlot
+
+    def on_alarm(reason: str) -> None:
+        """The shadow watch's alarm: record it, and roll back when asked to."""
+        store.record_event("alarm", step=slot.current.step, reason=reason, by="ciss serve")
+        if not config.shadow.auto_rollback:
+            return
+        from ciss.runtime.deploy import rollback
+
+        try:
+            rollback(store, by="ciss serve (shadow watch)", reason=reason)
+        except CissError as exc:
+            log.error("shadow watch: cannot roll back (%s)", exc)
+            return
+        outcome = slot.refresh(force=True)  # the same verified, gated path as any deployment
+        log.warning("shadow watch: rolled back to step %s (%s)", outcome.step, outcome.outcome)
+
+    watch = ShadowWatch(config.shadow, metrics, on_alarm)
     slot = ModelSlot(store, config.policy, metrics, max_side=config.max_side,
-                     max_pixels=config.max_pixels, concurrency=config.concurrency)
+                     max_pixels=config.max_pixels, concurrency=config.concurrency,
+                     shadow=watch)
     slot.start()
     stop = threading.Event()
     state = {"ready": True}
@@ -302,6 +327,9 @@ def create_app(config: ServeConfig):
         req = await run_in_threadpool(_parse_infer, body, request.headers.get(HEADER.lower()),
                                       config)
         outputs = await run_in_threadpool(_run_engine, served, req)
+        if "labels" in outputs:  # the first image of the batch may be shadowed
+            watch.offer(served.step, np.ascontiguousarray(
+                req.inputs["image"][0].transpose(1, 2, 0)), outputs["labels"][0])
         payload, header_len = await run_in_threadpool(
             encode_infer_response, name, served.version, req, outputs)
         headers = {HEADER: str(header_len)} if header_len is not None else {}
@@ -328,14 +356,15 @@ def create_app(config: ServeConfig):
         if not body:
             raise HttpError(400, "empty body: send the image's bytes")
         return await run_in_threadpool(_segment, served, body, format == "json",
-                                       config.min_side)
+                                       config.min_side, watch)
 
     @app.get("/v1/status")
     def status():
         served = slot.current
         return {"step": served.step, "version": served.version, "engine": served.engine,
                 "runtime": served.describe, "loaded_at": served.loaded_at, "gate": served.gate,
-                "last_error": slot.last_error, "ready": state["ready"]}
+                "last_error": slot.last_error, "ready": state["ready"],
+                "shadow": watch.status()}
 
     @app.get("/")
     async def overview():
@@ -344,7 +373,7 @@ def create_app(config: ServeConfig):
 
         def page() -> str:
             ov = build_overview(store)
-            ov.shadow = app.state.shadow_status() if hasattr(app.state, "shadow_status") else None
+            ov.shadow = watch.status()
             return render_overview(ov, upload=True)
 
         return HTMLResponse(await run_in_threadpool(page))

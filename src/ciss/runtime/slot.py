@@ -62,12 +62,20 @@ class MeteredEngine:
         self.engine = engine
         self.slots = threading.BoundedSemaphore(slots)
         self.metrics = metrics
+        self.active = 0  # runs waiting for or holding a slot (the shadow watch yields to them)
+        self._count = threading.Lock()
 
     def _timed(self, fn, images):
         t0 = time.perf_counter()
-        with self.slots:
-            t1 = time.perf_counter()
-            out = fn(images)
+        with self._count:
+            self.active += 1
+        try:
+            with self.slots:
+                t1 = time.perf_counter()
+                out = fn(images)
+        finally:
+            with self._count:
+                self.active -= 1
         self.metrics.queue.observe(t1 - t0)
         self.metrics.compute.observe(time.perf_counter() - t1)
         return out
@@ -118,8 +126,9 @@ class ModelSlot:
 
     def __init__(self, store: Store, policy: SwapPolicy, metrics: ServerMetrics,
                  max_side: int = 1024, max_pixels: int = 16_000_000,
-                 concurrency: int = 1) -> None:
+                 concurrency: int = 1, shadow=None) -> None:
         self.store = store
+        self.shadow = shadow  # a ShadowWatch, started at every swap
         self.policy = policy
         self.metrics = metrics
         self.max_side = max_side
@@ -202,11 +211,46 @@ class ModelSlot:
             key, record = self._read()
             self._seen = key
             model = self.load(record)
-            self._install(model)
+            self._install(model, self._previous(record))
             return model
 
-    def _install(self, model: ServedModel) -> None:
+    def _previous(self, record: dict) -> ServedModel | None:
+        """At start-up, the deployment before this one (the shadow watch's reference):
+        verified and loaded, not gated (it was served before). None when there is none, the
+        shadow watch is off, or it cannot be loaded."""
+        history = record.get("history") or []
+        if self.shadow is None or self.shadow.policy.rate <= 0 or not history:
+            return None
+        from ciss.engines.load import load_engine
+
+        prev = history[-1]
+        try:
+            step = self.store.resolve(prev.get("step"))
+            card = self.store.verify(step)
+            engine_name = self.policy.engine or prev.get("engine") or "onnx"
+            engine = load_engine(self.store, step, engine_name, self.policy.providers)
+        except CissError as exc:
+            log.warning("shadow watch: the previous deployment cannot be loaded (%s)", exc)
+            return None
+        return ServedModel(step=step, engine=engine_name,
+                           segmenter=Segmenter(engine, card.classes, max_side=self.max_side,
+                                               max_pixels=self.max_pixels),
+                           classes=list(card.classes), loaded_at="", gate={},
+                           describe=engine.describe())
+
+    def _install(self, model: ServedModel, reference: ServedModel | None = None) -> None:
+        previous = self.current
         self.current = model  # the swap: one reference assignment
+        if self.shadow is not None:
+            from ciss.store.retention import ancestors
+
+            reference = reference or previous
+            if reference is not None and reference.step not in ancestors(self.store,
+                                                                         model.step):
+                reference = None  # e.g. after a rollback: never judge a step by its child
+            engine = model.segmenter.engine
+            self.shadow.start(model, reference, model.classes,
+                              engine_busy=lambda: getattr(engine, "active", 0) > 0)
         self.last_error = None
         self.last_swap = model.loaded_at
         self.metrics.swaps.labels("swapped").inc()

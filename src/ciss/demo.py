@@ -149,7 +149,8 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
         echo(f"      report: {page}")
     if store.deployed() is None:  # nothing passed: serve the base step, which has no old class
         deploy(store, base.step, "onnx", min_new_iou=plan.min_new_iou)
-    echo("[8/8] ciss serve: segment over HTTP, then try to force the ft step past the gate")
+    echo("[8/8] ciss serve: segment over HTTP, then force the ft step live and watch the server "
+         "roll it back on live traffic")
     ft_step = numbers["ft_step"] if numbers.get("ft_gate") == "refused" else None
     numbers["served"] = serve_story(store, data_dir, out / "served-masks", ft_step, echo,
                                     plan.min_new_iou)
@@ -165,10 +166,12 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
 
 def serve_story(store, data_dir: Path, masks_dir: Path, ft_step: int | None,
                 echo: Callable[[str], None], min_new_iou: float = 5.0) -> dict:
-    """Serve the deployed step on loopback, segment a few val images over HTTP, then force-deploy
-    the ft step (when the gate refused it) and show the running server refusing it too."""
+    """Serve the deployed step on loopback and segment a few val images over HTTP; then force
+    the ft step live (when the gate refused it) on a server that shadows every request with the
+    step's parent, and show the server rolling it back by itself."""
     import json
     import logging
+    import urllib.error
     import urllib.request
 
     from ciss.data.folder import open_folder
@@ -184,10 +187,14 @@ def serve_story(store, data_dir: Path, masks_dir: Path, ft_step: int | None,
     masks_dir.mkdir(parents=True, exist_ok=True)
     # The server logs refusals as warnings; the demo prints them itself, once.
     logging.getLogger("ciss.serve").setLevel(logging.ERROR)
+    from ciss.runtime.shadow import ShadowPolicy
     from ciss.runtime.slot import SwapPolicy
 
-    policy = SwapPolicy(min_new_iou=min_new_iou)
-    with background(ServeConfig(store=store.root, poll_s=0.2, policy=policy)) as (url, app):
+    policy = SwapPolicy(min_new_iou=min_new_iou, accept_forced=True)
+    watch = ShadowPolicy(rate=1.0, window=20, min_agreement=0.5, min_pixels=200,
+                         auto_rollback=True)
+    config = ServeConfig(store=store.root, poll_s=0.2, policy=policy, shadow=watch)
+    with background(config) as (url, app):
         meta = json.loads(http(f"{url}/v2/models/ciss"))
         echo(f"      {url}: model ciss versions {meta['versions']} (version = step + 1), "
              f"serving step {meta['parameters']['step']} on {meta['parameters']['runtime']}")
@@ -202,17 +209,36 @@ def serve_story(store, data_dir: Path, masks_dir: Path, ft_step: int | None,
                  + ")")
         served = app.state.slot.current.step
         if ft_step is None:
-            echo("      (the ft step passed the gate on this run, so there is no refusal to show)")
-            return {"step": served, "refused_ft": None}
+            echo("      (the ft step passed the gate on this run, so there is nothing to catch)")
+            return {"step": served, "rolled_back": None}
         deploy(store, ft_step, "onnx", force=True, min_new_iou=min_new_iou)
-        echo(f"      ciss deploy --step {ft_step} --force (the ft step, forced past the gate)")
+        echo(f"      ciss deploy --step {ft_step} --force (the ft step, forced past the gate); "
+             "this server runs with --accept-forced --shadow-rate 1 --auto-rollback")
         deadline = time.monotonic() + 120
-        while (app.state.slot.last_error is None and app.state.slot.current.step != ft_step
-               and time.monotonic() < deadline):
+        while app.state.slot.current.step != ft_step and time.monotonic() < deadline:
             time.sleep(0.1)
+        echo(f"      server: step {app.state.slot.current.step} is live; its parent shadows "
+             "every request, comparing old-class pixels")
+        codes, stems = [], sorted(folder.val)
+        while app.state.slot.current.step == ft_step and time.monotonic() < deadline:
+            try:
+                http(f"{url}/v1/segment", folder.images[stems[len(codes) % len(stems)]]
+                     .read_bytes())
+                codes.append(200)
+            except urllib.error.HTTPError as exc:
+                codes.append(exc.code)
         status = json.loads(http(f"{url}/v1/status"))
-        echo(f"      server: still serving step {status['step']}; refused: "
-             f"{status['last_error']}")
-        rollback(store)
-        echo(f"      ciss rollback -> deployed.json points at step {served} again")
-    return {"step": served, "refused_ft": status["step"] == served and bool(status["last_error"])}
+        shadow = status.get("shadow") or {}
+        rolled = status["step"] != ft_step
+        failed = sum(c != 200 for c in codes)
+        if rolled:
+            echo(f"      server: {shadow.get('status', '')[:200]}")
+            echo(f"      server: rolled back by itself to step {status['step']} after "
+                 f"{shadow.get('samples')} shadowed requests; {failed} of {len(codes)} "
+                 "requests failed (deployed.json's history records why)")
+        else:
+            echo("      (no alarm within the time allowed: a smoke run's base knows too little "
+                 "to be shadowed); rolling back by hand")
+            rollback(store)
+    return {"step": served, "rolled_back": rolled, "requests": len(codes), "failed": failed,
+            "shadowed": shadow.get("samples")}

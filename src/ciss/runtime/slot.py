@@ -211,45 +211,46 @@ class ModelSlot:
             key, record = self._read()
             self._seen = key
             model = self.load(record)
-            self._install(model, self._previous(record))
+            self._install(model)
             return model
 
-    def _previous(self, record: dict) -> ServedModel | None:
-        """At start-up, the deployment before this one (the shadow watch's reference):
-        verified and loaded, not gated (it was served before). None when there is none, the
-        shadow watch is off, or it cannot be loaded."""
-        history = record.get("history") or []
-        if self.shadow is None or self.shadow.policy.rate <= 0 or not history:
+    def _reference(self, model: ServedModel, previous: ServedModel | None
+                   ) -> ServedModel | None:
+        """The shadow watch's reference: the served step's parent, which defines its old
+        classes. Reused when it is what was served before, else loaded (verified, not gated;
+        the same engine kind when the parent has it, torch otherwise). None when the watch is
+        off, the step has no parent, or the parent cannot be loaded."""
+        if self.shadow is None or self.shadow.policy.rate <= 0:
             return None
+        parent = self.store.card(model.step).parent
+        if parent is None:
+            return None
+        if previous is not None and previous.step == parent:
+            return previous
+        from ciss.engines.formats import has_artifact
         from ciss.engines.load import load_engine
 
-        prev = history[-1]
         try:
-            step = self.store.resolve(prev.get("step"))
-            card = self.store.verify(step)
-            engine_name = self.policy.engine or prev.get("engine") or "onnx"
-            engine = load_engine(self.store, step, engine_name, self.policy.providers)
+            card = self.store.verify(parent)
+            engine_name = model.engine if has_artifact(card.artifacts, model.engine) \
+                else "torch"
+            engine = load_engine(self.store, parent, engine_name, self.policy.providers)
         except CissError as exc:
-            log.warning("shadow watch: the previous deployment cannot be loaded (%s)", exc)
+            log.warning("shadow watch: step %d's parent cannot be loaded (%s)", model.step, exc)
             return None
+        step = parent
         return ServedModel(step=step, engine=engine_name,
                            segmenter=Segmenter(engine, card.classes, max_side=self.max_side,
                                                max_pixels=self.max_pixels),
                            classes=list(card.classes), loaded_at="", gate={},
                            describe=engine.describe())
 
-    def _install(self, model: ServedModel, reference: ServedModel | None = None) -> None:
+    def _install(self, model: ServedModel) -> None:
         previous = self.current
         self.current = model  # the swap: one reference assignment
         if self.shadow is not None:
-            from ciss.store.retention import ancestors
-
-            reference = reference or previous
-            if reference is not None and reference.step not in ancestors(self.store,
-                                                                         model.step):
-                reference = None  # e.g. after a rollback: never judge a step by its child
             engine = model.segmenter.engine
-            self.shadow.start(model, reference, model.classes,
+            self.shadow.start(model, self._reference(model, previous), model.classes,
                               engine_busy=lambda: getattr(engine, "active", 0) > 0)
         self.last_error = None
         self.last_swap = model.loaded_at

@@ -17,6 +17,7 @@ from pathlib import Path
 from ciss.analysis.report import png_base64
 from ciss.errors import CissError
 from ciss.store import Store
+from ciss.store.retention import ancestors
 
 
 @dataclass
@@ -63,12 +64,20 @@ def build_overview(store: Store) -> Overview:
                 introduced[name] = n
                 classes.append(name)
         rows.append({"step": n, "parent": card.parent, "method": card.method, "arch": card.arch,
+                     "origin": {},
                      "new_classes": list(card.new_classes), "deployed": n == live,
                      "frozen": card.frozen[-1] if card.frozen else None,
                      "warnings": [w["name"] for w in card.extra.get("learning", {})
                                   .get("warnings", [])]})
-        iou[str(n)] = {c: card.retention.get(str(introduced[c]), {}).get("torch", {}).get(c)
-                       for c in card.classes if c != "background"}
+        # each class on the retention set of the step of this line that introduced it
+        # (siblings may introduce the same name independently)
+        origin = {}
+        for s in ancestors(store, n):
+            for c in store.card(s).new_classes:
+                origin.setdefault(c, s)
+        rows[-1]["origin"] = origin
+        iou[str(n)] = {c: card.retention.get(str(origin.get(c, introduced[c])), {})
+                       .get("torch", {}).get(c) for c in card.classes if c != "background"}
     return Overview(str(store.root), rows, classes, introduced, iou, deployed,
                     list(reversed(store.events())))
 
@@ -90,8 +99,10 @@ def _heatmaps(ov: Overview) -> dict[str, str]:
                 grid[i, j] = 100 * v
     drift = np.full_like(grid, np.nan)
     for i, c in enumerate(names):
-        first = grid[i, steps.index(str(ov.introduced[c]))]
-        drift[i] = grid[i] - first
+        for j, r in enumerate(ov.steps):  # drift along each step's own line
+            first = r["origin"].get(c)
+            if first is not None and str(first) in steps:
+                drift[i, j] = grid[i, j] - grid[i, steps.index(str(first))]
     out = {}
     size = (max(4.0, 0.9 * len(steps) + 2.5), max(2.5, 0.28 * len(names) + 1))
     for key, data, cmap, lo, hi, label in (
@@ -126,6 +137,8 @@ def _event_row(e: dict, base: Path | None) -> str:
         if e.get("mean_old_drop") is not None:
             detail = f"mean old-class drop {e['mean_old_drop']:.1f} pts" + (
                 f"; {detail}" if detail else "")
+    elif kind == "alarm":
+        detail = e.get("reason", "")
     elif kind == "rolled_back":
         detail = f"from step {e.get('rolled_back_from')}" + (
             f": {e['reason']}" if e.get("reason") else "")

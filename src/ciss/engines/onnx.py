@@ -29,7 +29,9 @@ class OnnxEngine:
     cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
-        import onnxruntime as ort
+        from ciss.engines.ort import import_onnxruntime
+
+        ort = import_onnxruntime()
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -41,3 +41,31 @@ def test_sync_bn_without_ranks_is_refused_not_ignored(split_dir, tmp_path):
         train_base(Store(tmp_path / "s"), split_dir / "step-0",
                    loop=LoopConfig(iterations=1, batch_size=2, sync_bn=True), progress=False)
     assert not (tmp_path / "s" / "steps").exists() or not any((tmp_path / "s" / "steps").iterdir())
+
+
+def test_ort_providers_follow_the_device():
+    from ciss.engines.load import ort_providers
+
+    gpu_ort = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert ort_providers("cpu", gpu_ort) == ["CPUExecutionProvider"]
+    assert ort_providers("cuda", gpu_ort)[0] == "CUDAExecutionProvider"
+    # auto on this machine (no GPU visible to torch): the CPU, whatever ORT offers
+    assert ort_providers("auto", gpu_ort) == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["evaluate", "--data", "{data}"], ["check", "--engine", "torch"],
+    ["deploy", "--engine", "torch"], ["diagnose", "--step", "2", "--out", "{out}"],
+])
+def test_evaluation_commands_take_a_device(argv, story, synthetic_dir, tmp_path):
+    """Evaluation, the gate, deploy and diagnose run where --device says (a GPU request on a
+    machine without one is refused in one line, proving the option reaches the models)."""
+    from click.testing import CliRunner
+
+    from ciss.cli import main
+
+    args = [a.format(data=synthetic_dir, out=tmp_path / "d") for a in argv]
+    res = CliRunner().invoke(main, [*args, "--store", str(story), "--device", "cuda"])
+    assert res.exit_code == 2 and "no CUDA GPU is visible" in res.output, res.output
+    res = CliRunner().invoke(main, [*args[:1], "--help"])
+    assert "--device" in res.output

@@ -46,6 +46,7 @@ class BenchmarkConfig:
     control: bool = False
     freeze: str | None = None
     seed: int = 0
+    device: str = "auto"
 
 
 @dataclass
@@ -93,14 +94,18 @@ class BenchmarkResult:
         return sum(ts) / len(ts) if ts else 0.0
 
 
-def score_step(store: Store, step: int, source, base_ids: list[int]) -> tuple:
+def score_step(store: Store, step: int, source, base_ids: list[int],
+               device: str = "cpu") -> tuple:
     """(old, new, all mIoU, per-class IoU) of a stored step on ``source``'s full-label val.
 
     old = the source classes ``base_ids`` (the base step's), new = every later class.
     """
-    model, card = store.load_model(step)
+    from ciss.engines.load import torch_device
+
+    dev = torch_device(device)
+    model, card = store.load_model(step, device=str(dev))
     classes = ClassList(tuple(card.classes))
-    s = score_folder(torch_predictor(model), source, source.val, classes)
+    s = score_folder(torch_predictor(model, dev), source, source.val, classes)
     names = card.classes
     old_ids = [names.index(source.classes.names[i]) for i in base_ids]
     new_ids = [i for i in range(1, len(names)) if i not in old_ids]
@@ -125,7 +130,7 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
     steps = write_split(source, scenario, out / "split", cfg.setting)
     base_ids = scenario.steps(len(source.classes) - 1)[0]
     bd = base_defaults(cfg.arch)
-    base_loop = bd.loop(epochs=cfg.base_epochs, seed=cfg.seed)
+    base_loop = bd.loop(epochs=cfg.base_epochs, seed=cfg.seed, device=cfg.device)
     budget = (f"{cfg.base_epochs} epochs" if cfg.base_epochs
               else f"{base_loop.iterations} iterations")
     rows: list[Row] = []
@@ -141,7 +146,7 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
         rep = train_base(base, steps[0], arch=cfg.arch,
                          loop=base_loop, loss=bd.loss, data=DataConfig(scale=bd.scale),
                          progress=progress)
-        old, new, all_, per = score_step(base, 0, source, base_ids)
+        old, new, all_, per = score_step(base, 0, source, base_ids, cfg.device)
         for method, step_dirs in runs:
             store = Store(out / "stores" / method)
             shutil.copytree(base.root, store.root)
@@ -153,9 +158,10 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
                 r = add_classes(store, step_dir,
                                 method=MethodConfig(method=loss, kd_weight=d.kd_weight),
                                 update=UpdateConfig(freeze=cfg.freeze),
-                                loop=d.loop(epochs=cfg.step_epochs, seed=cfg.seed),
+                                loop=d.loop(epochs=cfg.step_epochs, seed=cfg.seed,
+                                            device=cfg.device),
                                 progress=progress)
-                o, n, a, per = score_step(store, r.step, source, base_ids)
+                o, n, a, per = score_step(store, r.step, source, base_ids, cfg.device)
                 rows.append(Row(method, t, o, n, a, harmonic_iou(o, n), r.fit.seconds, per))
     if "joint" in cfg.methods:
         say(f"joint: all {len(source.classes) - 1} classes at once, {budget}")
@@ -163,7 +169,7 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
         rep = train_base(store, data_dir, arch=cfg.arch,
                          loop=base_loop, loss=bd.loss, data=DataConfig(scale=bd.scale),
                          progress=progress)
-        o, n, a, per = score_step(store, 0, source, base_ids)
+        o, n, a, per = score_step(store, 0, source, base_ids, cfg.device)
         rows.append(Row("joint", len(steps) - 1, o, n, a, harmonic_iou(o, n), rep.fit.seconds,
                         per))
     result = BenchmarkResult(cfg, rows)

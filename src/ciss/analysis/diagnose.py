@@ -92,14 +92,16 @@ def _eval_sets(store: Store, step: int, data: Path | None, child: ClassList,
 
 def _forward(model, images: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Logits and each stage's output (the state entry the stage created)."""
-    x = torch.from_numpy(images)
+    device = next(model.parameters()).device
+    x = torch.from_numpy(images).to(device)
     state = model.begin(x)
     outs = {}
     for name in model.stage_names:
         before = dict(state)
         state = model.run(state, [name])
         outs[name] = next(v for k, v in state.items() if before.get(k) is not v)
-    return model.finish(state, x.shape[-2:]), outs
+    # the statistics below run on the CPU, whatever device ran the models
+    return model.finish(state, x.shape[-2:]).cpu(), {k: v.cpu() for k, v in outs.items()}
 
 
 class _Sampler:
@@ -263,7 +265,7 @@ def _transplant(parent, child, sets: list[EvalSet], k_old: int, batch_size: int
                 sd[key] = sd[key].clone()
                 sd[key][: value.shape[0]] = value
         model.stages[name].load_state_dict(sd)
-        predict = torch_predictor(model)
+        predict = torch_predictor(model, next(model.parameters()).device)
         per_class: dict[int, float | None] = {}
         for s in old_sets:
             cm = np.zeros((child.num_classes,) * 2, np.int64)
@@ -309,7 +311,7 @@ def _weight_norms(model, groups: dict[str, list[int]]) -> dict[str, float | None
 
 def diagnose(store: Store, step: int | None = None, against: int | None = None,
              data: Path | None = None, *, max_images: int = 300, batch_size: int = 16,
-             cka_rows: int = 4096, seed: int = 0) -> Diagnosis:
+             cka_rows: int = 4096, seed: int = 0, device: str = "cpu") -> Diagnosis:
     """Diagnose what ``step`` forgot relative to ``against`` (default: its parent).
 
     Args:
@@ -317,6 +319,7 @@ def diagnose(store: Store, step: int | None = None, against: int | None = None,
             ``step`` and its ancestors, each scored with the partial-label rule.
         max_images: images used per set (the first ones, sorted by name).
         cka_rows: sampled pixels per stage for CKA.
+        device: where the two models run ("auto": CUDA when present).
 
     Raises:
         CissError: unknown step, ``against`` not an ancestor, data with no old class.
@@ -329,8 +332,11 @@ def diagnose(store: Store, step: int | None = None, against: int | None = None,
     if against is None:
         raise CissError(f"step {step} has no parent: nothing can have been forgotten "
                         "(pass --against an earlier step of its line, if any)")
-    parent, pcard = store.load_model(against)
-    child, _ = store.load_model(step)
+    from ciss.engines.load import torch_device
+
+    dev = str(torch_device(device))
+    parent, pcard = store.load_model(against, device=dev)
+    child, _ = store.load_model(step, device=dev)
     parent.eval()
     child.eval()
     k_old = len(pcard.classes)

@@ -43,19 +43,25 @@ class Evaluation:
 
 
 def predictor_for(store: Store, step: int, engine: str, device: str = "cpu") -> Predictor:
-    """A predictor for a stored step on the named engine (checksums verified first)."""
+    """A predictor for a stored step on the named engine (checksums verified first), on
+    ``device`` ("auto": CUDA when present; ONNX engines then use ONNX Runtime's CUDA
+    provider when it has one)."""
+    from ciss.engines.load import ort_providers, torch_device
+
     if engine == "torch":
-        model, _ = store.load_model(step, device=device)
-        return torch_predictor(model, device)
+        dev = torch_device(device)
+        model, _ = store.load_model(step, device=str(dev))
+        return torch_predictor(model, dev)
     if engine in ("onnx", "int8", "tensorrt"):
         from ciss.engines.load import load_engine
 
-        return load_engine(store, step, engine).predict_labels
+        return load_engine(store, step, engine, ort_providers(device)).predict_labels
     raise CissError(f"--engine {engine}: choose from {', '.join(ENGINES)}")
 
 
 def evaluate_step(store: Store, data_dir: Path, *, step: int | None = None,
-                  engine: str = "torch", batch_size: int = 16) -> Evaluation:
+                  engine: str = "torch", batch_size: int = 16,
+                  device: str = "cpu") -> Evaluation:
     """Score ``step`` (latest by default) on ``data_dir``.
 
     Uses the folder's val split when it names one (val.txt or VOC), else every image. The
@@ -67,7 +73,7 @@ def evaluate_step(store: Store, data_dir: Path, *, step: int | None = None,
     if not stems:
         raise CissError(f"{data_dir}: no image to evaluate")
     card = store.card(step)
-    predict = predictor_for(store, step, engine)
+    predict = predictor_for(store, step, engine, device)
     scores = score_folder(predict, folder, stems, ClassList(tuple(card.classes)),
                           batch_size=batch_size)
     return Evaluation(step=step, engine=engine, card=card, scores=scores, images=len(stems))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ciss.cli.base import main, open_store, store_option
+from ciss.cli.base import device_option, main, open_store, store_option
 
 
 @main.command()
@@ -20,7 +20,8 @@ from ciss.cli.base import main, open_store, store_option
               help="New folder for report.html and diagnosis.json.")
 @click.option("--max-images", type=int, default=300, show_default=True,
               help="Images used per set.")
-def diagnose(store_path, step, against, data, out, max_images) -> None:
+@device_option
+def diagnose(store_path, step, against, data, out, max_images, device) -> None:
     """Explain why a step forgot: background shift vs new-class bias, stage by stage.
 
     Example: ciss diagnose --step 2 --out diag-step2
@@ -34,7 +35,7 @@ def diagnose(store_path, step, against, data, out, max_images) -> None:
     if max_images < 1:
         raise click.UsageError("--max-images must be at least 1")
     store = open_store(store_path)
-    result = run(store, step, against, data, max_images=max_images)
+    result = run(store, step, against, data, max_images=max_images, device=device)
     html, js = write_report(result, out)
     store.record_event("diagnosed", step=result.step, against=result.against,
                        report=str(html.resolve()), verdict=result.verdict)

@@ -12,6 +12,13 @@ from ciss.errors import CheckFailed, CissError
 ENGINE_CHOICE = click.Choice(["torch", "onnx", "int8", "tensorrt"])
 
 
+def device_option(f):
+    """``--device`` for commands that run a model (evaluation, gate, diagnosis)."""
+    return click.option("--device", default="auto", show_default=True,
+                        help="auto (CUDA when present), cpu or cuda[:N]; ONNX engines use ONNX "
+                             "Runtime's CUDA provider on a GPU.")(f)
+
+
 class CissGroup(click.Group):
     """Maps CissError to exit 2 and CheckFailed to exit 1, one line each, no traceback."""
 

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ciss.cli.base import ENGINE_CHOICE, main, open_store, store_option
+from ciss.cli.base import ENGINE_CHOICE, device_option, main, open_store, store_option
 from ciss.tables import pct, table
 
 
@@ -28,9 +28,10 @@ def _gate_options(f):
 @click.option("--against", type=int, default=None, help="Reference step (default: parent).")
 @click.option("--engine", type=ENGINE_CHOICE, default="onnx", show_default=True)
 @_gate_options
+@device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def check(store_path, step, against, engine, max_mean_drop, max_class_drop, min_new_iou,
-          as_json) -> None:
+          device, as_json) -> None:
     """Retention gate: exit 1 when old classes regressed on the engine that will serve, or
     when a new class was not learned (below --min-new-iou).
 
@@ -43,7 +44,7 @@ def check(store_path, step, against, engine, max_mean_drop, max_class_drop, min_
     target = store.resolve(step)
     ensure_engine(store, target, engine)
     result = run_gate(store, target, against, engine, max_mean_drop, max_class_drop,
-                      min_new_iou=min_new_iou)
+                      min_new_iou=min_new_iou, device=device)
     if as_json:
         click.echo(json.dumps(result.to_json()))
     else:
@@ -71,7 +72,9 @@ def check(store_path, step, against, engine, max_mean_drop, max_class_drop, min_
 @click.option("--engine", type=ENGINE_CHOICE, default="onnx", show_default=True)
 @click.option("--force", is_flag=True, help="Deploy even if the gate fails (recorded).")
 @_gate_options
-def deploy(store_path, step, engine, force, max_mean_drop, max_class_drop, min_new_iou) -> None:
+@device_option
+def deploy(store_path, step, engine, force, max_mean_drop, max_class_drop, min_new_iou,
+           device) -> None:
     """Gate a step and point deployed.json at it (exports the engine first if needed).
 
     Example: ciss deploy --step 1 --engine onnx
@@ -79,7 +82,7 @@ def deploy(store_path, step, engine, force, max_mean_drop, max_class_drop, min_n
     from ciss.runtime.deploy import deploy as do_deploy
 
     res = do_deploy(open_store(store_path), step, engine, force, max_mean_drop, max_class_drop,
-                    min_new_iou)
+                    min_new_iou, device)
     rec = res.record
     note = " (FORCED past a failing gate)" if rec["forced"] else ""
     click.echo(f"deployed step {rec['step']} on {rec['engine']}{note}; "

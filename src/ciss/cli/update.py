@@ -9,6 +9,7 @@ import click
 
 from ciss.cli.base import (
     data_option,
+    device_option,
     echo_warnings,
     loop_options,
     main,
@@ -97,8 +98,9 @@ def add_classes_cmd(store_path, data_dir, parent, method, freeze, init, kd_weigh
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.option("--quiet", is_flag=True)
+@device_option
 def benchmark(data_dir, scenario, setting, methods, arch, base_epochs, step_epochs, control, out,
-              as_json, quiet) -> None:
+              as_json, quiet, device) -> None:
     """Run a CiSS scenario end to end for several methods; print the literature's table.
 
     Example: ciss benchmark --data data/synthetic --scenario 15-5 --methods ft,lwf,ilt,mib
@@ -108,7 +110,7 @@ def benchmark(data_dir, scenario, setting, methods, arch, base_epochs, step_epoc
     cfg = BenchmarkConfig(scenario=scenario, setting=setting,
                           methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                           arch=arch, base_epochs=base_epochs, step_epochs=step_epochs,
-                          control=control)
+                          control=control, device=device)
     result = run_benchmark(data_dir, out, cfg, progress=not (quiet or as_json),
                            echo=None if as_json else click.echo)
     if as_json:

@@ -21,9 +21,10 @@ import numpy as np
 
 from ciss.data.classes import IGNORE_INDEX, ClassList
 from ciss.data.imageio import read_image, read_mask
+from ciss.data.layouts import IMAGE_SUFFIXES, detect
+from ciss.data.splits import hash_split
 from ciss.errors import CissError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
     "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -108,15 +109,6 @@ class DatasetFolder:
         return counts
 
 
-def hash_split(stems: list[str], val_fraction: float = 0.1) -> tuple[list[str], list[str]]:
-    """Deterministic train/val split by stem hash (stable when files are added or removed)."""
-    train, val = [], []
-    for stem in sorted(stems):
-        bucket = int(hashlib.sha1(stem.encode()).hexdigest()[:8], 16) % 1000
-        (val if bucket < val_fraction * 1000 else train).append(stem)
-    return train, val
-
-
 def open_folder(path: Path | str, *, cache: bool = True, require_train: bool = True,
                 problems: list[str] | None = None) -> DatasetFolder:
     """Open and validate a dataset folder (ciss layout or Pascal VOC layout).
@@ -137,8 +129,6 @@ def open_folder(path: Path | str, *, cache: bool = True, require_train: bool = T
         raise CissError(f"{root}: no such dataset folder")
     if not root.is_dir():
         raise CissError(f"{root}: is a file, expected a dataset folder")
-    from ciss.data.layouts import detect
-
     tool = detect(root)
     voc_root = _find_voc_root(root)
     if tool is not None:

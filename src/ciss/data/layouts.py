@@ -28,6 +28,7 @@ import numpy as np
 
 from ciss.data.classes import BACKGROUND, IGNORE_INDEX, ClassList
 from ciss.data.imageio import open_image
+from ciss.data.splits import hash_split
 from ciss.errors import CissError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -68,8 +69,6 @@ def _split_of(name: str) -> str:
 
 
 def _with_hash_split(stems: list[str]) -> tuple[list[str], list[str]]:
-    from ciss.data.folder import hash_split
-
     return hash_split(stems)
 
 

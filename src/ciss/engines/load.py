@@ -8,6 +8,39 @@ from ciss.errors import CissError
 ENGINES = ("torch", "onnx", "int8", "tensorrt")
 
 
+def torch_device(device: str):
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda[:i]`` as a torch device.
+
+    Raises:
+        CissError: CUDA asked for and not visible.
+    """
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CissError(f"--device {device}: no CUDA GPU is visible to PyTorch")
+    return torch.device(device)
+
+
+def ort_providers(device: str, available: list[str] | None = None) -> list[str]:
+    """ONNX Runtime providers for ``device``: CUDA first on a GPU (``auto`` only when this
+    ONNX Runtime has the CUDA provider; ``cuda`` insists, and the engine refuses to load
+    without it), the CPU otherwise."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if available is None:
+        from ciss.engines.ort import import_onnxruntime
+
+        available = import_onnxruntime().get_available_providers()
+    if device == "auto":
+        import torch
+
+        if not (torch.cuda.is_available() and "CUDAExecutionProvider" in available):
+            return ["CPUExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
 def load_engine(store, step: int, engine: str, providers: list[str] | None = None):
     """The verified engine ``engine`` (torch, onnx, int8 or tensorrt) of a stored step.
 

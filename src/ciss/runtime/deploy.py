@@ -34,7 +34,7 @@ def ensure_engine(store: Store, step: int, engine: str) -> None:
 
 def deploy(store: Store, step: int | None = None, engine: str = "onnx", force: bool = False,
            max_mean_drop: float = 5.0, max_class_drop: float = 15.0,
-           min_new_iou: float = DEFAULT_FLOOR) -> DeployResult:
+           min_new_iou: float = DEFAULT_FLOOR, device: str = "cpu") -> DeployResult:
     """Gate ``step`` on ``engine`` and point ``deployed.json`` at it.
 
     Raises:
@@ -46,7 +46,7 @@ def deploy(store: Store, step: int | None = None, engine: str = "onnx", force: b
     ensure_engine(store, step, engine)
     store.verify(step)
     gate = run_gate(store, step, engine=engine, max_mean_drop=max_mean_drop,
-                    max_class_drop=max_class_drop, min_new_iou=min_new_iou)
+                    max_class_drop=max_class_drop, min_new_iou=min_new_iou, device=device)
     summary = {"step": step, "engine": engine, "mean_old_drop": gate.mean_old_drop,
                "reasons": gate.reasons, "by": "ciss deploy"}
     if not gate.passed and not force:

@@ -59,13 +59,14 @@ def _introduced(store: Store, chain: list[int]) -> dict[str, int]:
     return first
 
 
-def serving_predictor(store: Store, step: int, engine: str, max_side: int):
+def serving_predictor(store: Store, step: int, engine: str, max_side: int,
+                      device: str = "cpu"):
     """The stored engine behind the same resize the server applies (labels come back at the
     image's size)."""
     from ciss.runtime.segmenter import Segmenter
 
-    return Segmenter(_Labels(predictor_for(store, step, engine)), store.card(step).classes,
-                     max_side=max_side).predict_labels
+    return Segmenter(_Labels(predictor_for(store, step, engine, device)),
+                     store.card(step).classes, max_side=max_side).predict_labels
 
 
 class _Labels:
@@ -75,7 +76,8 @@ class _Labels:
         self.predict_labels = predict
 
 
-def parent_scores(store: Store, step: int, engine: str, max_side: int) -> dict:
+def parent_scores(store: Store, step: int, engine: str, max_side: int,
+                  device: str = "cpu") -> dict:
     """The reference step's per-class IoU on its retention sets.
 
     Reused from its card when that holds scores of this very engine on every set (engine and
@@ -88,7 +90,8 @@ def parent_scores(store: Store, step: int, engine: str, max_side: int) -> dict:
     if all(v is not None for v in stored.values()) and _all_within(store, sets, max_side):
         store.verify(step, ["retention"])
         return stored
-    return score_retention(store, step, serving_predictor(store, step, engine, max_side),
+    return score_retention(store, step, serving_predictor(store, step, engine, max_side,
+                                                          device),
                            ClassList(tuple(card.classes)))
 
 
@@ -118,7 +121,8 @@ def _learning_check(result: GateResult, card, after: dict, min_new_iou: float
 def run_gate(store: Store, step: int | None = None, against: int | None = None,
              engine: str = "onnx", max_mean_drop: float = 5.0,
              max_class_drop: float = 15.0, predict=None,
-             min_new_iou: float = DEFAULT_FLOOR, max_side: int = SERVE_MAX_SIDE) -> GateResult:
+             min_new_iou: float = DEFAULT_FLOOR, max_side: int = SERVE_MAX_SIDE,
+             device: str = "cpu") -> GateResult:
     """Compare ``step`` with ``against`` (default: its parent) on the old classes, and check
     that its new classes reach ``min_new_iou`` points on its own retention set.
 
@@ -127,6 +131,7 @@ def run_gate(store: Store, step: int | None = None, against: int | None = None,
             loaded from the store behind the serving resize (``max_side``). The server passes
             the very segmenter it is about to serve.
         max_side: the serving resize (longer side) applied before the engine runs.
+        device: where the stored engines run ("auto": CUDA when present).
 
     Raises:
         CissError: unknown steps, ``against`` not an ancestor, a missing engine artifact.
@@ -135,8 +140,8 @@ def run_gate(store: Store, step: int | None = None, against: int | None = None,
     card = store.card(step)
     classes_now = ClassList(tuple(card.classes))
     # the step's own retention set comes with its ancestors' (it labels the new classes)
-    after = score_retention(store, step, predict or serving_predictor(store, step, engine,
-                                                                      max_side), classes_now)
+    after = score_retention(store, step, predict or serving_predictor(
+        store, step, engine, max_side, device), classes_now)
     if against is None:
         result = GateResult(True, step, None, engine, None)
         result.classes = _learning_check(result, card, after, min_new_iou)
@@ -146,7 +151,7 @@ def run_gate(store: Store, step: int | None = None, against: int | None = None,
     parent = store.card(against)
     oldest = ancestors(store, against)[0]
     before_engine = engine if has_artifact(parent.artifacts, engine) else "torch"
-    before = parent_scores(store, against, before_engine, max_side)
+    before = parent_scores(store, against, before_engine, max_side, device)
     introduced = _introduced(store, chain)
     result = GateResult(True, step, against, engine, None)
     new_entries = _learning_check(result, card, after, min_new_iou)  # reasons before drops

@@ -80,11 +80,9 @@ class FitResult:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CissError(f"--device {device}: no CUDA GPU is visible to PyTorch")
-    return torch.device(device)
+    from ciss.engines.load import torch_device
+
+    return torch_device(device)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: LoopConfig) -> torch.optim.Optimizer:

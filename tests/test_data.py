@@ -178,3 +178,32 @@ def test_voc_layout(tmp_path):
     assert f.layout == "voc" and len(f.classes) == 21 and f.classes.names[15] == "person"
     assert f.train == ["2007_0", "2007_1"] and f.val == ["2007_2", "2007_3"]
     assert f.presence["2007_1"] == frozenset({15})
+
+
+def test_exif_orientation_for_tools_that_annotated_the_raw_pixels(tmp_path):
+    """A photo stored 40x20 with EXIF 'rotate 90' displays as 20x40; a tool that annotated
+    the stored pixels writes a 40x20 mask. The default (apply) names the fix; ignore reads it."""
+    from click.testing import CliRunner
+
+    from ciss.cli import main
+
+    root = tmp_path / "raw"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("background\nthing\n")
+    for i in range(3):
+        img = Image.fromarray(np.zeros((20, 40, 3), np.uint8))
+        exif = img.getexif()
+        exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+        img.save(root / "images" / f"p{i}.jpg", exif=exif.tobytes())
+        mask = np.zeros((20, 40), np.uint8)
+        mask[:, :10] = 1
+        Image.fromarray(mask, mode="L").save(root / "masks" / f"p{i}.png")
+    with pytest.raises(CissError, match="pass --exif ignore"):
+        open_folder(root)
+    folder = open_folder(root, exif="ignore")
+    assert folder.load(folder.train[0])[0].shape == (20, 40, 3)
+    (root / "ciss.json").write_text('{"exif": "ignore"}')
+    assert not open_folder(root).exif  # the folder carries the choice
+    res = CliRunner().invoke(main, ["data", "check", str(root), "--exif", "apply"])
+    assert res.exit_code == 1 and "--exif ignore" in res.output

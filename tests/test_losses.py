@@ -167,3 +167,25 @@ def test_base_loss_is_fp32_under_low_precision_logits():
         parts = base_loss(name, logits, target, torch.ones(3))
         assert parts["loss"].dtype == torch.float32, name
         parts["loss"].backward()
+
+
+def test_incremental_losses_run_in_fp32_under_low_precision(split_dir):
+    """Under autocast the network may hand back bf16 logits; the MiB losses must not be
+    computed in bf16 (they are sums of logsumexps over many pixels)."""
+    from ciss.models import build_model, freeze, grow_classifier
+    from ciss.updater.methods import IncrementalStep, MethodConfig
+
+    torch.manual_seed(0)
+    teacher = build_model("tiny", num_classes=4).eval()
+    student = build_model("tiny", num_classes=4)
+    student.load_state_dict(teacher.state_dict())
+    grow_classifier(student, 2)
+    freeze(student, "stage4")
+    images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    masks = torch.randint(0, 6, (2, 32, 32))
+    step = IncrementalStep(student, teacher, 4, MethodConfig("mib"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        parts = step(images, masks)
+    assert parts["loss"].dtype == torch.float32
+    exact = step(images, masks)["loss"]
+    assert float(parts["loss"]) == pytest.approx(float(exact), rel=0.05)

@@ -61,14 +61,14 @@ def predictor_for(store: Store, step: int, engine: str, device: str = "cpu") -> 
 
 def evaluate_step(store: Store, data_dir: Path, *, step: int | None = None,
                   engine: str = "torch", batch_size: int = 16,
-                  device: str = "cpu") -> Evaluation:
+                  device: str = "cpu", exif: str | None = None) -> Evaluation:
     """Score ``step`` (latest by default) on ``data_dir``.
 
     Uses the folder's val split when it names one (val.txt or VOC), else every image. The
     folder's classes are matched to the model's by name; unknown ones count as background.
     """
     step = store.resolve(step)
-    folder = open_folder(data_dir, require_train=False)
+    folder = open_folder(data_dir, require_train=False, exif=exif)
     stems = folder.val if folder.has_val_list and folder.val else sorted(folder.images)
     if not stems:
         raise CissError(f"{data_dir}: no image to evaluate")

@@ -12,6 +12,14 @@ from ciss.errors import CheckFailed, CissError
 ENGINE_CHOICE = click.Choice(["torch", "onnx", "int8", "tensorrt"])
 
 
+def exif_option(f):
+    """``--exif apply|ignore``: whether images are read in their EXIF orientation."""
+    return click.option("--exif", type=click.Choice(["apply", "ignore"]), default=None,
+                        help="Read images in their EXIF orientation (apply, as viewers show "
+                             "them) or as stored (ignore: for tools that annotated the raw "
+                             "pixels); default: the folder's ciss.json, else apply.")(f)
+
+
 def device_option(f):
     """``--device`` for commands that run a model (evaluation, gate, diagnosis)."""
     return click.option("--device", default="auto", show_default=True,
@@ -86,6 +94,9 @@ def loop_options(f):
         click.option("--scale", default=None,
                      help="Random rescale range MIN,MAX (default: the recipe's; photos: "
                           "0.5,2.0 as in the literature)."),
+        click.option("--exif", type=click.Choice(["apply", "ignore"]), default=None,
+                     help="Images in their EXIF orientation (apply) or as stored (ignore); "
+                          "default: the folder's ciss.json, else apply."),
         click.option("--workers", type=click.IntRange(min=0), default=None,
                      help="DataLoader workers (default: 0 for folders held in memory, "
                           "else up to 4)."),

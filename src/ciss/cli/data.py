@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ciss.cli.base import data_option, main
+from ciss.cli.base import data_option, exif_option, main
 from ciss.tables import table
 
 
@@ -60,7 +60,8 @@ def data_split(data_dir: Path, scenario: str, setting: str, out: Path) -> None:
 @data.command("check")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def data_check(folder: Path, as_json: bool) -> None:
+@exif_option
+def data_check(folder: Path, as_json: bool, exif) -> None:
     """Read a dataset folder without training: the layout found (ciss, VOC, COCO, CVAT,
     Roboflow, Cityscapes), classes, images per split, pixel share per class and every problem.
     Exits 1 when there is a problem.
@@ -72,7 +73,7 @@ def data_check(folder: Path, as_json: bool) -> None:
 
     from ciss.data.inspect import check_folder
 
-    report = check_folder(folder)
+    report = check_folder(folder, exif)
     if as_json:
         click.echo(json.dumps(asdict(report)))
     else:
@@ -94,7 +95,8 @@ def data_check(folder: Path, as_json: bool) -> None:
 @data.command("convert")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True)
-def data_convert(folder: Path, out: Path) -> None:
+@exif_option
+def data_convert(folder: Path, out: Path, exif) -> None:
     """Write any supported layout (VOC, COCO, CVAT, Roboflow, Cityscapes) in the ciss layout:
     classes.txt, images/, index masks/, train.txt, val.txt.
 
@@ -102,5 +104,5 @@ def data_convert(folder: Path, out: Path) -> None:
     """
     from ciss.data.inspect import convert_folder
 
-    dest = convert_folder(folder, out)
+    dest = convert_folder(folder, out, exif)
     click.echo(f"wrote {dest}\nnext: ciss add-classes --data {dest}")

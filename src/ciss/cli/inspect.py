@@ -6,7 +6,14 @@ import json
 
 import click
 
-from ciss.cli.base import data_option, device_option, main, open_store, store_option
+from ciss.cli.base import (
+    data_option,
+    device_option,
+    exif_option,
+    main,
+    open_store,
+    store_option,
+)
 from ciss.tables import pct, table
 
 
@@ -17,8 +24,9 @@ from ciss.tables import pct, table
 @click.option("--engine", type=click.Choice(["torch", "onnx", "int8", "tensorrt"]),
               default="torch", show_default=True)
 @device_option
+@exif_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def evaluate(store_path, data_dir, step, engine, device, as_json) -> None:
+def evaluate(store_path, data_dir, step, engine, device, exif, as_json) -> None:
     """Score a step on a labelled folder (classes matched by name).
 
     Example: ciss evaluate --data data/synthetic --json
@@ -26,7 +34,7 @@ def evaluate(store_path, data_dir, step, engine, device, as_json) -> None:
     from ciss.analysis.evaluate import evaluate_step
 
     ev = evaluate_step(open_store(store_path), data_dir, step=step, engine=engine,
-                       device=device)
+                       device=device, exif=exif)
     doc = ev.to_json()
     if as_json:
         click.echo(json.dumps(doc))

@@ -9,6 +9,7 @@ import click
 from ciss.cli.base import (
     data_option,
     echo_warnings,
+    exif_option,
     loop_options,
     main,
     open_store,
@@ -30,7 +31,8 @@ from ciss.tables import pct
                    "(default: the recipe's).")
 @loop_options
 def train(store_path, data_dir, arch, weights, loss, iterations, epochs, batch_size, lr,
-          optimizer, seed, device, crop_size, scale, workers, floor, sync_bn, quiet) -> None:
+          optimizer, seed, device, crop_size, scale, exif, workers, floor, sync_bn,
+          quiet) -> None:
     """Train step 0 on a dataset folder and write it to the store.
 
     An interrupted run resumes from its last epoch when the same command is repeated.
@@ -50,7 +52,7 @@ def train(store_path, data_dir, arch, weights, loss, iterations, epochs, batch_s
                   optimizer=optimizer, seed=seed, device=device, sync_bn=sync_bn)
     report = train_base(open_store(store_path), data_dir, arch=arch, weights=weights, loop=loop,
                         data=DataConfig(crop_size=crop_size, scale=parse_scale(scale, d.scale),
-                                        workers=workers),
+                                        workers=workers, exif=exif),
                         loss=loss or d.loss, floor=floor, progress=not quiet)
     if report.rank != 0:  # under torchrun only rank 0 reports
         return
@@ -79,7 +81,8 @@ def train(store_path, data_dir, arch, weights, loss, iterations, epochs, batch_s
                   "retention set.")
 @click.option("--min-iou", "floor", type=click.FloatRange(min=0, max=100), default=5.0,
               show_default=True, help="Warn about every class whose val IoU is below this.")
-def import_cmd(store_path, arch, weights, classes_file, data_dir, floor) -> None:
+@exif_option
+def import_cmd(store_path, arch, weights, classes_file, data_dir, floor, exif) -> None:
     """Make an existing torchvision model step 0 of a store (scored and carded like a
     trained one), so add-classes, check, export and serve work on top of it.
 
@@ -89,7 +92,7 @@ def import_cmd(store_path, arch, weights, classes_file, data_dir, floor) -> None
     from ciss.updater.importer import import_model
 
     report = import_model(open_store(store_path), data_dir, arch=arch, weights=weights,
-                          classes_file=classes_file, floor=floor, say=click.echo)
+                          classes_file=classes_file, floor=floor, say=click.echo, exif=exif)
     s = report.scores
     ids = list(range(1, len(report.card.classes)))
     click.echo(f"step {report.step}: imported {arch} ({len(ids)} classes) from "

@@ -42,7 +42,7 @@ from ciss.store.listing import before_after_table
 @loop_options
 def add_classes_cmd(store_path, data_dir, parent, method, freeze, init, kd_weight, alpha, scale,
                     cache_trunk_mb, val_dir, iterations, epochs, batch_size, lr, optimizer, seed,
-                    device, crop_size, workers, floor, sync_bn, quiet) -> None:
+                    device, crop_size, exif, workers, floor, sync_bn, quiet) -> None:
     """Learn the folder's new classes on top of a stored step without forgetting the old.
 
     Runs unchanged under torchrun (DDP; --batch-size is per process; rank 0 writes).
@@ -70,7 +70,8 @@ def add_classes_cmd(store_path, data_dir, parent, method, freeze, init, kd_weigh
                             else d.kd_weight, alpha=alpha),
         update=UpdateConfig(parent=parent, freeze=freeze, init=init,
                             cache_trunk_mb=cache_trunk_mb),
-        loop=loop, data=DataConfig(crop_size=crop_size, scale=parse_scale(scale), workers=workers),
+        loop=loop, data=DataConfig(crop_size=crop_size, scale=parse_scale(scale), workers=workers,
+                                   exif=exif),
         val_dir=val_dir, floor=floor, progress=not quiet)
     if report.rank != 0:  # under torchrun only rank 0 reports
         return

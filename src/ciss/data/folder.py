@@ -12,6 +12,7 @@ enough) kept in memory so that training epochs never decode again.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,6 +50,9 @@ class DatasetFolder:
             (None: ``masks`` are 8-bit index or palette PNGs).
         pixels: stem -> pixel count per class id (length = number of classes; 255 excluded).
         shapes: stem -> (height, width) of its image.
+        exif: images are read in their EXIF orientation (as displayed; the default) or, when
+            False, as stored (for tools that annotated the raw pixels): ``ciss.json`` in the
+            folder says ``{"exif": "ignore"}``, or ``--exif ignore``.
     """
 
     root: Path
@@ -63,13 +67,14 @@ class DatasetFolder:
     mask_reader: Callable[[str], np.ndarray] | None = field(default=None, repr=False)
     pixels: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
+    exif: bool = True
     _cache: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def load(self, stem: str) -> tuple[np.ndarray, np.ndarray]:
         """Image (uint8 HxWx3 RGB) and mask (uint8 HxW) of one sample."""
         if stem in self._cache:
             return self._cache[stem]
-        return read_image(self.images[stem]), self.read_mask(stem)
+        return read_image(self.images[stem], exif=self.exif), self.read_mask(stem)
 
     def read_mask(self, stem: str) -> np.ndarray:
         """The uint8 index mask of one sample (decoded from whatever the layout stores)."""
@@ -109,14 +114,32 @@ class DatasetFolder:
         return counts
 
 
+def folder_exif(root: Path, exif: str | None) -> bool:
+    """True to apply EXIF orientation: ``exif`` when given, else the folder's ``ciss.json``.
+
+    Raises:
+        CissError: an unknown value, or an unreadable ``ciss.json``.
+    """
+    if exif is None and (root / "ciss.json").is_file():
+        try:
+            exif = json.loads((root / "ciss.json").read_text()).get("exif", "apply")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise CissError(f"{root / 'ciss.json'}: not a JSON object ({exc})") from exc
+    if exif not in (None, "apply", "ignore"):
+        raise CissError(f"exif: '{exif}'; choose apply or ignore")
+    return exif != "ignore"
+
+
 def open_folder(path: Path | str, *, cache: bool = True, require_train: bool = True,
-                problems: list[str] | None = None) -> DatasetFolder:
+                problems: list[str] | None = None, exif: str | None = None) -> DatasetFolder:
     """Open and validate a dataset folder (ciss layout or Pascal VOC layout).
 
     Args:
         path: the folder (for VOC: the VOC2012 folder or a VOCdevkit above it).
         cache: keep decoded pixels in memory when they fit the cache budget.
         require_train: refuse a folder whose train split is empty (training data).
+        exif: "apply" or "ignore" the images' EXIF orientation; None: what the folder's
+            ``ciss.json`` says, else "apply".
         problems: when given, a sample with a problem is left out and its problem appended
             here instead of raised (``ciss data check`` lists them all); problems with the
             folder as a whole are still raised.
@@ -129,16 +152,17 @@ def open_folder(path: Path | str, *, cache: bool = True, require_train: bool = T
         raise CissError(f"{root}: no such dataset folder")
     if not root.is_dir():
         raise CissError(f"{root}: is a file, expected a dataset folder")
+    apply_exif = folder_exif(root, exif)
     tool = detect(root)
     voc_root = _find_voc_root(root)
     if tool is not None:
         raw = tool(root)
         folder = _validate(root, raw.classes, raw.images, raw.masks, raw.train, raw.val,
-                           raw.has_val, raw.name, cache, raw.read_mask, problems)
+                           raw.has_val, raw.name, cache, raw.read_mask, problems, apply_exif)
     elif voc_root is not None and not (root / "images").is_dir():
-        folder = _open_voc(voc_root, cache, problems)
+        folder = _open_voc(voc_root, cache, problems, apply_exif)
     else:
-        folder = _open_ciss(root, cache, problems)
+        folder = _open_ciss(root, cache, problems, apply_exif)
     if require_train and not folder.train:
         raise CissError(f"{root}: the train split is empty")
     return folder
@@ -173,7 +197,8 @@ def _read_list(path: Path, known: dict[str, Path]) -> list[str]:
     return stems
 
 
-def _open_ciss(root: Path, cache: bool, problems: list[str] | None = None) -> DatasetFolder:
+def _open_ciss(root: Path, cache: bool, problems: list[str] | None = None,
+               exif: bool = True) -> DatasetFolder:
     for required in ("classes.txt", "images", "masks"):
         if not (root / required).exists():
             raise CissError(f"{root / required}: missing (a dataset folder holds classes.txt, "
@@ -204,10 +229,11 @@ def _open_ciss(root: Path, cache: bool, problems: list[str] | None = None) -> Da
         raise CissError(f"{root}: both splits are empty")
     stems = sorted(set(train) | set(val))
     return _validate(root, classes, {s: images[s] for s in stems}, {s: masks[s] for s in stems},
-                     train, val, has_val, "ciss", cache, None, problems)
+                     train, val, has_val, "ciss", cache, None, problems, exif)
 
 
-def _open_voc(root: Path, cache: bool, problems: list[str] | None = None) -> DatasetFolder:
+def _open_voc(root: Path, cache: bool, problems: list[str] | None = None,
+              exif: bool = True) -> DatasetFolder:
     classes = (ClassList.from_file(root / "classes.txt") if (root / "classes.txt").exists()
                else ClassList(VOC_CLASSES))
     mask_dir = root / "SegmentationClassAug"
@@ -228,16 +254,22 @@ def _open_voc(root: Path, cache: bool, problems: list[str] | None = None) -> Dat
     train = [s for s in train if s not in set(val)]
     stems = sorted(set(train) | set(val))
     return _validate(root, classes, {s: images[s] for s in stems}, {s: masks[s] for s in stems},
-                     train, val, True, "voc", cache, None, problems)
+                     train, val, True, "voc", cache, None, problems, exif)
 
 
 def _check_pair(stem: str, image_path: Path, mask_path: Path, n_classes: int,
-                mask_reader: Callable[[str], np.ndarray] | None = None):
-    image = read_image(image_path)
+                mask_reader: Callable[[str], np.ndarray] | None = None, exif: bool = True):
+    image = read_image(image_path, exif=exif)
     mask = mask_reader(stem) if mask_reader is not None else read_mask(mask_path)
     if image.shape[:2] != mask.shape:
+        hint = ""
+        if mask.shape == image.shape[:2][::-1]:
+            other = "ignore" if exif else "apply"
+            hint = (f"; it matches the image turned by its EXIF orientation: the annotation "
+                    f"tool used the other orientation, so pass --exif {other} (or put "
+                    f'{{"exif": "{other}"}} in ciss.json)')
         raise CissError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
-                        f"{image_path.name} is {image.shape[1]}x{image.shape[0]}")
+                        f"{image_path.name} is {image.shape[1]}x{image.shape[0]}{hint}")
     values = np.unique(mask)
     bad = [int(v) for v in values if v >= n_classes and v != IGNORE_INDEX]
     if bad:
@@ -249,12 +281,14 @@ def _check_pair(stem: str, image_path: Path, mask_path: Path, n_classes: int,
 
 
 def _validate(root, classes, images, masks, train, val, has_val, layout, cache,
-              mask_reader=None, problems: list[str] | None = None) -> DatasetFolder:
+              mask_reader=None, problems: list[str] | None = None,
+              exif: bool = True) -> DatasetFolder:
     stems = sorted(images)
 
     def check(stem):
         try:
-            return _check_pair(stem, images[stem], masks[stem], len(classes), mask_reader)
+            return _check_pair(stem, images[stem], masks[stem], len(classes), mask_reader,
+                               exif)
         except CissError as exc:
             if problems is None:
                 raise
@@ -289,4 +323,5 @@ def _validate(root, classes, images, masks, train, val, has_val, layout, cache,
         val = [s for s in val if s in presence]
     return DatasetFolder(root=root, classes=classes, images=images, masks=masks, train=train,
                          val=val, has_val_list=has_val, presence=presence, layout=layout,
-                         mask_reader=mask_reader, pixels=pixels, shapes=shapes, _cache=kept)
+                         mask_reader=mask_reader, pixels=pixels, shapes=shapes, exif=exif,
+                         _cache=kept)

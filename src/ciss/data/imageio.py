@@ -62,8 +62,9 @@ def to_rgb(img: Image.Image) -> np.ndarray:
 
 
 def read_image(source: Path | bytes, what: str | None = None, *,
-               max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode an image file or bytes to uint8 RGB HxWx3, EXIF orientation applied.
+               max_pixels: int = MAX_PIXELS, exif: bool = True) -> np.ndarray:
+    """Decode an image file or bytes to uint8 RGB HxWx3, EXIF orientation applied (as a
+    viewer displays it) unless ``exif`` is False (the pixels as stored).
 
     Raises:
         CissError: naming ``what`` (the path by default) and the problem.
@@ -71,8 +72,9 @@ def read_image(source: Path | bytes, what: str | None = None, *,
     what = what or str(source if isinstance(source, Path) else "image")
     img = _open(source, what, max_pixels)
     # A broken EXIF block must not make an otherwise good image unusable.
-    with contextlib.suppress(Exception):
-        img = ImageOps.exif_transpose(img)
+    if exif:
+        with contextlib.suppress(Exception):
+            img = ImageOps.exif_transpose(img)
     return to_rgb(img)
 
 

@@ -37,12 +37,13 @@ class FolderReport:
     problems: list[str] = field(default_factory=list)
 
 
-def check_folder(path: Path) -> FolderReport:
+def check_folder(path: Path, exif: str | None = None) -> FolderReport:
     """Read and validate every sample of ``path``; collect the problems instead of stopping
     at the first."""
     report = FolderReport(str(path))
     try:
-        folder = open_folder(path, cache=False, require_train=False, problems=report.problems)
+        folder = open_folder(path, cache=False, require_train=False, problems=report.problems,
+                             exif=exif)
     except CissError as exc:
         report.problems.insert(0, str(exc))
         return report
@@ -62,7 +63,7 @@ def check_folder(path: Path) -> FolderReport:
     return report
 
 
-def convert_folder(path: Path, out: Path) -> Path:
+def convert_folder(path: Path, out: Path, exif: str | None = None) -> Path:
     """Write ``path`` (any supported layout) as a ciss-layout folder at ``out``.
 
     The folder is fully validated first; the result is assembled beside ``out`` and renamed
@@ -74,7 +75,7 @@ def convert_folder(path: Path, out: Path) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CissError(f"{out}: exists and is not empty; choose a new --out")
-    folder = open_folder(path, cache=False, require_train=False)
+    folder = open_folder(path, cache=False, require_train=False, exif=exif)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}")
     try:
         (tmp / "images").mkdir(parents=True)
@@ -86,6 +87,8 @@ def convert_folder(path: Path, out: Path) -> Path:
             write_mask(tmp / "masks" / f"{stem}.png", folder.read_mask(stem))
         (tmp / "train.txt").write_text("".join(s + "\n" for s in folder.train))
         (tmp / "val.txt").write_text("".join(s + "\n" for s in folder.val))
+        if not folder.exif:  # the copied images keep their EXIF tags
+            (tmp / "ciss.json").write_text('{"exif": "ignore"}\n')
         if out.exists():
             out.rmdir()
         os.rename(tmp, out)

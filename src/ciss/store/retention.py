@@ -25,6 +25,8 @@ def retention_writer(folder: DatasetFolder, stems: list[str]):
             else:  # a tool format (COCO, colour masks...): store the decoded index mask
                 write_mask(dest / "masks" / f"{stem}.png", folder.read_mask(stem))
         (dest / "val.txt").write_text("".join(s + "\n" for s in stems))
+        if not folder.exif:  # the copied images keep their EXIF tags: keep the choice too
+            (dest / "ciss.json").write_text('{"exif": "ignore"}\n')
         (dest / "train.txt").write_text("")
 
     return write

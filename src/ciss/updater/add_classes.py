@@ -90,7 +90,7 @@ def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodCo
     """
     if method.method not in METHODS:
         raise CissError(f"--method {method.method}: choose from {', '.join(METHODS)}")
-    folder = open_folder(data_dir)
+    folder = open_folder(data_dir, exif=data.exif)
     parent_step = store.resolve(update.parent)
     with distributed(resolve_device(loop.device)) as (info, device):
         require_ranks_for_sync_bn(info, loop.sync_bn)

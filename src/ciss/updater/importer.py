@@ -112,7 +112,7 @@ def torchvision_module(arch: str, state: dict[str, torch.Tensor], n_classes: int
 
 def import_model(store: Store, data_dir: Path, *, arch: str, weights: str,
                  classes_file: Path | None = None, floor: float = DEFAULT_FLOOR,
-                 say=lambda _m: None) -> StepReport:
+                 say=lambda _m: None, exif: str | None = None) -> StepReport:
     """Write an existing torchvision model as step 0 of ``store``.
 
     Args:
@@ -154,7 +154,7 @@ def import_model(store: Store, data_dir: Path, *, arch: str, weights: str,
         where = classes_file or "the named weights"
         raise CissError(f"{where}: {len(classes)} class names but the checkpoint's classifier "
                         f"has {outputs} output channels")
-    folder = open_folder(data_dir, require_train=False)
+    folder = open_folder(data_dir, require_train=False, exif=exif)
     known = [classes.index(n) for n in folder.classes.objects if n in classes]
     if not known:
         raise CissError(f"{data_dir}: labels none of the model's classes "

@@ -100,11 +100,13 @@ class IncrementalStep:
                 with torch.no_grad():
                     t_state = self.teacher.run(self.teacher.begin(images),
                                                self.teacher.stage_names)
-        logits = self.student.finish(s_state, size)
+        # losses in fp32 whatever autocast chose for the network: logsumexp and softmax over
+        # channels, then means over many pixels, lose too much in bf16/fp16
+        logits = self.student.finish(s_state, size).float()
         if cfg.method == "ft":
             ce = losses.cross_entropy(logits, masks)
             return {"loss": ce, "ce": ce.detach()}
-        t_logits = self.teacher.finish(t_state, size)
+        t_logits = self.teacher.finish(t_state, size).float()
         if cfg.method == "mib":
             ce = losses.unbiased_cross_entropy(logits, masks, self.num_old)
             kd = losses.unbiased_distillation(logits, t_logits, alpha=cfg.alpha)
@@ -114,7 +116,8 @@ class IncrementalStep:
         parts = {"ce": ce.detach(), "kd": kd.detach()}
         loss = ce + cfg.kd_weight * kd
         if cfg.method == "ilt":
-            fd = losses.feature_distillation(s_state["features"], t_state["features"])
+            fd = losses.feature_distillation(s_state["features"].float(),
+                                             t_state["features"].float())
             loss = loss + cfg.feature_weight * fd
             parts["feat"] = fd.detach()
         parts["loss"] = loss

@@ -41,11 +41,13 @@ class DataConfig:
             literature; the synthetic default learns faster without it, see BENCHMARKS.md).
         workers: DataLoader worker processes; None picks by folder (0 when the decoded
             folder is held in memory, else up to 4).
+        exif: "apply"/"ignore" the images' EXIF orientation (None: the folder's ciss.json).
     """
 
     crop_size: int | None = None
     scale: tuple[float, float] = (1.0, 1.0)
     workers: int | None = None
+    exif: str | None = None
 
 
 @dataclass
@@ -113,7 +115,7 @@ def train_base(store: Store, data_dir: Path, *, arch: str = "tiny", weights: str
         CissError: bad data or settings (nothing written).
         CheckFailed: the loss became NaN.
     """
-    folder = open_folder(data_dir)
+    folder = open_folder(data_dir, exif=data.exif)
     if store.steps():
         raise CissError(f"{store.root}: already has steps; use 'ciss add-classes' to extend the "
                         "latest one, or choose a new --store")

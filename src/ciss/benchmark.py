@@ -30,7 +30,7 @@ from ciss.updater.defaults import base_defaults, step_defaults
 from ciss.updater.methods import MethodConfig
 from ciss.updater.train import DataConfig, train_base
 
-KNOWN = ("ft", "lwf", "ilt", "mib", "joint")
+KNOWN = ("ft", "lwf", "ilt", "mib", "mib+pseudo", "plop", "joint")
 
 
 @dataclass(frozen=True)
@@ -151,12 +151,13 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
             store = Store(out / "stores" / method)
             shutil.copytree(base.root, store.root)
             rows.append(Row(method, 0, old, None, all_, None, rep.fit.seconds, per))
-            loss = "ft" if method == "ft-control" else method
+            loss = {"ft-control": "ft", "mib+pseudo": "mib"}.get(method, method)
             d = step_defaults(loss)
             for t, step_dir in enumerate(step_dirs[1:], start=1):
                 say(f"{method}: step {t}/{len(step_dirs) - 1}")
                 r = add_classes(store, step_dir,
-                                method=MethodConfig(method=loss, kd_weight=d.kd_weight),
+                                method=MethodConfig(method=loss, kd_weight=d.kd_weight,
+                                                    pseudo=method == "mib+pseudo"),
                                 update=UpdateConfig(freeze=cfg.freeze),
                                 loop=d.loop(epochs=cfg.step_epochs, seed=cfg.seed,
                                             device=cfg.device),

@@ -24,8 +24,12 @@ from ciss.store.listing import before_after_table
 @store_option
 @data_option(help="Folder labelled only for the new classes (everything else background).")
 @click.option("--from", "parent", type=int, default=None, help="Parent step (default: latest).")
-@click.option("--method", type=click.Choice(["mib", "ft", "lwf", "ilt"]), default="mib",
-              show_default=True)
+@click.option("--method", type=click.Choice(["mib", "ft", "lwf", "ilt", "plop"]), default="mib",
+              show_default=True,
+              help="mib (unbiased CE + KD), plop (entropy pseudo-labels + Local POD), ft, lwf, "
+                   "ilt.")
+@click.option("--pseudo", is_flag=True,
+              help="mib: background pixels the parent is confident about take its label.")
 @click.option("--freeze", default=None,
               help="Last frozen stage, or 'none' (default: the architecture's, tiny: stage4).")
 @click.option("--init", type=click.Choice(["mib", "background", "random"]),
@@ -40,7 +44,8 @@ from ciss.store.listing import before_after_table
 @click.option("--val", "val_dir", type=click.Path(path_type=Path), default=None,
               help="A fully labelled folder to score as well.")
 @loop_options
-def add_classes_cmd(store_path, data_dir, parent, method, freeze, init, kd_weight, alpha, scale,
+def add_classes_cmd(store_path, data_dir, parent, method, pseudo, freeze, init, kd_weight, alpha,
+                    scale,
                     cache_trunk_mb, val_dir, iterations, epochs, batch_size, lr, optimizer, seed,
                     device, crop_size, exif, workers, floor, sync_bn, quiet) -> None:
     """Learn the folder's new classes on top of a stored step without forgetting the old.
@@ -67,7 +72,7 @@ def add_classes_cmd(store_path, data_dir, parent, method, freeze, init, kd_weigh
     report = add_classes(
         store, data_dir,
         method=MethodConfig(method=method, kd_weight=kd_weight if kd_weight is not None
-                            else d.kd_weight, alpha=alpha),
+                            else d.kd_weight, alpha=alpha, pseudo=pseudo),
         update=UpdateConfig(parent=parent, freeze=freeze, init=init,
                             cache_trunk_mb=cache_trunk_mb),
         loop=loop, data=DataConfig(crop_size=crop_size, scale=parse_scale(scale), workers=workers,
@@ -90,7 +95,7 @@ def add_classes_cmd(store_path, data_dir, parent, method, freeze, init, kd_weigh
 @click.option("--setting", type=click.Choice(["overlap", "disjoint"]), default="overlap",
               show_default=True)
 @click.option("--methods", default="ft,mib", show_default=True,
-              help="Comma list of ft, lwf, ilt, mib, joint.")
+              help="Comma list of ft, lwf, ilt, mib, mib+pseudo, plop, joint.")
 @click.option("--arch", default="tiny", show_default=True)
 @click.option("--base-epochs", type=click.IntRange(min=1), default=None)
 @click.option("--step-epochs", type=click.IntRange(min=1), default=None)

@@ -164,7 +164,9 @@ def _add_classes(job: _Job, progress: bool, after_epoch) -> StepReport:
     dataset = SegmentationDataset(folder, folder.train, lut, transform, seed=loop.seed,
                                   keys=cacheable)
     cache = TrunkCache(update.cache_trunk_mb << 20) if cacheable else None
-    step_fn = IncrementalStep(student, teacher, len(parent.classes), method, cache)
+    thresholds = (entropy_thresholds(teacher, folder, lut, device, len(parent.classes))
+                  if method.method == "plop" or method.pseudo else None)
+    step_fn = IncrementalStep(student, teacher, len(parent.classes), method, cache, thresholds)
     key = loop.key("add", str(parent_step), parent.artifacts.get("weights.safetensors", ""),
                    folder.fingerprint(), repr(method), repr(update), repr(data),
                    str(info.world_size))
@@ -182,6 +184,22 @@ def _add_classes(job: _Job, progress: bool, after_epoch) -> StepReport:
         shutil.rmtree(ckpt, ignore_errors=True)
     return StepReport(step=step, card=store.card(step), scores=written[0] if written else None,
                       fit=result, rank=info.rank, warnings=trained.warnings)
+
+
+def entropy_thresholds(teacher, folder: DatasetFolder, lut: np.ndarray, device, k_old: int,
+                       limit: int = 500) -> torch.Tensor:
+    """Per old class, the median normalised entropy of the parent on the background pixels of
+    (up to ``limit``) training images: the pseudo-labelling thresholds (updater/pseudo)."""
+    from ciss.analysis.scoring import batches
+    from ciss.updater.pseudo import EntropyHistogram
+
+    hist = EntropyHistogram(k_old)
+    teacher.eval()
+    for images, masks in batches(folder, validation_stems(folder.train, limit), 8):
+        with torch.inference_mode():
+            logits = teacher(torch.from_numpy(images).to(device))
+        hist.add(logits, torch.from_numpy(lut[masks].astype(np.int64)).to(device))
+    return torch.tensor(hist.thresholds(), dtype=torch.float32, device=device)
 
 
 def step_validator(store: Store, parent_step: int, student, device, folder: DatasetFolder,

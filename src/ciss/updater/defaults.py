@@ -60,5 +60,5 @@ class StepDefaults:
 
 def step_defaults(method: str) -> StepDefaults:
     """add-classes defaults per method (measured on the synthetic 15-5 protocol)."""
-    kd = {"mib": 10.0, "lwf": 100.0, "ilt": 100.0}.get(method, 0.0)
+    kd = {"mib": 10.0, "mib+pseudo": 10.0, "lwf": 100.0, "ilt": 100.0}.get(method, 0.0)
     return StepDefaults(iterations=630, lr=3e-3, kd_weight=kd)

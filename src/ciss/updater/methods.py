@@ -9,8 +9,10 @@ import torch
 
 from ciss.models.staged import SegmentationModel, State
 from ciss.updater import losses
+from ciss.updater.pod import local_pod
+from ciss.updater.pseudo import pseudo_label
 
-METHODS = ("mib", "ft", "lwf", "ilt")
+METHODS = ("mib", "ft", "lwf", "ilt", "plop")
 
 
 @dataclass(frozen=True)
@@ -19,16 +21,21 @@ class MethodConfig:
 
     Attributes:
         method: mib (unbiased CE + unbiased KD), ft (plain CE), lwf (CE + KD on old channels),
-            ilt (lwf + feature MSE).
+            ilt (lwf + feature MSE), plop (CE on entropy pseudo-labels + Local POD on the
+            trainable stages).
         kd_weight: lambda of the distillation term (mib 10, lwf/ilt 100 as in the literature).
         alpha: teacher sharpening in the distillation terms.
         feature_weight: weight of ILT's feature term.
+        pseudo: mib only: background pixels the parent is confident about take its label.
+        pod_weight: PLOP's Local POD factor per layer.
     """
 
     method: str = "mib"
     kd_weight: float = 10.0
     alpha: float = 1.0
     feature_weight: float = 100.0
+    pseudo: bool = False
+    pod_weight: float = 0.01
 
 
 class TrunkCache:
@@ -60,12 +67,14 @@ class IncrementalStep:
     """The step function for ``fit``: trunk once, then student and teacher tails."""
 
     def __init__(self, student: SegmentationModel, teacher: SegmentationModel, num_old: int,
-                 config: MethodConfig, cache: TrunkCache | None = None) -> None:
+                 config: MethodConfig, cache: TrunkCache | None = None,
+                 thresholds: torch.Tensor | None = None) -> None:
         self.student = student
         self.teacher = teacher.eval()
         self.num_old = num_old
         self.config = config
         self.cache = cache
+        self.thresholds = thresholds  # per old class entropy thresholds (plop, --pseudo)
         names = student.stage_names
         self.trunk = names[: student.frozen_upto + 1]
         self.tail = names[student.frozen_upto + 1:]
@@ -88,18 +97,21 @@ class IncrementalStep:
         size = images.shape[-2:]
         cfg = self.config
         need_teacher = cfg.method != "ft"
+        collect = cfg.method == "plop"  # Local POD needs each trainable stage's output
         if self.trunk:
             shared = self._trunk(images, keys)
-            s_state = self.student.run(shared, self.tail)
+            s_state, s_maps = run_collect(self.student, shared, self.tail, collect)
             if need_teacher:
                 with torch.no_grad():
-                    t_state = self.teacher.run(shared, self.tail)
+                    t_state, t_maps = run_collect(self.teacher, shared, self.tail, collect)
         else:  # --freeze none: the reference recipe, teacher runs on its own
-            s_state = self.student.run(self.student.begin(images), self.tail)
+            s_state, s_maps = run_collect(self.student, self.student.begin(images), self.tail,
+                                          collect)
             if need_teacher:
                 with torch.no_grad():
-                    t_state = self.teacher.run(self.teacher.begin(images),
-                                               self.teacher.stage_names)
+                    t_state, t_maps = run_collect(self.teacher, self.teacher.begin(images),
+                                                  self.teacher.stage_names, collect)
+                    t_maps = t_maps[len(t_maps) - len(s_maps):]
         # losses in fp32 whatever autocast chose for the network: logsumexp and softmax over
         # channels, then means over many pixels, lose too much in bf16/fp16
         logits = self.student.finish(s_state, size).float()
@@ -107,7 +119,11 @@ class IncrementalStep:
             ce = losses.cross_entropy(logits, masks)
             return {"loss": ce, "ce": ce.detach()}
         t_logits = self.teacher.finish(t_state, size).float()
+        if cfg.method == "plop":
+            return self._plop(logits, t_logits, masks, s_maps, t_maps)
         if cfg.method == "mib":
+            if cfg.pseudo:  # confident old-class pixels take their label; the rest stay 0
+                masks, _ = pseudo_label(masks, t_logits, self.thresholds, unsure=0)
             ce = losses.unbiased_cross_entropy(logits, masks, self.num_old)
             kd = losses.unbiased_distillation(logits, t_logits, alpha=cfg.alpha)
         else:
@@ -122,3 +138,34 @@ class IncrementalStep:
             parts["feat"] = fd.detach()
         parts["loss"] = loss
         return parts
+
+    def _plop(self, logits, t_logits, masks, s_maps, t_maps) -> dict[str, torch.Tensor]:
+        """PLOP: CE on pseudo-labels (unconfident background ignored), each image weighted by
+        its share of confident background pixels, plus Local POD on the trainable stages."""
+        import torch.nn.functional as F
+
+        from ciss.data.classes import IGNORE_INDEX
+
+        labels, share = pseudo_label(masks, t_logits, self.thresholds)
+        per_pixel = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+        valid = (labels != IGNORE_INDEX).flatten(1)
+        per_image = (per_pixel.flatten(1) * valid).sum(1) / valid.sum(1).clamp(min=1)
+        ce = (per_image * share).mean()
+        pod = local_pod(s_maps, t_maps, logits.shape[1], logits.shape[1] - self.num_old,
+                        self.config.pod_weight)
+        return {"loss": ce + pod, "ce": ce.detach(), "pod": pod.detach()}
+
+
+def run_collect(model: SegmentationModel, state: State, names: list[str], collect: bool
+                ) -> tuple[State, list[torch.Tensor]]:
+    """Run ``names`` stages; with ``collect``, also return what each stage but the classifier
+    produced (the maps Local POD distils)."""
+    if not collect:
+        return model.run(state, names), []
+    maps = []
+    for name in names:
+        before = dict(state)
+        state = model.run(state, [name])
+        if name != "classifier":
+            maps.append(next(v for k, v in state.items() if before.get(k) is not v))
+    return state, maps

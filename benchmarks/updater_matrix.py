@@ -2,7 +2,8 @@
 
 Usage: python benchmarks/updater_matrix.py --base STORE --step-data DIR --full-data DIR \
            "mib" "ft,method=ft" "mib-none,freeze=none,cache=0" ...
-Each spec is TAG[,key=value...] with keys method, freeze, init, epochs, lr, kd, cache.
+Each spec is TAG[,key=value...] with keys method, freeze, init, iterations (or epochs), lr,
+kd, cache, pseudo (0/1), threads (torch threads for this run; default 2).
 Prints one JSON line per run: old/new mIoU on the full-label val split (old = the base's
 classes), training seconds, per-epoch seconds, trunk-cache statistics.
 """
@@ -22,7 +23,6 @@ from ciss.data.folder import open_folder
 from ciss.store import Store
 from ciss.updater.add_classes import UpdateConfig, add_classes
 from ciss.updater.defaults import step_defaults
-from ciss.updater.loop import LoopConfig
 from ciss.updater.methods import MethodConfig
 
 
@@ -37,15 +37,19 @@ def run(spec: str, base: Path, step_data: Path, source, base_ids: list[int]) -> 
         store = Store(root)
         r = add_classes(
             store, step_data,
-            method=MethodConfig(method=method, kd_weight=float(kw.get("kd", d.kd_weight))),
+            method=MethodConfig(method=method, kd_weight=float(kw.get("kd", d.kd_weight)),
+                                pseudo=kw.get("pseudo", "0") == "1"),
             update=UpdateConfig(parent=0, freeze=kw.get("freeze"), init=kw.get("init", "random"),
                                 cache_trunk_mb=int(kw.get("cache", 1024))),
-            loop=LoopConfig(epochs=int(kw.get("epochs", d.epochs)), lr=float(kw.get("lr", d.lr))),
+            loop=d.loop(iterations=int(kw["iterations"]) if "iterations" in kw else None,
+                        epochs=int(kw["epochs"]) if "epochs" in kw else None,
+                        lr=float(kw["lr"]) if "lr" in kw else None),
             progress=False)
         old, new, all_, _ = score_step(store, r.step, source, base_ids)
     epochs = [h["seconds"] for h in r.fit.history]
-    return {"tag": tag, "old": round(old, 3), "new": round(new, 3), "all": round(all_, 3),
-            "train_s": round(r.fit.seconds, 1),
+    return {"tag": tag, **kw, "old": round(old, 3), "new": round(new, 3),
+            "all": round(all_, 3), "train_s": round(r.fit.seconds, 1),
+            "iterations": r.fit.iterations,
             "median_epoch_s": sorted(epochs)[len(epochs) // 2],
             "frozen": r.card.frozen[-1] if r.card.frozen else "none",
             "trunk_cache": r.card.extra["trunk_cache"]}
@@ -65,6 +69,8 @@ def main() -> None:
     old, _, _, _ = score_step(Store(args.base), 0, source, base_ids)
     print(json.dumps({"tag": "base", "old": round(old, 3)}), flush=True)
     for spec in args.specs:
+        threads = dict(p.split("=", 1) for p in spec.split(",")[1:]).get("threads")
+        torch.set_num_threads(int(threads or 2))
         print(json.dumps(run(spec, args.base, args.step_data, source, base_ids)), flush=True)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ciss.models.staged import SegmentationModel, State
 from ciss.updater import losses
@@ -28,6 +29,8 @@ class MethodConfig:
         feature_weight: weight of ILT's feature term.
         pseudo: mib only: background pixels the parent is confident about take its label.
         pod_weight: PLOP's Local POD factor per layer.
+        loss_at: "input" (logits upsampled to the image, the literature's way) or "logits"
+            (labels nearest-downsampled to the logits' resolution, teacher alike: cheaper).
     """
 
     method: str = "mib"
@@ -36,6 +39,7 @@ class MethodConfig:
     feature_weight: float = 100.0
     pseudo: bool = False
     pod_weight: float = 0.01
+    loss_at: str = "input"
 
 
 class TrunkCache:
@@ -114,6 +118,9 @@ class IncrementalStep:
                     t_maps = t_maps[len(t_maps) - len(s_maps):]
         # losses in fp32 whatever autocast chose for the network: logsumexp and softmax over
         # channels, then means over many pixels, lose too much in bf16/fp16
+        if cfg.loss_at == "logits":  # the labels come down to the logits instead
+            size = s_state["logits"].shape[-2:]
+            masks = F.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0].long()
         logits = self.student.finish(s_state, size).float()
         if cfg.method == "ft":
             ce = losses.cross_entropy(logits, masks)

@@ -2,6 +2,11 @@
 
 Usage: python benchmarks/serve_load.py [--store DIR --from-step 0 --to-step 1]
            [--clients 1,2,4,8] [--seconds 8] [--size 256] [--repeats 3] [--out FILE.json]
+       python benchmarks/serve_load.py --shadow-rates 0,0.1,1 --clients 1,4 [...]
+
+The second form measures the live retention watch: --to-step (which has a parent) is served
+with each shadow rate in turn (a fresh server per rate, rates interleaved within a repeat; the
+alarm threshold is 0 so the watch never stops), steady load only.
 
 Without --store it builds a small store first (synthetic data, tiny, 1 epoch base + 1 epoch
 mib, both exported to ONNX); those 1-epoch models are what gets served, so the gate tolerances
@@ -114,12 +119,13 @@ def load(url: str, body: bytes, clients: int, seconds: float, during=None,
     return out
 
 
-def start_server(store: Path, loose: bool) -> tuple[subprocess.Popen, str]:
+def start_server(store: Path, loose: bool, extra: list[str] | None = None
+                 ) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "ciss", "serve", "--store", str(store), "--port", str(port),
-           "--poll", "0.2"] + (LOOSE if loose else [])
+           "--poll", "0.2"] + (LOOSE if loose else []) + (extra or [])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     import httpx
@@ -146,6 +152,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--shadow-rates", default=None, help="e.g. 0,0.1,1: measure the watch")
     args = ap.parse_args()
     from ciss.runtime.deploy import deploy
     from ciss.store import Store
@@ -155,6 +162,10 @@ def main() -> None:
     root = build_store(Path(tmp.name)) if loose else args.store
     store = Store(root)
     tol = {"max_mean_drop": 100, "max_class_drop": 100} if loose else {}
+    if args.shadow_rates:
+        shadow_overhead(store, root, loose, tol, args)
+        tmp.cleanup()
+        return
     deploy(store, args.from_step, "onnx", **tol)
     proc, url = start_server(root, loose)
     body = png(args.size)
@@ -177,6 +188,49 @@ def main() -> None:
         proc.wait(timeout=60)
     report(runs, counts, args)
     tmp.cleanup()
+
+
+def shadow_overhead(store, root: Path, loose: bool, tol: dict, args) -> None:
+    """Steady load on --to-step at each shadow rate; medians over repeats, ratios to rate 0."""
+    from ciss.runtime.deploy import deploy
+
+    deploy(store, args.to_step, "onnx", force=True, **tol)
+    body = png(args.size)
+    counts = [int(c) for c in args.clients.split(",")]
+    rates = [float(r) for r in args.shadow_rates.split(",")]
+    runs = []
+    for rep in range(args.repeats):
+        for rate in rates:
+            proc, url = start_server(root, loose, ["--accept-forced", "--shadow-rate", str(rate),
+                                                   "--min-agreement", "0"])
+            try:
+                load(url, body, 1, 2.0)  # warm-up
+                for c in counts:
+                    runs.append({"repeat": rep, "rate": rate, **load(url, body, c,
+                                                                     args.seconds)})
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=60)
+    print(f"machine: {machine()}; {os.cpu_count()} cpus shared by server and clients")
+    print(f"image {args.size}x{args.size} PNG, {args.seconds:g} s per phase, {args.repeats} "
+          "repeats; medians over repeats; ratios within each repeat, then their median")
+    print("| shadow rate | clients | req/s | p50 ms | p99 ms | p50 / p50 at rate 0 | errors |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    summary = {}
+    for rate in rates:
+        for c in counts:
+            sel = [r for r in runs if r["rate"] == rate and r["clients"] == c]
+            base = {r["repeat"]: r["p50_ms"] for r in runs if r["rate"] == rates[0]
+                    and r["clients"] == c}
+            med = {k: statistics.median(r[k] for r in sel)
+                   for k in ("req_per_s", "p50_ms", "p99_ms")}
+            ratio = statistics.median(r["p50_ms"] / base[r["repeat"]] for r in sel)
+            errors = sum(r["errors"] for r in sel)
+            summary[f"{rate}_{c}"] = {**med, "p50_ratio": ratio, "errors": errors}
+            print(f"| {rate:g} | {c} | {med['req_per_s']:.1f} | {med['p50_ms']:.1f} | "
+                  f"{med['p99_ms']:.1f} | {ratio:.3f} | {errors} |")
+    if args.out:
+        args.out.write_text(json.dumps({"runs": runs, "summary": summary}, indent=2))
 
 
 def report(runs: list[dict], counts: list[int], args) -> None:

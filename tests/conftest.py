@@ -107,7 +107,7 @@ def base_store(split_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("store") / "store"
     train_base(Store(root), split_dir / "step-0",
                loop=LoopConfig(iterations=BASE_ITERATIONS, batch_size=8, lr=1e-2, evals=1),
-               progress=False)
+               loss="ce", progress=False)
     return root
 
 

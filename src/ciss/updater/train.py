@@ -98,12 +98,13 @@ def retention_stems(folder: DatasetFolder, class_ids: list[int]) -> list[str]:
 
 def train_base(store: Store, data_dir: Path, *, arch: str = "tiny", weights: str | None = None,
                loop: LoopConfig = LoopConfig(), data: DataConfig = DataConfig(),
-               loss: str = "ce", floor: float = DEFAULT_FLOOR, progress: bool = True,
+               loss: str | None = None, floor: float = DEFAULT_FLOOR, progress: bool = True,
                after_epoch=None) -> StepReport:
     """Train step 0 on ``data_dir`` and write it to ``store``.
 
     ``loss`` is one of ``losses.BASE_LOSSES`` (``wce`` weighs classes by their training pixel
-    share). With ``loop.evals`` > 0 the val split is scored during training and the weights
+    share); None takes the architecture's default recipe (``updater.defaults``).
+    With ``loop.evals`` > 0 the val split is scored during training and the weights
     that scored best are kept. Classes whose val IoU ends below ``floor`` points (or that are
     never predicted) are named in ``StepReport.warnings`` and in the card.
 
@@ -115,6 +116,10 @@ def train_base(store: Store, data_dir: Path, *, arch: str = "tiny", weights: str
         CissError: bad data or settings (nothing written).
         CheckFailed: the loss became NaN.
     """
+    if loss is None:
+        from ciss.updater.defaults import base_defaults
+
+        loss = base_defaults(arch).loss
     folder = open_folder(data_dir, exif=data.exif)
     if store.steps():
         raise CissError(f"{store.root}: already has steps; use 'ciss add-classes' to extend the "

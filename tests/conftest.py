@@ -126,7 +126,7 @@ def story(base_store, split_dir, tmp_path_factory) -> Path:
     store = Store(root)
     for method in ("mib", "ft"):
         add_classes(store, split_dir / "step-1", method=MethodConfig(method=method),
-                    update=UpdateConfig(parent=0),
+                    update=UpdateConfig(parent=0, freeze="stage4"),
                     loop=LoopConfig(iterations=STEP_ITERATIONS, batch_size=8, lr=1e-2, evals=0),
                     progress=False)
     for step in store.steps():

@@ -28,7 +28,7 @@ def test_add_classes_writes_step_with_card(store_copy, split_dir):
     assert rep.step == 1 and card.parent == 0 and card.method == "mib"
     assert card.classes[:16] == store.card(0).classes
     assert card.new_classes == card.classes[16:] and len(card.new_classes) == 5
-    assert card.frozen == ["stem", "stage1", "stage2", "stage3", "stage4"]
+    assert card.frozen == ["stem"]  # tiny's default (BENCHMARKS.md §2: plasticity needs stage1+)
     assert set(card.retention) == {"0", "1"}
     # partial-label rule: the step-1 set scores only its own classes (and background)
     scored = {k for k, v in card.retention["1"]["torch"].items() if v is not None}

@@ -56,7 +56,7 @@ def test_diagnosis_numbers_are_consistent(diagnosis, story):
     if lost["pixels"]:
         assert lost["to_background"] + lost["to_new"] + lost["to_old"] == pytest.approx(1.0)
     assert sum(c["flipped"] for c in d["classes"].values()) == lost["pixels"]
-    # tiny freezes up to stage4 by default: those stages are the parent's, exactly
+    # the story's steps froze up to stage4: those stages are the parent's, exactly
     assert list(d["cka"]) == ["stem", "stage1", "stage2", "stage3", "stage4", "head",
                               "classifier"]
     assert d["frozen"] == ["stem", "stage1", "stage2", "stage3", "stage4"]

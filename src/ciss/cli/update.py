@@ -31,7 +31,8 @@ from ciss.store.listing import before_after_table
 @click.option("--pseudo", is_flag=True,
               help="mib: background pixels the parent is confident about take its label.")
 @click.option("--freeze", default=None,
-              help="Last frozen stage, or 'none' (default: the architecture's, tiny: stage4).")
+              help="Last frozen stage, or 'none' (default: the architecture's; tiny: stem, "
+                   "the torchvision models: stage3).")
 @click.option("--init", type=click.Choice(["mib", "background", "random"]),
               default="random", show_default=True,
               help="New classifier rows (random: measured best, see BENCHMARKS.md).")

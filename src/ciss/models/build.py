@@ -37,7 +37,7 @@ def _tiny(num_classes: int, weights: str | None) -> SegmentationModel:
 
 
 ARCHS: dict[str, ArchSpec] = {
-    "tiny": ArchSpec(_tiny, "stage4", False, "our own fast U-Net, the CPU default"),
+    "tiny": ArchSpec(_tiny, "stem", False, "our own fast U-Net, the CPU default"),
     "lraspp_mobilenet_v3_large": ArchSpec(
         lambda k, w: LRASPP("lraspp_mobilenet_v3_large", k, w), "stage3", True,
         "torchvision LRASPP, MobileNetV3-Large"),

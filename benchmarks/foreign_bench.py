@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--only", nargs="*", default=list(fs.SUITE))
     ap.add_argument("--no-long", action="store_true", help="skip the 8x references")
+    ap.add_argument("--long-for", nargs="*", default=None,
+                    help="run the 8x reference only for these datasets")
     ap.add_argument("--synthetic", default="", help="comma list of synthetic folders")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -73,7 +75,8 @@ def main() -> None:
              for p in args.synthetic.split(",") if p]
     for name, split, full, tuned in jobs:
         runs = [("default", {}, True)]
-        if not args.no_long and not name.startswith("syn"):
+        if (not args.no_long and not name.startswith("syn")
+                and (args.long_for is None or name in args.long_for)):
             runs.append(("x8", {"iterations": str(long_its)}, False))
         for run, kw, add in runs:
             row = run_one(f"{name}-{run}", kw, split, full, args.out, add)

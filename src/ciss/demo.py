@@ -94,7 +94,7 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
         d = step_defaults(method)
         step_loop = d.loop(iterations=plan.step_iterations)
         echo(f"[{4 if method == 'mib' else 5}/8] add-classes --method {method} --from 0 "
-             f"({step_loop.iterations} iterations, early stages frozen)")
+             f"({step_loop.iterations} iterations, the stem frozen and shared with the teacher)")
         rep = add_classes(store, steps[1], method=MethodConfig(method=method,
                                                                kd_weight=d.kd_weight),
                           update=UpdateConfig(parent=base.step), loop=step_loop,

@@ -55,6 +55,21 @@ def test_import_then_add_classes_export_and_check(checkpoint, split_dir, tmp_pat
     res = run("check", "--store", store, "--step", 1, "--json")
     doc = json.loads(res.output)  # a random model learned nothing: the check says so
     assert res.exit_code == 1 and doc["step"] == 1 and len(doc["classes"]) == 20
+    # ...and it serves (forced past the check, the server told to accept that)
+    import urllib.request
+
+    from ciss.runtime.deploy import deploy
+    from ciss.runtime.server import ServeConfig, background
+    from ciss.runtime.slot import SwapPolicy
+
+    deploy(Store(store), 1, "onnx", force=True)
+    image = next((split_dir / "step-1" / "images").iterdir()).read_bytes()
+    with background(ServeConfig(store=store, policy=SwapPolicy(accept_forced=True))) as (url, _):
+        req = urllib.request.Request(url + "/v1/segment?format=json", data=image,
+                                     headers={"Content-Type": "image/png"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            doc = json.loads(r.read())
+    assert doc["step"] == 1 and len(doc["classes"]) == 21
 
 
 def test_aux_keys_are_dropped_and_said(checkpoint, split_dir, tmp_path):

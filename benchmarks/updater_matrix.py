@@ -3,7 +3,8 @@
 Usage: python benchmarks/updater_matrix.py --base STORE --step-data DIR --full-data DIR \
            "mib" "ft,method=ft" "mib-none,freeze=none,cache=0" ...
 Each spec is TAG[,key=value...] with keys method, freeze, init, iterations (or epochs), lr,
-kd, cache, pseudo (0/1), loss_at (input/logits), threads (torch threads for this run; default 2).
+kd, cache, pseudo (0/1), loss_at (input/logits), dice (0/1: new-class Dice), threads
+(torch threads for this run; default 2).
 Prints one JSON line per run: old/new mIoU on the full-label val split (old = the base's
 classes), training seconds, per-epoch seconds, trunk-cache statistics.
 """
@@ -39,7 +40,8 @@ def run(spec: str, base: Path, step_data: Path, source, base_ids: list[int]) -> 
             store, step_data,
             method=MethodConfig(method=method, kd_weight=float(kw.get("kd", d.kd_weight)),
                                 pseudo=kw.get("pseudo", "0") == "1",
-                                loss_at=kw.get("loss_at", "input")),
+                                loss_at=kw.get("loss_at", "input"),
+                                new_dice=kw.get("dice", "0") == "1"),
             update=UpdateConfig(parent=0, freeze=kw.get("freeze"), init=kw.get("init", "random"),
                                 cache_trunk_mb=int(kw.get("cache", 1024))),
             loop=d.loop(iterations=int(kw["iterations"]) if "iterations" in kw else None,

@@ -130,6 +130,24 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor,
     return dice[present].mean() if present.any() else logits.sum() * 0
 
 
+def new_class_dice(logits: torch.Tensor, target: torch.Tensor, num_old: int,
+                   ignore_index: int = IGNORE_INDEX, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice over the new classes' channels only (K_old..K-1), averaged over the new classes
+    present in the batch. Background and old-class pixels are negatives for every new class,
+    which the overlap setting guarantees (new classes are labelled wherever they appear)."""
+    prob = logits.float().softmax(1)[:, num_old:]
+    valid = (target != ignore_index).unsqueeze(1)
+    ids = torch.arange(num_old, logits.shape[1], device=target.device).view(1, -1, 1, 1)
+    onehot = (target.unsqueeze(1) == ids) & valid
+    prob = prob * valid
+    onehot = onehot.to(prob.dtype)
+    inter = (prob * onehot).sum((0, 2, 3))
+    denom = prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    present = onehot.sum((0, 2, 3)) > 0
+    dice = 1 - (2 * inter + eps) / (denom + eps)
+    return dice[present].mean() if present.any() else logits.sum() * 0
+
+
 def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, keep: float = 0.25,
                        ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Bootstrapped cross-entropy: the mean over the hardest ``keep`` fraction of labelled

@@ -31,6 +31,8 @@ class MethodConfig:
         pod_weight: PLOP's Local POD factor per layer.
         loss_at: "input" (logits upsampled to the image, the literature's way) or "logits"
             (labels nearest-downsampled to the logits' resolution, teacher alike: cheaper).
+        new_dice: mib: add a soft Dice over the new classes' channels (small new objects do
+            not drown in background, as the base recipe's CE + Dice).
     """
 
     method: str = "mib"
@@ -40,6 +42,7 @@ class MethodConfig:
     pseudo: bool = False
     pod_weight: float = 0.01
     loss_at: str = "input"
+    new_dice: bool = False
 
 
 class TrunkCache:
@@ -138,6 +141,10 @@ class IncrementalStep:
             kd = losses.distillation(logits, t_logits, alpha=cfg.alpha)
         parts = {"ce": ce.detach(), "kd": kd.detach()}
         loss = ce + cfg.kd_weight * kd
+        if cfg.method == "mib" and cfg.new_dice:
+            dice = losses.new_class_dice(logits, masks, self.num_old)
+            loss = loss + dice
+            parts["dice"] = dice.detach()
         if cfg.method == "ilt":
             fd = losses.feature_distillation(s_state["features"].float(),
                                              t_state["features"].float())

@@ -148,3 +148,18 @@ def test_scoring_batches_by_pixels(synthetic_dir):
     sizes = [len(b[0]) for b in batches(folder, stems, 16, max_pixels=2 * 32 * 32)]
     assert sizes == [2, 2, 2]
     assert [len(b[0]) for b in batches(folder, stems, 16)] == [6]
+
+
+def test_big_images_are_compared_at_the_serving_size():
+    import numpy as np
+
+    from ciss.analysis.scoring import at_most
+
+    images = np.zeros((2, 3, 3000, 4000), np.uint8)
+    masks = np.zeros((2, 3000, 4000), np.uint8)
+    masks[:, :1500] = 1
+    small, smask = at_most(images, masks, 1024)
+    assert small.shape == (2, 3, 768, 1024) and smask.shape == (2, 768, 1024)
+    assert set(np.unique(smask)) == {0, 1}  # nearest: no invented class ids
+    same, _ = at_most(images[:, :, :100, :100], masks[:, :100, :100], 1024)
+    assert same.shape == (2, 3, 100, 100)

@@ -59,6 +59,24 @@ def batches(folder: DatasetFolder, stems: list[str], batch_size: int,
         yield _stack(group)
 
 
+def at_most(images: np.ndarray, masks: np.ndarray, max_side: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of equal-size images (bilinear) and masks (nearest) shrunk so the longer side
+    is at most ``max_side`` (unchanged when it already is)."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    if max(h, w) <= max_side:
+        return images, masks
+    f = max_side / max(h, w)
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    small = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(im.transpose(1, 2, 0)))
+                                 .resize(size, Image.BILINEAR)).transpose(2, 0, 1)
+                      for im in images])
+    return small, np.stack([np.asarray(Image.fromarray(m).resize(size, Image.NEAREST))
+                            for m in masks])
+
+
 def _stack(group):
     return (np.stack([g[0].transpose(2, 0, 1) for g in group]),
             np.stack([g[1] for g in group]))

@@ -60,6 +60,9 @@ def pad_to(image: np.ndarray, mask: np.ndarray, height: int,
     return image, mask
 
 
+SERVE_MAX_SIDE = 1024  # the serving resize: images are shrunk to this longer side for inference
+
+
 def resize_longest(image: np.ndarray, max_side: int) -> np.ndarray:
     """Shrink an image so its longer side is at most ``max_side`` (never enlarges)."""
     h, w = image.shape[:2]

@@ -8,10 +8,11 @@ import numpy as np
 import torch
 
 from ciss.analysis.metrics import confusion_matrix, iou_per_class, mean_iou, restrict_predictions
-from ciss.analysis.scoring import batches
+from ciss.analysis.scoring import at_most, batches
 from ciss.data.classes import ClassList
 from ciss.data.dataset import label_lut
 from ciss.data.folder import DatasetFolder
+from ciss.data.transforms import SERVE_MAX_SIDE
 
 
 @dataclass(frozen=True)
@@ -48,13 +49,14 @@ def check_parity(model: torch.nn.Module, run_engine, engine_name: str,
                  sets: dict[str, DatasetFolder], classes: ClassList,
                  tol: ParityTolerance = ParityTolerance(), compare_logits: bool = True,
                  extra_shapes: tuple[tuple[int, int, int], ...] = ((2, 37, 53),),
-                 ) -> ParityReport:
+                 max_side: int = SERVE_MAX_SIDE) -> ParityReport:
     """Compare ``run_engine`` (uint8 NCHW -> {"logits"?, "labels"}) with ``model``.
 
     Args:
         sets: retention folders by step; all of each folder's val split is used.
         compare_logits: False for quantised engines, whose logits differ by design.
         extra_shapes: (N, H, W) random inputs that exercise the dynamic axes.
+        max_side: retention images are compared at most this large (the serving resize).
     """
     model = model.eval()
     k = len(classes)
@@ -69,6 +71,9 @@ def check_parity(model: torch.nn.Module, run_engine, engine_name: str,
         cm_t = np.zeros((k, k), np.int64)
         cm_e = np.zeros((k, k), np.int64)
         for images, masks in batches(folder, folder.val, 8):
+            # at the serving size: what will be served, and a 12 Mpx photo's activations in
+            # torch and ONNX Runtime at once would need ~10 GiB
+            images, masks = at_most(images, masks, max_side)
             with torch.inference_mode():
                 logits_t = model(torch.from_numpy(images))
             out = run_engine(images)

@@ -6,8 +6,9 @@ import shutil
 from functools import partial
 from pathlib import Path
 
-from ciss.analysis.scoring import batches
+from ciss.analysis.scoring import at_most, batches
 from ciss.data.classes import ClassList
+from ciss.data.transforms import SERVE_MAX_SIDE
 from ciss.errors import CheckFailed
 from ciss.exporters.common import ExportResult, record_engine, staging_dir
 from ciss.exporters.parity import ParityTolerance, check_parity
@@ -25,8 +26,9 @@ class RetentionReader:
     def __init__(self, sets: dict, limit: int = 64) -> None:
         self.items = []
         for folder in sets.values():
-            for images, _ in batches(folder, folder.val, 1):
-                self.items.append({"image": images})
+            for images, masks in batches(folder, folder.val, 1):
+                # calibrate on what will be served (and in bounded memory)
+                self.items.append({"image": at_most(images, masks, SERVE_MAX_SIDE)[0]})
                 if len(self.items) >= limit:
                     break
         self.pos = 0
@@ -97,7 +99,7 @@ def export_int8_step(store: Store, step: int) -> ExportResult:
                               + "; ".join(report.reasons) + " (model.onnx stays the engine)")
         fp32 = OnnxEngine(store.step_dir(step) / "model.onnx")
         folder = next(iter(sets.values()))
-        images = next(batches(folder, folder.val, 8))[0]
+        images = at_most(*next(batches(folder, folder.val, 8)), SERVE_MAX_SIDE)[0]
         speed = {"fp32_ms": median_ms(partial(fp32.run, images), repeats=15),
                  "int8_ms": median_ms(partial(engine.run, images), repeats=15),
                  "batch": int(images.shape[0]), "size": list(images.shape[2:])}

@@ -8,9 +8,7 @@ import numpy as np
 from PIL import Image
 
 from ciss.data.imageio import MAX_PIXELS, read_image
-from ciss.data.transforms import resize_longest
-
-SERVE_MAX_SIDE = 1024  # the serving resize: images are shrunk to this longer side
+from ciss.data.transforms import SERVE_MAX_SIDE, resize_longest
 
 
 @dataclass

@@ -30,6 +30,9 @@ from ciss.store.listing import before_after_table
                    "ilt.")
 @click.option("--pseudo", is_flag=True,
               help="mib: background pixels the parent is confident about take its label.")
+@click.option("--new-dice", is_flag=True,
+              help="mib: add a soft Dice over the new classes, for small new objects (more "
+                   "new-class IoU for some old-class IoU; BENCHMARKS.md §2).")
 @click.option("--freeze", default=None,
               help="Last frozen stage, or 'none' (default: the architecture's; tiny: stem, "
                    "the torchvision models: stage3).")
@@ -45,8 +48,8 @@ from ciss.store.listing import before_after_table
 @click.option("--val", "val_dir", type=click.Path(path_type=Path), default=None,
               help="A fully labelled folder to score as well.")
 @loop_options
-def add_classes_cmd(store_path, data_dir, parent, method, pseudo, freeze, init, kd_weight, alpha,
-                    scale,
+def add_classes_cmd(store_path, data_dir, parent, method, pseudo, new_dice, freeze, init,
+                    kd_weight, alpha, scale,
                     cache_trunk_mb, val_dir, iterations, epochs, batch_size, lr, optimizer, seed,
                     device, crop_size, exif, workers, floor, sync_bn, quiet) -> None:
     """Learn the folder's new classes on top of a stored step without forgetting the old.
@@ -73,7 +76,7 @@ def add_classes_cmd(store_path, data_dir, parent, method, pseudo, freeze, init, 
     report = add_classes(
         store, data_dir,
         method=MethodConfig(method=method, kd_weight=kd_weight if kd_weight is not None
-                            else d.kd_weight, alpha=alpha, pseudo=pseudo),
+                            else d.kd_weight, alpha=alpha, pseudo=pseudo, new_dice=new_dice),
         update=UpdateConfig(parent=parent, freeze=freeze, init=init,
                             cache_trunk_mb=cache_trunk_mb),
         loop=loop, data=DataConfig(crop_size=crop_size, scale=parse_scale(scale), workers=workers,

@@ -189,3 +189,15 @@ def test_incremental_losses_run_in_fp32_under_low_precision(split_dir):
     assert parts["loss"].dtype == torch.float32
     exact = step(images, masks)["loss"]
     assert float(parts["loss"]) == pytest.approx(float(exact), rel=0.05)
+
+
+def test_new_class_dice_by_hand():
+    from ciss.updater.losses import new_class_dice
+
+    # K_old = 2 (bg, old), one new class (id 2); pixels labelled 2, 0, 1, 255
+    logits = torch.cat([px([0.0, 0.0, 0.0])] * 4, dim=3)  # uniform: p_new = 1/3 everywhere
+    target = torch.tensor([[[2, 0, 1, 255]]])
+    inter, denom = 1 / 3, 3 * (1 / 3) + 1  # three valid pixels' p_new, one labelled new
+    want = 1 - (2 * inter + 1) / (denom + 1)
+    assert float(new_class_dice(logits, target, num_old=2)) == pytest.approx(want)
+    assert float(new_class_dice(logits, torch.tensor([[[0, 0, 1, 1]]]), 2)) == 0.0  # absent

@@ -191,8 +191,7 @@ def serve_story(store, data_dir: Path, masks_dir: Path, ft_step: int | None,
     from ciss.runtime.slot import SwapPolicy
 
     policy = SwapPolicy(min_new_iou=min_new_iou, accept_forced=True)
-    watch = ShadowPolicy(rate=1.0, window=20, min_agreement=0.5, min_pixels=200,
-                         auto_rollback=True)
+    watch = ShadowPolicy(rate=1.0, window=20, min_agreement=0.5, auto_rollback=True)
     config = ServeConfig(store=store.root, poll_s=0.2, policy=policy, shadow=watch)
     with background(config) as (url, app):
         meta = json.loads(http(f"{url}/v2/models/ciss"))

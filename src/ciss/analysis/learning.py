@@ -47,6 +47,17 @@ class ClassWarning:
         return asdict(self)
 
 
+def model_pixels(folder, stems: list[str], model_classes) -> np.ndarray:
+    """Labelled pixels of ``stems`` per class id of the model (folder classes matched by name;
+    names the model does not know are left out)."""
+    out = np.zeros(len(model_classes), dtype=np.int64)
+    for fid, count in enumerate(folder.class_pixels(stems)):
+        name = folder.classes.names[fid]
+        if name in model_classes:
+            out[model_classes.index(name)] += count
+    return out
+
+
 def _advice(share: float, still_rising: bool, loss: str | None) -> str:
     if share < 0.002:
         return ("very few labelled pixels: add images that show it, or use a larger "

@@ -63,19 +63,18 @@ def build_overview(store: Store) -> Overview:
             if name not in introduced:
                 introduced[name] = n
                 classes.append(name)
+        # each class on the retention set of the step of its own line that introduced it
+        # (siblings may introduce the same name independently)
+        origin: dict[str, int] = {}
+        for s in ancestors(store, n):
+            for c in store.card(s).new_classes:
+                origin.setdefault(c, s)
         rows.append({"step": n, "parent": card.parent, "method": card.method, "arch": card.arch,
-                     "origin": {},
+                     "origin": origin,
                      "new_classes": list(card.new_classes), "deployed": n == live,
                      "frozen": card.frozen[-1] if card.frozen else None,
                      "warnings": [w["name"] for w in card.extra.get("learning", {})
                                   .get("warnings", [])]})
-        # each class on the retention set of the step of this line that introduced it
-        # (siblings may introduce the same name independently)
-        origin = {}
-        for s in ancestors(store, n):
-            for c in store.card(s).new_classes:
-                origin.setdefault(c, s)
-        rows[-1]["origin"] = origin
         iou[str(n)] = {c: card.retention.get(str(origin.get(c, introduced[c])), {})
                        .get("torch", {}).get(c) for c in card.classes if c != "background"}
     return Overview(str(store.root), rows, classes, introduced, iou, deployed,

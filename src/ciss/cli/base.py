@@ -94,9 +94,7 @@ def loop_options(f):
         click.option("--scale", default=None,
                      help="Random rescale range MIN,MAX (default: the recipe's; photos: "
                           "0.5,2.0 as in the literature)."),
-        click.option("--exif", type=click.Choice(["apply", "ignore"]), default=None,
-                     help="Images in their EXIF orientation (apply) or as stored (ignore); "
-                          "default: the folder's ciss.json, else apply."),
+        exif_option,
         click.option("--workers", type=click.IntRange(min=0), default=None,
                      help="DataLoader workers (default: 0 for folders held in memory, "
                           "else up to 4)."),

@@ -68,10 +68,6 @@ def _split_of(name: str) -> str:
                                                            else "train")
 
 
-def _with_hash_split(stems: list[str]) -> tuple[list[str], list[str]]:
-    return hash_split(stems)
-
-
 def _names(raw: list[str], where: Path) -> ClassList:
     """``background`` first, then the tool's names in its order, merged by name."""
     names = [BACKGROUND]
@@ -158,7 +154,7 @@ def read_coco(root: Path) -> RawLayout:
     train, val = splits["train"], splits["val"]
     has_val = bool(val)
     if not has_val:
-        train, val = _with_hash_split(train)
+        train, val = hash_split(train)
     return RawLayout("coco", classes, images, masks, train, val, has_val, read)
 
 
@@ -211,7 +207,7 @@ def read_cvat(root: Path) -> RawLayout:
     val = [s for k, v in lists.items() if _split_of(k) == "val" for s in v]
     has_val = bool(val)
     if not has_val:  # CVAT writes one default.txt: the 90/10 rule splits it
-        train, val = _with_hash_split(train if lists else sorted(masks))
+        train, val = hash_split(train if lists else sorted(masks))
     # colours -> ids by binary search over the packed 0xRRGGBB values
     packed = np.array([r << 16 | g << 8 | b for r, g, b in colour_to_id], np.int64)
     order = np.argsort(packed)
@@ -304,7 +300,7 @@ def read_roboflow(root: Path) -> RawLayout:
     train, val = splits["train"], splits["val"] or splits["test"]
     has_val = bool(val)
     if not has_val:
-        train, val = _with_hash_split(train)
+        train, val = hash_split(train)
     return RawLayout("roboflow", classes, images, masks, train, val, has_val, read)
 
 
@@ -359,7 +355,7 @@ def read_cityscapes(root: Path) -> RawLayout:
     train, val = splits["train"], splits["val"]
     has_val = bool(val)
     if not has_val:
-        train, val = _with_hash_split(train)
+        train, val = hash_split(train)
     return RawLayout("cityscapes", classes, images, masks, train, val, has_val, read)
 
 

@@ -19,8 +19,8 @@ from ciss.analysis.evaluate import predictor_for
 from ciss.analysis.learning import DEFAULT_FLOOR
 from ciss.analysis.scoring import score_retention
 from ciss.data.classes import ClassList
+from ciss.data.transforms import SERVE_MAX_SIDE
 from ciss.engines.formats import has_artifact
-from ciss.runtime.segmenter import SERVE_MAX_SIDE
 from ciss.store import Store
 from ciss.store.retention import ancestors, resolve_comparison
 
@@ -98,7 +98,7 @@ def parent_scores(store: Store, step: int, engine: str, max_side: int,
 def _all_within(store: Store, sets: list[str], max_side: int) -> bool:
     """True when no retention image exceeds ``max_side`` (stored scores ran at native size,
     which is then exactly what the serving resize gives)."""
-    return all(max(store.card(int(s)).data.get("retention_max_side", 10**9), 0) <= max_side
+    return all(store.card(int(s)).data.get("retention_max_side", 10**9) <= max_side
                for s in sets)
 
 

@@ -98,9 +98,8 @@ class ShadowWatch:
         self._rng = random.Random(0)
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self, served, reference, classes: list[str], engine_busy: Callable[[], bool]
-              ) -> None:
-        """Watch ``served`` (a ServedModel) against ``reference`` (the one it replaced)."""
+    def start(self, served, reference, engine_busy: Callable[[], bool]) -> None:
+        """Watch ``served`` (a ServedModel) against ``reference`` (its parent)."""
         if self.policy.rate <= 0 or reference is None or reference.step == served.step:
             self.stop()
             return

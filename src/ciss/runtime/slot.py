@@ -238,8 +238,7 @@ class ModelSlot:
         except CissError as exc:
             log.warning("shadow watch: step %d's parent cannot be loaded (%s)", model.step, exc)
             return None
-        step = parent
-        return ServedModel(step=step, engine=engine_name,
+        return ServedModel(step=parent, engine=engine_name,
                            segmenter=Segmenter(engine, card.classes, max_side=self.max_side,
                                                max_pixels=self.max_pixels),
                            classes=list(card.classes), loaded_at="", gate={},
@@ -250,7 +249,7 @@ class ModelSlot:
         self.current = model  # the swap: one reference assignment
         if self.shadow is not None:
             engine = model.segmenter.engine
-            self.shadow.start(model, self._reference(model, previous), model.classes,
+            self.shadow.start(model, self._reference(model, previous),
                               engine_busy=lambda: getattr(engine, "active", 0) > 0)
         self.last_error = None
         self.last_swap = model.loaded_at

@@ -11,7 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ciss.analysis.learning import DEFAULT_FLOOR, ClassWarning, learning_warnings
+from ciss.analysis.learning import (
+    DEFAULT_FLOOR,
+    ClassWarning,
+    learning_warnings,
+    model_pixels,
+)
 from ciss.analysis.scoring import FolderScores, score_folder, score_retention, torch_predictor
 from ciss.data.classes import ClassList
 from ciss.data.dataset import SegmentationDataset, label_lut
@@ -21,7 +26,7 @@ from ciss.errors import CissError
 from ciss.models import freeze, frozen_stages, grow_classifier
 from ciss.models.build import ARCHS
 from ciss.store import StepCard, Store
-from ciss.store.retention import retention_writer
+from ciss.store.retention import retention_sets, retention_writer
 from ciss.updater.distributed import (
     DistInfo,
     agree,
@@ -211,10 +216,12 @@ def step_validator(store: Store, parent_step: int, student, device, folder: Data
     predict = torch_predictor(student, device)
     new_ids = [classes.index(n) for n in new]
     keep = validation_stems(retention_stems(folder, [folder.classes.index(n) for n in new]))
+    sets = retention_sets(store, parent_step)  # verified and opened once, scored each time
 
     def validate() -> dict[str, float]:
-        old = [v for per in score_retention(store, parent_step, predict, classes).values()
-               for k, v in per.items() if k != "background" and k not in new and v is not None]
+        old = [v for s in sets.values()
+               for k, v in score_folder(predict, s, s.val, classes).per_class().items()
+               if k != "background" and k not in new and v is not None]
         old_miou = sum(old) / len(old) if old else 0.0
         new_miou = (score_folder(predict, folder, keep, classes).miou(new_ids) or 0.0
                     if keep else 0.0)
@@ -222,15 +229,6 @@ def step_validator(store: Store, parent_step: int, student, device, folder: Data
                 "new": new_miou}
 
     return validate
-
-
-def model_pixels(folder: DatasetFolder, lut: np.ndarray, n_classes: int) -> np.ndarray:
-    """Training pixels per class id of the model (folder ids mapped through ``lut``)."""
-    out = np.zeros(n_classes, dtype=np.int64)
-    for fid, count in enumerate(folder.class_pixels(folder.train)):
-        if lut[fid] < n_classes:
-            out[lut[fid]] += count
-    return out
 
 
 def _evaluate_and_write(job: _Job, trained: _Trained, written: list) -> int:
@@ -251,7 +249,7 @@ def _evaluate_and_write(job: _Job, trained: _Trained, written: list) -> int:
     new_ids = [classes.index(n) for n in trained.new]
     trained.warnings.extend(learning_warnings(
         list(classes.names), new_ids, own.iou, own.cm,
-        model_pixels(folder, label_lut(folder.classes, classes), len(classes)),
+        model_pixels(folder, folder.train, classes),
         floor=job.floor, validation=result.validation, loss=None))
     extra = {"history": result.history, "resumed_from": result.resumed_from,
              "device": str(device), "torch": torch.__version__, "world_size": info.world_size,

@@ -9,14 +9,13 @@ checkpoint matches the architecture and the class names exactly.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ciss.analysis.learning import DEFAULT_FLOOR, learning_warnings
+from ciss.analysis.learning import DEFAULT_FLOOR, learning_warnings, model_pixels
 from ciss.analysis.scoring import score_folder, torch_predictor
 from ciss.data.classes import BACKGROUND, ClassList
 from ciss.data.folder import open_folder
@@ -24,6 +23,7 @@ from ciss.errors import CissError
 from ciss.models.build import ARCHS
 from ciss.store import StepCard, Store
 from ciss.store.retention import retention_writer
+from ciss.store.store import sha256_file
 from ciss.updater.loop import FitResult
 from ciss.updater.train import StepReport, retention_stems
 
@@ -67,8 +67,7 @@ def _named_weights(arch: str, name: str) -> Source:
 def _file(path: Path) -> Source:
     from ciss.models.weights import read_state_dict
 
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return Source(read_state_dict(path), str(path.resolve()), digest, None)
+    return Source(read_state_dict(path), str(path.resolve()), sha256_file(path), None)
 
 
 def resolve_source(arch: str, weights: str) -> Source:
@@ -172,7 +171,8 @@ def import_model(store: Store, data_dir: Path, *, arch: str, weights: str,
     t0 = time.perf_counter()
     scores = score_folder(torch_predictor(model), folder, keep, classes)
     warnings = learning_warnings(list(classes.names), known, scores.iou, scores.cm,
-                                 _pixels(folder, classes), floor=floor)
+                                 model_pixels(folder, folder.train + folder.val, classes),
+                                 floor=floor)
     card = StepCard(
         step=0, parent=None, classes=list(classes.names), new_classes=list(classes.objects),
         arch=arch, frozen=[], method="imported",
@@ -191,13 +191,3 @@ def import_model(store: Store, data_dir: Path, *, arch: str, weights: str,
     return StepReport(step=step, card=store.card(step), scores=scores, fit=FitResult(),
                       warnings=warnings)
 
-
-def _pixels(folder, classes: ClassList):
-    import numpy as np
-
-    out = np.zeros(len(classes), dtype=np.int64)
-    counts = folder.class_pixels(folder.train + folder.val)
-    for fid, name in enumerate(folder.classes.names):
-        if name in classes:
-            out[classes.index(name)] += counts[fid]
-    return out

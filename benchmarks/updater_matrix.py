@@ -1,12 +1,14 @@
 """add-classes on one step for several configurations, from one trained base store.
 
-Usage: python benchmarks/updater_matrix.py --base STORE --step-data DIR --full-data DIR \
-           "mib" "ft,method=ft" "mib-none,freeze=none,cache=0" ...
+Usage: python benchmarks/updater_matrix.py --base STORE --step-data DIR [--step-data DIR ...]
+           --full-data DIR "mib" "ft,method=ft" "mib-none,freeze=none,cache=0" ...
 Each spec is TAG[,key=value...] with keys method, freeze, init, iterations (or epochs), lr,
-kd, cache, pseudo (0/1), loss_at (input/logits), dice (0/1: new-class Dice), threads
-(torch threads for this run; default 2).
-Prints one JSON line per run: old/new mIoU on the full-label val split (old = the base's
-classes), training seconds, per-epoch seconds, trunk-cache statistics.
+kd, cache, pseudo (0/1), loss_at (input/logits), dice (0/1: new-class Dice), bn (update/frozen:
+BatchNorm statistics), threads (torch threads for this run; default 2).
+Several --step-data folders are learned in order (a 15-1 sequence, say), each step on the last.
+Prints one JSON line per run: old/new mIoU on the full-label val split after the last step (old
+= the base's classes; with several steps, also old/new after each), training seconds (summed
+over steps), per-epoch seconds, trunk-cache statistics.
 """
 
 from __future__ import annotations
@@ -27,41 +29,50 @@ from ciss.updater.defaults import step_defaults
 from ciss.updater.methods import MethodConfig
 
 
-def run(spec: str, base: Path, step_data: Path, source, base_ids: list[int]) -> dict:
+def run(spec: str, base: Path, step_data: list[Path], source, base_ids: list[int]) -> dict:
     tag, *pairs = spec.split(",")
     kw = dict(p.split("=", 1) for p in pairs)
     method = kw.get("method", "mib")
     d = step_defaults(method)
+    per_step, train_s, epochs = [], 0.0, []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "store"
         shutil.copytree(base, root)
         store = Store(root)
-        r = add_classes(
-            store, step_data,
-            method=MethodConfig(method=method, kd_weight=float(kw.get("kd", d.kd_weight)),
-                                pseudo=kw.get("pseudo", "0") == "1",
-                                loss_at=kw.get("loss_at", "input"),
-                                new_dice=kw.get("dice", "0") == "1"),
-            update=UpdateConfig(parent=0, freeze=kw.get("freeze"), init=kw.get("init", "random"),
-                                cache_trunk_mb=int(kw.get("cache", 1024))),
-            loop=d.loop(iterations=int(kw["iterations"]) if "iterations" in kw else None,
-                        epochs=int(kw["epochs"]) if "epochs" in kw else None,
-                        lr=float(kw["lr"]) if "lr" in kw else None),
-            progress=False)
-        old, new, all_, _ = score_step(store, r.step, source, base_ids)
-    epochs = [h["seconds"] for h in r.fit.history]
-    return {"tag": tag, **kw, "old": round(old, 3), "new": round(new, 3),
-            "all": round(all_, 3), "train_s": round(r.fit.seconds, 1),
-            "iterations": r.fit.iterations,
-            "median_epoch_s": sorted(epochs)[len(epochs) // 2],
-            "frozen": r.card.frozen[-1] if r.card.frozen else "none",
-            "trunk_cache": r.card.extra["trunk_cache"]}
+        for data in step_data:
+            r = add_classes(
+                store, data,
+                method=MethodConfig(method=method, kd_weight=float(kw.get("kd", d.kd_weight)),
+                                    pseudo=kw.get("pseudo", "0") == "1",
+                                    loss_at=kw.get("loss_at", "input"),
+                                    new_dice=kw.get("dice", "0") == "1"),
+                update=UpdateConfig(freeze=kw.get("freeze"), init=kw.get("init", "random"),
+                                    cache_trunk_mb=int(kw.get("cache", 1024)),
+                                    bn_stats=kw.get("bn", d.bn_stats)),
+                loop=d.loop(iterations=int(kw["iterations"]) if "iterations" in kw else None,
+                            epochs=int(kw["epochs"]) if "epochs" in kw else None,
+                            lr=float(kw["lr"]) if "lr" in kw else None),
+                progress=False)
+            old, new, all_, _ = score_step(store, r.step, source, base_ids)
+            per_step.append({"old": round(old, 3), "new": round(new, 3)})
+            train_s += r.fit.seconds
+            epochs += [h["seconds"] for h in r.fit.history]
+    out = {"tag": tag, **kw, "old": round(old, 3), "new": round(new, 3),
+           "all": round(all_, 3), "train_s": round(train_s, 1),
+           "iterations": r.fit.iterations,
+           "median_epoch_s": sorted(epochs)[len(epochs) // 2],
+           "frozen": r.card.frozen[-1] if r.card.frozen else "none",
+           "trunk_cache": r.card.extra["trunk_cache"]}
+    if len(step_data) > 1:
+        out["steps"] = per_step
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", type=Path, required=True, help="store with a trained step 0")
-    ap.add_argument("--step-data", type=Path, required=True)
+    ap.add_argument("--step-data", type=Path, action="append", required=True,
+                    help="a new-class folder; repeat for a sequence of steps")
     ap.add_argument("--full-data", type=Path, required=True)
     ap.add_argument("specs", nargs="+")
     args = ap.parse_args()

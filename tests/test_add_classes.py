@@ -65,12 +65,15 @@ def test_shared_trunk_equals_separate_teacher(method):
     assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_trunk_cache_gives_identical_losses():
+@pytest.mark.parametrize("stage", ["stage4", "none"])
+def test_cache_gives_identical_losses(stage):
+    """The trunk's states (frozen stages) and the parent's logits (any freeze) are cached per
+    exact input; a cached batch gives the same losses as one computed afresh."""
     torch.manual_seed(0)
     teacher = build_model("tiny", num_classes=3).eval()
     student = copy.deepcopy(teacher)
     grow_classifier(student, 1)
-    freeze(student, "stage4")
+    freeze(student, stage)
     student.eval()  # no BN updates in the tail, so two calls are comparable
     cache = TrunkCache(1 << 30)
     cached = IncrementalStep(student, teacher, 3, MethodConfig(), cache)
@@ -79,9 +82,18 @@ def test_trunk_cache_gives_identical_losses():
     y = torch.randint(0, 4, (3, 32, 32))
     keys = torch.tensor([4, 7, 10])
     first = cached(x, y, keys)["loss"]
-    second = cached(x, y, keys)["loss"]
-    assert cache.hits == 3 and cache.misses == 3
-    assert torch.allclose(first, second) and torch.allclose(first, plain(x, y)["loss"])
+    kinds = 2 if stage != "none" else 1  # trunk + teacher, or the teacher alone
+    assert cache.hits == 0 and cache.misses == 3 * kinds
+    assert {k for k, _ in cache.items} == ({"trunk", "teacher"} if kinds == 2 else {"teacher"})
+    second = cached(x[[1, 0, 2]], y[[1, 0, 2]], keys[[1, 0, 2]])["loss"]
+    assert cache.hits == 3 * kinds
+    assert torch.allclose(first, second, atol=1e-6)
+    assert torch.allclose(first, plain(x, y)["loss"], atol=1e-6)
+    # a new input next to cached ones: only it is computed, the batch still matches
+    x2 = torch.cat([x[:1], torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)])
+    y2 = torch.cat([y[:1], y[1:2]])
+    mixed = cached(x2, y2, torch.tensor([4, 99]))["loss"]
+    assert torch.allclose(mixed, plain(x2, y2)["loss"], atol=1e-6)
 
 
 def test_no_new_class_and_bad_stage(store_copy, split_dir, tmp_path):

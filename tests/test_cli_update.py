@@ -7,6 +7,8 @@ import json
 from click.testing import CliRunner
 
 from ciss.cli import main
+from ciss.store import Store
+from ciss.updater.defaults import step_defaults
 
 
 def run(*args):
@@ -24,11 +26,16 @@ def test_add_classes_cli_table_and_errors(store_copy, split_dir):
               "--freeze", "stage9", "--from", 0)
     assert res.exit_code == 2 and "unknown stage" in res.output
     res = run("add-classes", "--store", store_copy, "--data", split_dir / "step-1", "--from", 0,
-              "--method", "ft", "--epochs", 1, "--batch-size", 4, "--quiet")
+              "--method", "ft", "--epochs", 1, "--batch-size", 4, "--quiet",
+              "--bn-stats", "update")
     assert res.exit_code == 0, res.output
     doc = json.loads(run("steps", "--store", store_copy, "--json").output)
     assert [(d["step"], d["parent"], d["method"]) for d in doc] == [
         (0, None, "base"), (1, 0, "mib"), (2, 0, "ft")]
+    store = Store(store_copy)
+    # the recipe's BatchNorm choice when not given, the flag's when given; both on the card
+    assert store.card(1).hparams["bn_stats"] == step_defaults("mib").bn_stats
+    assert store.card(2).hparams["bn_stats"] == "update"
 
 
 def test_benchmark_json_and_files(synthetic_dir, tmp_path):

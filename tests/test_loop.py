@@ -42,6 +42,23 @@ def test_budget_is_iterations_whatever_the_folder_size():
     assert result.iterations == 6
 
 
+def test_step_budget_is_capped_in_passes_with_a_floor():
+    from ciss.updater.defaults import step_defaults
+
+    cfg = LoopConfig(iterations=630, max_epochs=20, min_iterations=315)
+    # a large folder keeps the ceiling, a small one stops at 20 passes, a tiny one at the floor
+    assert [cfg.total_iterations(n) for n in (63, 20, 15, 3)] == [630, 400, 315, 315]
+    d = step_defaults("mib")
+    assert (d.loop().max_epochs, d.loop().min_iterations) == (d.max_epochs, d.min_iterations)
+    # a budget the user gives is taken as it is
+    assert d.loop(iterations=50).total_iterations(3) == 50
+    assert d.loop(epochs=2).total_iterations(3) == 6
+    # the loop runs the capped budget: 10 samples, batch 4 -> 2 steps per pass
+    _, result, _ = toy_fit(LoopConfig(iterations=100, max_epochs=3, min_iterations=4,
+                                      batch_size=4, evals=0))
+    assert result.iterations == 6
+
+
 def test_eval_points_cover_the_second_half_and_the_end():
     assert eval_points(total=100, per_epoch=10, evals=4) == {6, 7, 8, 9}  # 62.5, 75, 87.5, 100 %
     assert eval_points(total=100, per_epoch=10, evals=1) == {9}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ciss.errors import CissError
-from ciss.models import ARCHS, build_model, freeze, grow_classifier
+from ciss.models import ARCHS, build_model, freeze, freeze_bn_stats, grow_classifier
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,31 @@ def test_freeze_keeps_bn_statistics_and_weights():
     assert any(not torch.equal(b, trainable_stats[n]) for n, b in model.named_buffers()
                if n in trainable_stats)
     assert model.stages["stem"].training is False and model.stages["head"].training is True
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_frozen_bn_statistics_stay_while_weights_learn(frozen, images):
+    torch.manual_seed(0)
+    model = build_model("tiny", num_classes=3)
+    freeze(model, "stem")
+    freeze_bn_stats(model, frozen)
+    model.train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in bns]
+    conv = model.stages["stage1"][0][0].weight
+    w = conv.detach().clone()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(images).logsumexp(1).mean().backward()
+    opt.step()
+    moved = [not torch.equal(b, m.running_mean) for b, m in zip(before, bns, strict=True)]
+    assert not torch.equal(w, conv.detach())  # the trainable stages learn either way
+    if frozen:
+        assert not any(moved) and all(not m.training for m in bns)
+    else:  # the stem is frozen (eval); every later BatchNorm follows the batch
+        assert not any(moved[:2]) and all(moved[2:])
+    model.eval()
+    model.train()  # a mode switch keeps the choice
+    assert all(not m.training for m in bns) == frozen
 
 
 def test_freeze_errors():

@@ -158,7 +158,7 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
                 r = add_classes(store, step_dir,
                                 method=MethodConfig(method=loss, kd_weight=d.kd_weight,
                                                     pseudo=method == "mib+pseudo"),
-                                update=UpdateConfig(freeze=cfg.freeze),
+                                update=UpdateConfig(freeze=cfg.freeze, bn_stats=d.bn_stats),
                                 loop=d.loop(epochs=cfg.step_epochs, seed=cfg.seed,
                                             device=cfg.device),
                                 progress=progress)

@@ -44,12 +44,17 @@ from ciss.store.listing import before_after_table
 @click.option("--alpha", type=float, default=1.0, show_default=True,
               help="Teacher sharpening in distillation.")
 @click.option("--cache-trunk-mb", type=click.IntRange(min=0), default=1024, show_default=True,
-              help="Memory for caching frozen-trunk outputs (flip-only augmentation); 0 = off.")
+              help="Memory for caching the frozen trunk's outputs and the parent's logits per "
+                   "training input (flip-only augmentation); 0 = off.")
+@click.option("--bn-stats", type=click.Choice(["update", "frozen"]), default=None,
+              help="BatchNorm running statistics of the trainable stages: keep the parent's "
+                   "(frozen, the default: old classes drift less, BENCHMARKS.md §2) or follow "
+                   "the new-class data (update).")
 @click.option("--val", "val_dir", type=click.Path(path_type=Path), default=None,
               help="A fully labelled folder to score as well.")
 @loop_options
 def add_classes_cmd(store_path, data_dir, parent, method, pseudo, new_dice, freeze, init,
-                    kd_weight, alpha, scale,
+                    kd_weight, alpha, bn_stats, scale,
                     cache_trunk_mb, val_dir, iterations, epochs, batch_size, lr, optimizer, seed,
                     device, crop_size, exif, workers, floor, sync_bn, quiet) -> None:
     """Learn the folder's new classes on top of a stored step without forgetting the old.
@@ -78,7 +83,7 @@ def add_classes_cmd(store_path, data_dir, parent, method, pseudo, new_dice, free
         method=MethodConfig(method=method, kd_weight=kd_weight if kd_weight is not None
                             else d.kd_weight, alpha=alpha, pseudo=pseudo, new_dice=new_dice),
         update=UpdateConfig(parent=parent, freeze=freeze, init=init,
-                            cache_trunk_mb=cache_trunk_mb),
+                            cache_trunk_mb=cache_trunk_mb, bn_stats=bn_stats or d.bn_stats),
         loop=loop, data=DataConfig(crop_size=crop_size, scale=parse_scale(scale), workers=workers,
                                    exif=exif),
         val_dir=val_dir, floor=floor, progress=not quiet)

@@ -1,7 +1,7 @@
 """Models: the ARCHS table, staged segmentation networks, classifier growth and freezing."""
 
 from ciss.models.build import ARCHS, SegmentationModel, build_model
-from ciss.models.surgery import freeze, frozen_stages, grow_classifier
+from ciss.models.surgery import freeze, freeze_bn_stats, frozen_stages, grow_classifier
 
-__all__ = ["ARCHS", "SegmentationModel", "build_model", "freeze", "frozen_stages",
-           "grow_classifier"]
+__all__ = ["ARCHS", "SegmentationModel", "build_model", "freeze", "freeze_bn_stats",
+           "frozen_stages", "grow_classifier"]

@@ -26,6 +26,8 @@ class SegmentationModel(nn.Module):
         arch: the ARCHS name.
         num_classes: output channels (background included).
         frozen_upto: index of the last frozen stage, -1 when nothing is frozen.
+        bn_stats_frozen: every BatchNorm keeps its running statistics in training too (the
+            trainable stages still learn their weights); see ``freeze_bn_stats``.
     """
 
     features_stage = "stage4"
@@ -35,6 +37,7 @@ class SegmentationModel(nn.Module):
         self.arch = arch
         self.num_classes = num_classes
         self.frozen_upto = -1
+        self.bn_stats_frozen = False
         self.stages = nn.ModuleDict()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0,
                              persistent=False)
@@ -75,4 +78,8 @@ class SegmentationModel(nn.Module):
         # Frozen stages keep BatchNorm in eval mode: running statistics must not drift.
         for name in self.stage_names[: self.frozen_upto + 1]:
             self.stages[name].eval()
+        if mode and self.bn_stats_frozen:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self

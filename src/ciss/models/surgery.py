@@ -90,5 +90,16 @@ def freeze(model: SegmentationModel, upto: str | None) -> None:
     model.train(model.training)
 
 
+def freeze_bn_stats(model: SegmentationModel, frozen: bool = True) -> None:
+    """Keep every BatchNorm's running mean and variance as they are while training.
+
+    A new-class folder is not the base data: its images show other scenes and few old objects,
+    and batch statistics taken from it shift what the parent's layers see on old data. With
+    frozen statistics the trainable stages adapt their weights only (BENCHMARKS.md §2).
+    """
+    model.bn_stats_frozen = frozen
+    model.train(model.training)
+
+
 def frozen_stages(model: SegmentationModel) -> tuple[str, ...]:
     return model.stage_names[: model.frozen_upto + 1]

@@ -23,7 +23,7 @@ from ciss.data.dataset import SegmentationDataset, label_lut
 from ciss.data.folder import DatasetFolder, open_folder
 from ciss.data.transforms import TrainTransform, auto_crop_size
 from ciss.errors import CissError
-from ciss.models import freeze, frozen_stages, grow_classifier
+from ciss.models import freeze, freeze_bn_stats, frozen_stages, grow_classifier
 from ciss.models.build import ARCHS
 from ciss.store import StepCard, Store
 from ciss.store.retention import retention_sets, retention_writer
@@ -46,6 +46,8 @@ from ciss.updater.train import (
     validation_stems,
 )
 
+BN_STATS = ("update", "frozen")
+
 
 @dataclass(frozen=True)
 class UpdateConfig:
@@ -55,14 +57,19 @@ class UpdateConfig:
         parent: step to start from (None: the latest).
         freeze: last frozen stage, "none", or None for the architecture's default.
         init: classifier init for new classes: mib, background or random.
-        cache_trunk_mb: memory for caching the frozen trunk's outputs across epochs
-            (used only when augmentation is flip-only); 0 disables it.
+        cache_trunk_mb: memory for caching, per exact training input, the frozen trunk's
+            outputs and the parent's logits across epochs (used only when augmentation is
+            flip-only); 0 disables it.
+        bn_stats: "frozen" (every BatchNorm keeps the parent's running statistics: the
+            measured default, BENCHMARKS.md §2) or "update" (those of the trainable stages
+            follow the new-class data).
     """
 
     parent: int | None = None
     freeze: str | None = None
     init: str = "random"
     cache_trunk_mb: int = 1024
+    bn_stats: str = "frozen"
 
 
 def _new_classes(folder: DatasetFolder, parent: StepCard, data_dir: Path) -> list[str]:
@@ -152,6 +159,9 @@ def _add_classes(job: _Job, progress: bool, after_epoch) -> StepReport:
     grow_classifier(student, len(new), init=update.init)
     stage = update.freeze or ARCHS[parent.arch].default_freeze
     freeze(student, stage)
+    if update.bn_stats not in BN_STATS:
+        raise CissError(f"--bn-stats {update.bn_stats}: choose from {', '.join(BN_STATS)}")
+    freeze_bn_stats(student, update.bn_stats == "frozen")
     if loop.sync_bn and info.enabled:
         student = sync_batchnorm(student, device)
     for p in teacher.parameters():
@@ -164,7 +174,8 @@ def _add_classes(job: _Job, progress: bool, after_epoch) -> StepReport:
     shapes = [folder.shapes[s] for s in folder.train]
     crop = data.crop_size or auto_crop_size(shapes)
     transform = TrainTransform(crop, scale=data.scale)
-    cacheable = (update.cache_trunk_mb > 0 and student.frozen_upto >= 0
+    cacheable = (update.cache_trunk_mb > 0
+                 and (student.frozen_upto >= 0 or method.method != "ft")
                  and transform.fixed_geometry(max(max(s) for s in shapes)))
     dataset = SegmentationDataset(folder, folder.train, lut, transform, seed=loop.seed,
                                   keys=cacheable)

@@ -47,15 +47,39 @@ def base_defaults(arch: str) -> Defaults:
 
 @dataclass(frozen=True)
 class StepDefaults:
+    """The add-classes recipe.
+
+    Attributes:
+        iterations: optimiser steps.
+        lr: peak learning rate.
+        kd_weight: lambda of the distillation term.
+        evals: validation points whose best weights are kept (0: the last weights).
+        warmup: fraction of the budget with linear warm-up.
+        bn_stats: "frozen" (BatchNorm keeps the parent's running statistics) or "update".
+        max_epochs: passes over the new-class folder that the budget does not exceed...
+        min_iterations: ...unless that would be fewer optimiser steps than this.
+    """
+
     iterations: int
     lr: float
     kd_weight: float
     evals: int = 0
     warmup: float = 0.03
+    bn_stats: str = "frozen"
+    max_epochs: int = 20
+    min_iterations: int = 315
 
     def loop(self, **overrides) -> LoopConfig:
-        """A LoopConfig of this recipe; overrides that are None keep the recipe's value."""
-        return _loop(self.iterations, self.lr, self.evals, self.warmup, overrides)
+        """A LoopConfig of this recipe; overrides that are None keep the recipe's value.
+
+        The recipe's budget is ``iterations`` steps, at most ``max_epochs`` passes, at least
+        ``min_iterations`` steps; a budget given by the caller (iterations or epochs) is
+        taken as it is.
+        """
+        given = overrides.get("iterations") is not None or overrides.get("epochs") is not None
+        cap = {} if given else {"max_epochs": self.max_epochs,
+                                "min_iterations": self.min_iterations}
+        return _loop(self.iterations, self.lr, self.evals, self.warmup, {**overrides, **cap})
 
 
 def step_defaults(method: str) -> StepDefaults:

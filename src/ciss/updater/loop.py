@@ -31,6 +31,11 @@ class LoopConfig:
             passes means a small folder still gets enough updates and a large one does not
             take hours (BENCHMARKS.md §1); the last pass over the data may be partial.
         epochs: when set, passes over the training split instead of ``iterations``.
+        max_epochs: when set (and ``epochs`` is not), the budget is at most this many passes
+            and at least ``min_iterations`` steps: ``iterations`` is then a ceiling. The
+            add-classes recipe uses it so that a small new-class folder is not passed over
+            again and again, which erodes the old classes (BENCHMARKS.md §3).
+        min_iterations: the floor that goes with ``max_epochs``.
         batch_size: images per optimiser step (>= 2: BatchNorm needs it).
         lr: peak learning rate (after warm-up), poly decay (power 0.9) per iteration.
         weight_decay: decoupled (AdamW) or L2 (SGD).
@@ -46,6 +51,8 @@ class LoopConfig:
 
     iterations: int = 1000
     epochs: int | None = None
+    max_epochs: int | None = None
+    min_iterations: int = 0
     batch_size: int = 16
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -59,7 +66,12 @@ class LoopConfig:
 
     def total_iterations(self, per_epoch: int) -> int:
         """The budget in optimiser steps for ``per_epoch`` steps per pass."""
-        return self.epochs * per_epoch if self.epochs else self.iterations
+        if self.epochs:
+            return self.epochs * per_epoch
+        if self.max_epochs:
+            return max(min(self.iterations, self.max_epochs * per_epoch),
+                       min(self.min_iterations, self.iterations))
+        return self.iterations
 
     def key(self, *parts: str) -> str:
         """A fingerprint of these settings plus ``parts``: checkpoints resume only on a match."""

@@ -46,28 +46,46 @@ class MethodConfig:
 
 
 class TrunkCache:
-    """Frozen-trunk states by input key, within a byte budget (first come, first kept)."""
+    """Per-input results that cannot change during a step, within a byte budget (first come,
+    first kept): the frozen trunk's states and the parent's outputs.
+
+    A key is one exact input (an image and whether it was flipped, see SegmentationDataset);
+    ``kind`` separates what is kept for it ("trunk", "teacher").
+    """
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget = budget_bytes
         self.used = 0
-        self.items: dict[int, State] = {}
+        self.items: dict[tuple[str, int], State] = {}
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: int) -> State | None:
-        item = self.items.get(key)
+    def get(self, key: int, kind: str = "trunk") -> State | None:
+        item = self.items.get((kind, key))
         if item is None:
             self.misses += 1
         else:
             self.hits += 1
         return item
 
-    def put(self, key: int, state: State) -> None:
+    def put(self, key: int, state: State, kind: str = "trunk") -> None:
         size = sum(t.numel() * t.element_size() for t in state.values())
-        if key not in self.items and self.used + size <= self.budget:
-            self.items[key] = state
+        if (kind, key) not in self.items and self.used + size <= self.budget:
+            self.items[(kind, key)] = state
             self.used += size
+
+    def batch(self, keys: torch.Tensor, kind: str, compute) -> State:
+        """The batch's states for ``keys``: cached ones read, the rest computed together by
+        ``compute(indices) -> State`` (batched along dim 0) and kept."""
+        states = [self.get(int(k), kind) for k in keys]
+        missing = [i for i, s in enumerate(states) if s is None]
+        if missing:
+            fresh = compute(missing)
+            for j, i in enumerate(missing):
+                # clone: a row view would keep the whole batch's storage alive in the cache
+                states[i] = {k: v[j].clone() for k, v in fresh.items()}
+                self.put(int(keys[i]), states[i], kind)
+        return {k: torch.stack([s[k] for s in states]) for k in states[0]}
 
 
 class IncrementalStep:
@@ -90,14 +108,33 @@ class IncrementalStep:
         with torch.no_grad():
             if self.cache is None or keys is None:
                 return self.student.run(self.student.begin(images), self.trunk)
-            states = [self.cache.get(int(k)) for k in keys]
-            missing = [i for i, s in enumerate(states) if s is None]
-            if missing:
-                fresh = self.student.run(self.student.begin(images[missing]), self.trunk)
-                for j, i in enumerate(missing):
-                    states[i] = {k: v[j] for k, v in fresh.items()}
-                    self.cache.put(int(keys[i]), states[i])
-            return {k: torch.stack([s[k] for s in states]) for k in states[0]}
+            return self.cache.batch(keys, "trunk", lambda rows: self.student.run(
+                self.student.begin(images[rows]), self.trunk))
+
+    def _teacher(self, images: torch.Tensor, keys: torch.Tensor | None, shared: State | None,
+                 collect: bool) -> tuple[State, list[torch.Tensor]]:
+        """The parent's outputs: from the shared trunk when there is one, else from the image.
+
+        The parent is fixed and in eval mode, so its logits (and ILT's features) for one exact
+        input never change: they are cached with the trunk. Local POD's per-stage maps are
+        too large to keep and are recomputed.
+        """
+        def compute(rows: list[int]) -> State:
+            if shared is not None:
+                state = self.teacher.run({k: v[rows] for k, v in shared.items()}, self.tail)
+            else:
+                state = self.teacher.run(self.teacher.begin(images[rows]),
+                                         self.teacher.stage_names)
+            return {k: state[k] for k in ("logits", "features") if k in state}
+
+        with torch.no_grad():
+            if collect or self.cache is None or keys is None:
+                if shared is not None:
+                    return run_collect(self.teacher, shared, self.tail, collect)
+                state, maps = run_collect(self.teacher, self.teacher.begin(images),
+                                          self.teacher.stage_names, collect)
+                return state, maps[len(maps) - (len(self.tail) - 1):] if collect else maps
+            return self.cache.batch(keys, "teacher", compute), []
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor,
                  keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -105,20 +142,13 @@ class IncrementalStep:
         cfg = self.config
         need_teacher = cfg.method != "ft"
         collect = cfg.method == "plop"  # Local POD needs each trainable stage's output
-        if self.trunk:
-            shared = self._trunk(images, keys)
-            s_state, s_maps = run_collect(self.student, shared, self.tail, collect)
-            if need_teacher:
-                with torch.no_grad():
-                    t_state, t_maps = run_collect(self.teacher, shared, self.tail, collect)
-        else:  # --freeze none: the reference recipe, teacher runs on its own
-            s_state, s_maps = run_collect(self.student, self.student.begin(images), self.tail,
-                                          collect)
-            if need_teacher:
-                with torch.no_grad():
-                    t_state, t_maps = run_collect(self.teacher, self.teacher.begin(images),
-                                                  self.teacher.stage_names, collect)
-                    t_maps = t_maps[len(t_maps) - len(s_maps):]
+        shared = self._trunk(images, keys) if self.trunk else None
+        # --freeze none (the reference recipe): the teacher runs on the image by itself
+        s_state, s_maps = run_collect(
+            self.student, shared if shared is not None else self.student.begin(images),
+            self.tail, collect)
+        if need_teacher:
+            t_state, t_maps = self._teacher(images, keys, shared, collect)
         # losses in fp32 whatever autocast chose for the network: logsumexp and softmax over
         # channels, then means over many pixels, lose too much in bf16/fp16
         if cfg.loss_at == "logits":  # the labels come down to the logits instead

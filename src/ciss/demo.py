@@ -97,7 +97,8 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
              f"({step_loop.iterations} iterations, the stem frozen and shared with the teacher)")
         rep = add_classes(store, steps[1], method=MethodConfig(method=method,
                                                                kd_weight=d.kd_weight),
-                          update=UpdateConfig(parent=base.step), loop=step_loop,
+                          update=UpdateConfig(parent=base.step, bn_stats=d.bn_stats),
+                          loop=step_loop,
                           progress=not fast)
         echo(before_after_table(store, rep.step))
         numbers[f"{method}_step"] = rep.step

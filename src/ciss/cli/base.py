@@ -77,8 +77,9 @@ def parse_scale(text: str | None, default: tuple[float, float] = (1.0, 1.0)
 def loop_options(f):
     opts = [
         click.option("--iterations", type=click.IntRange(min=1), default=None,
-                     help="Training budget in optimiser steps (default: the recipe's, "
-                          "whatever the folder's size)."),
+                     help="Training budget in optimiser steps (default: the recipe's: "
+                          "train, a fixed count whatever the folder's size; add-classes, "
+                          "630 but at most 20 passes over the folder and at least 315)."),
         click.option("--epochs", type=click.IntRange(min=1), default=None,
                      help="Passes over the training split instead of --iterations."),
         click.option("--batch-size", type=click.IntRange(min=2), default=16, show_default=True),

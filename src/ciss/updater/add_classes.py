@@ -22,6 +22,7 @@ from ciss.data.classes import ClassList
 from ciss.data.dataset import SegmentationDataset, label_lut
 from ciss.data.folder import DatasetFolder, open_folder
 from ciss.data.transforms import TrainTransform, auto_crop_size
+from ciss.engines.load import torch_device
 from ciss.errors import CissError
 from ciss.models import freeze, freeze_bn_stats, frozen_stages, grow_classifier
 from ciss.models.build import ARCHS
@@ -36,7 +37,7 @@ from ciss.updater.distributed import (
     run_on_main,
     sync_batchnorm,
 )
-from ciss.updater.loop import FitResult, LoopConfig, fit, resolve_device
+from ciss.updater.loop import FitResult, LoopConfig, fit
 from ciss.updater.methods import METHODS, IncrementalStep, MethodConfig, TrunkCache
 from ciss.updater.train import (
     DataConfig,
@@ -104,7 +105,7 @@ def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodCo
         raise CissError(f"--method {method.method}: choose from {', '.join(METHODS)}")
     folder = open_folder(data_dir, exif=data.exif)
     parent_step = store.resolve(update.parent)
-    with distributed(resolve_device(loop.device)) as (info, device):
+    with distributed(torch_device(loop.device)) as (info, device):
         require_ranks_for_sync_bn(info, loop.sync_bn)
         check_shared_store(info, store.root, store.work_dir)
         agree(info, "the parent step", [parent_step, store.card(parent_step).artifacts.get(

@@ -91,12 +91,6 @@ class FitResult:
     best: dict[str, float] | None = None  # the validation point whose weights were kept
 
 
-def resolve_device(device: str) -> torch.device:
-    from ciss.engines.load import torch_device
-
-    return torch_device(device)
-
-
 def make_optimizer(params: list[torch.nn.Parameter], cfg: LoopConfig) -> torch.optim.Optimizer:
     if not params:
         raise CissError("nothing to train: every parameter is frozen")

@@ -115,13 +115,16 @@ def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weights: 
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor,
-              ignore_index: int = IGNORE_INDEX, eps: float = 1.0) -> torch.Tensor:
+              ignore_index: int = IGNORE_INDEX, eps: float = 1.0,
+              first: int = 0) -> torch.Tensor:
     """Soft Dice, 1 - 2|P∩Y| / (|P| + |Y|), averaged over the classes present in the batch's
-    labels (background included); ignored pixels are left out of both sets."""
-    prob = logits.float().softmax(1)
+    labels (background included); ignored pixels are left out of both sets. With ``first``,
+    only channels ``first..K-1`` are scored (softmax still over all K); every other label is
+    a negative for them."""
+    prob = logits.float().softmax(1)[:, first:]
     valid = (target != ignore_index).unsqueeze(1)
-    safe = torch.where(target == ignore_index, torch.zeros_like(target), target)
-    onehot = F.one_hot(safe, logits.shape[1]).permute(0, 3, 1, 2).to(prob.dtype) * valid
+    ids = torch.arange(first, logits.shape[1], device=target.device).view(1, -1, 1, 1)
+    onehot = ((target.unsqueeze(1) == ids) & valid).to(prob.dtype)
     prob = prob * valid
     inter = (prob * onehot).sum((0, 2, 3))
     denom = prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
@@ -135,17 +138,7 @@ def new_class_dice(logits: torch.Tensor, target: torch.Tensor, num_old: int,
     """Soft Dice over the new classes' channels only (K_old..K-1), averaged over the new classes
     present in the batch. Background and old-class pixels are negatives for every new class,
     which the overlap setting guarantees (new classes are labelled wherever they appear)."""
-    prob = logits.float().softmax(1)[:, num_old:]
-    valid = (target != ignore_index).unsqueeze(1)
-    ids = torch.arange(num_old, logits.shape[1], device=target.device).view(1, -1, 1, 1)
-    onehot = (target.unsqueeze(1) == ids) & valid
-    prob = prob * valid
-    onehot = onehot.to(prob.dtype)
-    inter = (prob * onehot).sum((0, 2, 3))
-    denom = prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
-    present = onehot.sum((0, 2, 3)) > 0
-    dice = 1 - (2 * inter + eps) / (denom + eps)
-    return dice[present].mean() if present.any() else logits.sum() * 0
+    return dice_loss(logits, target, ignore_index, eps, first=num_old)
 
 
 def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, keep: float = 0.25,

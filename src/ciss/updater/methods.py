@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ciss.data.classes import IGNORE_INDEX
 from ciss.models.staged import SegmentationModel, State
 from ciss.updater import losses
 from ciss.updater.pod import local_pod
@@ -119,22 +120,20 @@ class IncrementalStep:
         input never change: they are cached with the trunk. Local POD's per-stage maps are
         too large to keep and are recomputed.
         """
-        def compute(rows: list[int]) -> State:
+        def run(rows: list[int] | None, collect: bool) -> tuple[State, list[torch.Tensor]]:
             if shared is not None:
-                state = self.teacher.run({k: v[rows] for k, v in shared.items()}, self.tail)
-            else:
-                state = self.teacher.run(self.teacher.begin(images[rows]),
-                                         self.teacher.stage_names)
-            return {k: state[k] for k in ("logits", "features") if k in state}
+                start = shared if rows is None else {k: v[rows] for k, v in shared.items()}
+                return run_collect(self.teacher, start, self.tail, collect)
+            x = images if rows is None else images[rows]
+            state, maps = run_collect(self.teacher, self.teacher.begin(x),
+                                      self.teacher.stage_names, collect)
+            return state, maps[len(maps) - len(self.tail) + 1:]  # the student's stages only
 
         with torch.no_grad():
             if collect or self.cache is None or keys is None:
-                if shared is not None:
-                    return run_collect(self.teacher, shared, self.tail, collect)
-                state, maps = run_collect(self.teacher, self.teacher.begin(images),
-                                          self.teacher.stage_names, collect)
-                return state, maps[len(maps) - (len(self.tail) - 1):] if collect else maps
-            return self.cache.batch(keys, "teacher", compute), []
+                return run(None, collect)
+            return self.cache.batch(keys, "teacher", lambda rows: {
+                k: v for k, v in run(rows, False)[0].items() if k in ("logits", "features")}), []
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor,
                  keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -186,10 +185,6 @@ class IncrementalStep:
     def _plop(self, logits, t_logits, masks, s_maps, t_maps) -> dict[str, torch.Tensor]:
         """PLOP: CE on pseudo-labels (unconfident background ignored), each image weighted by
         its share of confident background pixels, plus Local POD on the trainable stages."""
-        import torch.nn.functional as F
-
-        from ciss.data.classes import IGNORE_INDEX
-
         labels, share = pseudo_label(masks, t_logits, self.thresholds)
         per_pixel = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
         valid = (labels != IGNORE_INDEX).flatten(1)

@@ -14,6 +14,7 @@ from ciss.analysis.scoring import FolderScores, score_folder, torch_predictor
 from ciss.data.dataset import SegmentationDataset, label_lut
 from ciss.data.folder import DatasetFolder, open_folder
 from ciss.data.transforms import TrainTransform, auto_crop_size
+from ciss.engines.load import torch_device
 from ciss.errors import CissError
 from ciss.models import build_model
 from ciss.store import StepCard, Store
@@ -28,7 +29,7 @@ from ciss.updater.distributed import (
     run_on_main,
     sync_batchnorm,
 )
-from ciss.updater.loop import FitResult, LoopConfig, fit, resolve_device
+from ciss.updater.loop import FitResult, LoopConfig, fit
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def train_base(store: Store, data_dir: Path, *, arch: str = "tiny", weights: str
     present = set().union(*(folder.presence[s] for s in folder.train)) - {0}
     if not present:
         raise CissError(f"{data_dir}: no object class appears in the training split")
-    with distributed(resolve_device(loop.device)) as (info, device):
+    with distributed(torch_device(loop.device)) as (info, device):
         require_ranks_for_sync_bn(info, loop.sync_bn)
         check_shared_store(info, store.root, store.work_dir)
         agree(info, "the store", store.steps())

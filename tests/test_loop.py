@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 import torch
 from torch import nn
 
@@ -49,7 +50,8 @@ def test_step_budget_is_capped_in_passes_with_a_floor():
     # a large folder keeps the ceiling, a small one stops at 20 passes, a tiny one at the floor
     assert [cfg.total_iterations(n) for n in (63, 20, 15, 3)] == [630, 400, 315, 315]
     d = step_defaults("mib")
-    assert (d.loop().max_epochs, d.loop().min_iterations) == (d.max_epochs, d.min_iterations)
+    assert (d.loop().max_epochs, d.loop().min_iterations) == (d.recipe.max_epochs,
+                                                              d.recipe.min_iterations)
     # a budget the user gives is taken as it is
     assert d.loop(iterations=50).total_iterations(3) == 50
     assert d.loop(epochs=2).total_iterations(3) == 6
@@ -57,6 +59,43 @@ def test_step_budget_is_capped_in_passes_with_a_floor():
     _, result, _ = toy_fit(LoopConfig(iterations=100, max_epochs=3, min_iterations=4,
                                       batch_size=4, evals=0))
     assert result.iterations == 6
+
+
+def test_the_budget_is_global_under_torchrun():
+    cfg = LoopConfig(iterations=630, max_epochs=20, min_iterations=315)
+    # 4 ranks share the 630 steps of one process's batch; passes are over the whole folder
+    # (each rank's shard), so a small folder stops at 20 passes on each rank alike
+    assert cfg.total_iterations(100, world_size=4) == 158
+    assert cfg.total_iterations(5, world_size=4) == 100
+    assert cfg.total_iterations(2, world_size=4) == 79  # the floor, shared too
+    assert LoopConfig(epochs=3).total_iterations(7, world_size=8) == 21
+
+
+def test_the_encoder_trains_at_its_fraction_of_the_rate():
+    from ciss.models import build_model, freeze
+    from ciss.updater.loop import make_optimizer
+
+    model = build_model("tiny", num_classes=3)
+    freeze(model, "stage1")
+    opt = make_optimizer(model, LoopConfig(lr=1e-2, encoder_lr=0.1, optimizer="sgd"))
+    by_lr = {round(g["lr"], 9): {id(p) for p in g["params"]} for g in opt.param_groups}
+    head = {id(p) for n in ("head", "classifier") for p in model.stages[n].parameters()}
+    enc = {id(p) for n in ("stage2", "stage3", "stage4") for p in model.stages[n].parameters()}
+    assert by_lr == {1e-2: head, 1e-3: enc}
+    assert not {id(p) for p in model.stages["stem"].parameters()} & set().union(*by_lr.values())
+    assert len(make_optimizer(model, LoopConfig(lr=1e-2)).param_groups) == 1
+
+
+@pytest.mark.parametrize("capability,dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                              ((9, 0), torch.bfloat16), ((6, 1), torch.float16)])
+def test_mixed_precision_follows_the_compute_capability(monkeypatch, capability, dtype):
+    from ciss.updater.loop import autocast_dtype
+
+    # T4 (7.5) and V100 (7.0) report bf16 as "supported" (emulated); cuDNN has no bf16 convs
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    assert autocast_dtype(torch.device("cuda")) == dtype
+    assert autocast_dtype(torch.device("cpu")) is None
 
 
 def test_eval_points_cover_the_second_half_and_the_end():

@@ -152,7 +152,7 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
             shutil.copytree(base.root, store.root)
             rows.append(Row(method, 0, old, None, all_, None, rep.fit.seconds, per))
             loss = {"ft-control": "ft", "mib+pseudo": "mib"}.get(method, method)
-            d = step_defaults(loss)
+            d = step_defaults(loss, cfg.arch)
             for t, step_dir in enumerate(step_dirs[1:], start=1):
                 say(f"{method}: step {t}/{len(step_dirs) - 1}")
                 r = add_classes(store, step_dir,

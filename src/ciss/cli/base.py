@@ -77,7 +77,8 @@ def parse_scale(text: str | None, default: tuple[float, float] = (1.0, 1.0)
 def loop_options(f):
     opts = [
         click.option("--iterations", type=click.IntRange(min=1), default=None,
-                     help="Training budget in optimiser steps (default: the recipe's: "
+                     help="Training budget in optimiser steps of one process's batch "
+                          "(under torchrun the ranks share it; default: the family recipe's: "
                           "train, a fixed count whatever the folder's size; add-classes, "
                           "630 but at most 20 passes over the folder and at least 315)."),
         click.option("--epochs", type=click.IntRange(min=1), default=None,
@@ -85,8 +86,12 @@ def loop_options(f):
         click.option("--batch-size", type=click.IntRange(min=2), default=16, show_default=True),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Peak learning rate."),
-        click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw",
-                     show_default=True),
+        click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default=None,
+                     help="Optimiser (default: the model family's recipe; see "
+                          "'ciss recipes')."),
+        click.option("--encoder-lr", type=click.FloatRange(min=0), default=None,
+                     help="The encoder stages' learning rate as a fraction of --lr (default: "
+                          "the recipe's; 0.1 for models with an encoder trained elsewhere)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", default="auto", show_default=True,
                      help="auto, cpu, cuda or cuda:N."),

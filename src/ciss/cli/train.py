@@ -22,16 +22,21 @@ from ciss.tables import pct
 @main.command()
 @store_option
 @data_option()
-@click.option("--arch", default="tiny", show_default=True, help="An ARCHS name.")
+@click.option("--arch", default="tiny", show_default=True,
+              help="tiny, a torchvision name (deeplabv3_resnet50, ...), "
+                   "smp-<decoder>-<encoder> (smp-unet-resnet18, smp-fpn-mit_b0, ...; "
+                   "pip install 'ciss[smp]') or segformer-b0..b5 (pip install "
+                   "'ciss[transformers]'); 'ciss recipes' lists them with their recipes.")
 @click.option("--weights", default=None,
-              help="'imagenet' (torchvision's backbone, downloaded once into the torch hub "
-                   "cache) or a local backbone state-dict file; default: random init.")
+              help="'imagenet' (the encoder's ImageNet weights, downloaded once by its "
+                   "library) or, for torchvision models, a local backbone state-dict file; "
+                   "default: random init.")
 @click.option("--loss", type=click.Choice(["ce", "wce", "ce+dice", "ohem"]), default=None,
               help="ce, wce (classes weighted by pixel share), ce+dice or ohem "
                    "(default: the recipe's).")
 @loop_options
 def train(store_path, data_dir, arch, weights, loss, iterations, epochs, batch_size, lr,
-          optimizer, seed, device, crop_size, scale, exif, workers, floor, sync_bn,
+          optimizer, encoder_lr, seed, device, crop_size, scale, exif, workers, floor, sync_bn,
           quiet) -> None:
     """Train step 0 on a dataset folder and write it to the store.
 
@@ -49,7 +54,8 @@ def train(store_path, data_dir, arch, weights, loss, iterations, epochs, batch_s
 
     d = base_defaults(arch)
     loop = d.loop(iterations=iterations, epochs=epochs, batch_size=batch_size, lr=lr,
-                  optimizer=optimizer, seed=seed, device=device, sync_bn=sync_bn)
+                  optimizer=optimizer, encoder_lr=encoder_lr, seed=seed, device=device,
+                  sync_bn=sync_bn)
     report = train_base(open_store(store_path), data_dir, arch=arch, weights=weights, loop=loop,
                         data=DataConfig(crop_size=crop_size, scale=parse_scale(scale, d.scale),
                                         workers=workers, exif=exif),
@@ -69,25 +75,33 @@ def train(store_path, data_dir, arch, weights, loss, iterations, epochs, batch_s
 
 @main.command("import")
 @store_option
-@click.option("--arch", required=True, help="A torchvision ARCHS name, e.g. deeplabv3_resnet50.")
+@click.option("--arch", default=None,
+              help="The torchvision architecture of a state-dict file, e.g. "
+                   "deeplabv3_resnet50 (not needed for a save_pretrained folder).")
 @click.option("--weights", required=True,
-              help="A state dict (.pth/.pt, loaded with weights_only=True, or .safetensors) "
-                   "saved from the plain torchvision model, or a named torchvision weight "
-                   "(e.g. COCO_WITH_VOC_LABELS_V1) in the local torch hub cache.")
+              help="A folder written by SMP's or transformers' save_pretrained (config.json "
+                   "+ safetensors), a state dict (.pth/.pt, loaded with weights_only=True, or "
+                   ".safetensors) saved from the plain torchvision model, or a named "
+                   "torchvision weight (e.g. COCO_WITH_VOC_LABELS_V1) in the local torch hub "
+                   "cache.")
 @click.option("--classes", "classes_file", type=click.Path(path_type=Path), default=None,
               help="classes.txt: the model's class names, background first (named weights "
-                   "bring their own).")
+                   "and configs with real id2label names bring their own).")
 @data_option(help="Labelled folder (any supported layout); its val split becomes the step's "
                   "retention set.")
 @click.option("--min-iou", "floor", type=click.FloatRange(min=0, max=100), default=5.0,
               show_default=True, help="Warn about every class whose val IoU is below this.")
 @exif_option
 def import_cmd(store_path, arch, weights, classes_file, data_dir, floor, exif) -> None:
-    """Make an existing torchvision model step 0 of a store (scored and carded like a
-    trained one), so add-classes, check, export and serve work on top of it.
+    """Make an existing model step 0 of a store (scored and carded like a trained one), so
+    add-classes, check, export and serve work on top of it.
 
-    Example: ciss import --arch deeplabv3_resnet50 --weights model.pth --classes classes.txt
-    --data my-val-folder
+    \b
+    Examples:
+      ciss import --weights my-smp-unet/ --classes classes.txt --data my-val-folder
+      ciss import --weights my-segformer/ --data my-val-folder     # id2label names
+      ciss import --arch deeplabv3_resnet50 --weights model.pth --classes classes.txt \\
+          --data my-val-folder
     """
     from ciss.updater.importer import import_model
 
@@ -95,8 +109,42 @@ def import_cmd(store_path, arch, weights, classes_file, data_dir, floor, exif) -
                           classes_file=classes_file, floor=floor, say=click.echo, exif=exif)
     s = report.scores
     ids = list(range(1, len(report.card.classes)))
-    click.echo(f"step {report.step}: imported {arch} ({len(ids)} classes) from "
+    click.echo(f"step {report.step}: imported {report.card.arch} ({len(ids)} classes) from "
                f"{report.card.extra['source']}; mIoU {pct(s.miou(ids))} on "
                f"{report.card.data['retention_images']} retention images")
     echo_warnings(report.warnings)
     click.echo("next: ciss add-classes --data NEW_FOLDER")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def recipes(as_json) -> None:
+    """The architecture table: each model family's default freeze point and its train and
+    add-classes recipes, with where each comes from (measured here, or a publication).
+
+    Example: ciss recipes
+    """
+    import json
+
+    from ciss.models.build import ARCHS, FAMILIES
+
+    if as_json:
+        click.echo(json.dumps({name: {"default_freeze": f.default_freeze,
+                                      "freeze_source": f.freeze_source, "extra": f.extra,
+                                      "archs": [a for a, s in ARCHS.items() if s.family is f],
+                                      "base": f.base.to_json(), "step": f.step.to_json()}
+                               for name, f in FAMILIES.items()}))
+        return
+    for name, f in FAMILIES.items():
+        archs = [a for a, s in ARCHS.items() if s.family is f]
+        b, s = f.base, f.step
+        click.echo(f"{name}{f' (pip install ciss[{f.extra}])' if f.extra else ''}: "
+                   f"{', '.join(archs)}" + (", any smp-<decoder>-<encoder>" if name == "smp"
+                                            else ""))
+        click.echo(f"  freeze  up to {f.default_freeze}   [{f.freeze_source}]")
+        click.echo(f"  train   {b.optimizer} lr {b.lr:g} (encoder x{b.encoder_lr:g}), "
+                   f"{b.iterations} steps, {b.loss}, scale {b.scale[0]:g}-{b.scale[1]:g}   "
+                   f"[{b.source}]")
+        click.echo(f"  step    {s.optimizer} lr {s.lr:g} (encoder x{s.encoder_lr:g}), "
+                   f"{s.iterations} steps (<= {s.max_epochs} passes, >= {s.min_iterations}), "
+                   f"BN {s.bn_stats}   [{s.source}]")

@@ -34,8 +34,8 @@ from ciss.store.listing import before_after_table
               help="mib: add a soft Dice over the new classes, for small new objects (more "
                    "new-class IoU for some old-class IoU; BENCHMARKS.md §2).")
 @click.option("--freeze", default=None,
-              help="Last frozen stage, or 'none' (default: the architecture's; tiny: stem, "
-                   "the torchvision models: stage3).")
+              help="Last frozen stage, or 'none' (default: the model family's; tiny: stem, "
+                   "torchvision, SMP and SegFormer: stage3; see 'ciss recipes').")
 @click.option("--init", type=click.Choice(["mib", "background", "random"]),
               default="random", show_default=True,
               help="New classifier rows (random: measured best, see BENCHMARKS.md).")
@@ -49,13 +49,15 @@ from ciss.store.listing import before_after_table
 @click.option("--bn-stats", type=click.Choice(["update", "frozen"]), default=None,
               help="BatchNorm running statistics of the trainable stages: keep the parent's "
                    "(frozen, the default: old classes drift less, BENCHMARKS.md §2) or follow "
-                   "the new-class data (update).")
+                   "the new-class data (update). LayerNorm keeps no statistics: on SegFormer "
+                   "and SMP's mit encoders only the decoder's BatchNorm is concerned.")
 @click.option("--val", "val_dir", type=click.Path(path_type=Path), default=None,
               help="A fully labelled folder to score as well.")
 @loop_options
 def add_classes_cmd(store_path, data_dir, parent, method, pseudo, new_dice, freeze, init,
                     kd_weight, alpha, bn_stats, scale,
-                    cache_trunk_mb, val_dir, iterations, epochs, batch_size, lr, optimizer, seed,
+                    cache_trunk_mb, val_dir, iterations, epochs, batch_size, lr, optimizer,
+                    encoder_lr, seed,
                     device, crop_size, exif, workers, floor, sync_bn, quiet) -> None:
     """Learn the folder's new classes on top of a stored step without forgetting the old.
 
@@ -69,9 +71,10 @@ def add_classes_cmd(store_path, data_dir, parent, method, pseudo, new_dice, free
     from ciss.updater.train import DataConfig
 
     store = open_store(store_path)
-    d = step_defaults(method)
+    d = step_defaults(method, store.card(store.resolve(parent)).arch)
     loop = d.loop(iterations=iterations, epochs=epochs, batch_size=batch_size, lr=lr,
-                  optimizer=optimizer, seed=seed, device=device, sync_bn=sync_bn)
+                  optimizer=optimizer, encoder_lr=encoder_lr, seed=seed, device=device,
+                  sync_bn=sync_bn)
     parent_warnings = store.card(store.resolve(parent)).extra.get("learning", {}).get(
         "warnings", [])
     if parent_warnings:
@@ -84,8 +87,8 @@ def add_classes_cmd(store_path, data_dir, parent, method, pseudo, new_dice, free
                             else d.kd_weight, alpha=alpha, pseudo=pseudo, new_dice=new_dice),
         update=UpdateConfig(parent=parent, freeze=freeze, init=init,
                             cache_trunk_mb=cache_trunk_mb, bn_stats=bn_stats or d.bn_stats),
-        loop=loop, data=DataConfig(crop_size=crop_size, scale=parse_scale(scale), workers=workers,
-                                   exif=exif),
+        loop=loop, data=DataConfig(crop_size=crop_size, scale=parse_scale(scale, d.scale),
+                                   workers=workers, exif=exif),
         val_dir=val_dir, floor=floor, progress=not quiet)
     if report.rank != 0:  # under torchrun only rank 0 reports
         return

@@ -197,3 +197,17 @@ class LRASPP(SegmentationModel):
     def classifier_convs(self) -> list[nn.Conv2d]:
         c = self.stages["classifier"]
         return [c.low_classifier, c.high_classifier]
+
+
+def torchvision_module(arch: str, num_classes: int) -> nn.Module:
+    """The plain torchvision model of ``arch`` (random init, no auxiliary head)."""
+    from torchvision.models import segmentation as seg
+
+    kwargs = {"aux_loss": False} if arch.startswith("deeplabv3") else {}
+    return getattr(seg, arch)(weights=None, weights_backbone=None, num_classes=num_classes,
+                              **kwargs)
+
+
+def wrap_torchvision(arch: str, tv: nn.Module, num_classes: int) -> SegmentationModel:
+    """``tv`` (a torchvision segmentation model of ``arch``) through the staged interface."""
+    return (LRASPP if arch.startswith("lraspp") else DeepLabV3)(arch, num_classes, tv=tv)

@@ -25,6 +25,9 @@ class StepCard:
         timings: seconds per phase.
         artifacts: file name (relative to the step folder) -> sha256.
         extra: parity results, environment and anything later tools record.
+        model_config: what rebuilds the module besides arch and classes (the model's
+            ``config``: an imported SMP/transformers model's constructor arguments and
+            preprocessing); empty for models ciss defines whole.
     """
 
     step: int
@@ -41,6 +44,7 @@ class StepCard:
     artifacts: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     created: str = ""
+    model_config: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"

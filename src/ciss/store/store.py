@@ -175,7 +175,8 @@ class Store:
 
         step = self.resolve(step)
         card = self.verify(step, [WEIGHTS])
-        model = build_model(card.arch, num_classes=len(card.classes))
+        model = build_model(card.arch, num_classes=len(card.classes),
+                            config=card.model_config or None)
         path = self.step_dir(step) / WEIGHTS
         try:
             state = load_file(str(path), device=device)

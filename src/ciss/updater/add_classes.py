@@ -25,7 +25,7 @@ from ciss.data.transforms import TrainTransform, auto_crop_size
 from ciss.engines.load import torch_device
 from ciss.errors import CissError
 from ciss.models import freeze, freeze_bn_stats, frozen_stages, grow_classifier
-from ciss.models.build import ARCHS
+from ciss.models.build import arch_spec
 from ciss.store import StepCard, Store
 from ciss.store.retention import retention_sets, retention_writer
 from ciss.updater.distributed import (
@@ -158,7 +158,7 @@ def _add_classes(job: _Job, progress: bool, after_epoch) -> StepReport:
     student = copy.deepcopy(teacher)
     torch.manual_seed(loop.seed)  # the new rows' random init must not depend on what ran before
     grow_classifier(student, len(new), init=update.init)
-    stage = update.freeze or ARCHS[parent.arch].default_freeze
+    stage = update.freeze or arch_spec(parent.arch).default_freeze
     freeze(student, stage)
     if update.bn_stats not in BN_STATS:
         raise CissError(f"--bn-stats {update.bn_stats}: choose from {', '.join(BN_STATS)}")
@@ -296,6 +296,7 @@ def _evaluate_and_write(job: _Job, trained: _Trained, written: list) -> int:
         timings={"train_s": round(result.seconds, 2), "eval_s": round(eval_s, 2),
                  "iterations": result.iterations},
         extra=extra,
+        model_config=parent.model_config,
     )
     written.append(own)
     return store.write_step(card, student.cpu(), {"retention": retention_writer(folder, keep)})

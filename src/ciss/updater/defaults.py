@@ -1,73 +1,71 @@
-"""Default recipes per architecture and method, chosen by measurement (BENCHMARKS.md §1-2)."""
+"""Default recipes per model family and method, merged with the user's options into the one
+``LoopConfig`` a run uses (the recipes themselves: ``models.recipes``, one per family row)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ciss.models.build import arch_spec
+from ciss.models.recipes import BaseRecipe, StepRecipe
 from ciss.updater.loop import LoopConfig
 
+# lambda of each method's distillation term (MiB: 10; LwF/ILT: 100, as in the literature)
+KD_WEIGHTS = {"mib": 10.0, "mib+pseudo": 10.0, "lwf": 100.0, "ilt": 100.0}
 
-def _loop(iterations: int, lr: float, evals: int, warmup: float, overrides: dict) -> LoopConfig:
+
+def _loop(recipe: dict, overrides: dict) -> LoopConfig:
     given = {k: v for k, v in overrides.items() if v is not None}
-    return LoopConfig(**{"iterations": iterations, "lr": lr, "evals": evals, "warmup": warmup,
-                         **given})
+    return LoopConfig(**{**recipe, **given})
 
 
 @dataclass(frozen=True)
 class Defaults:
-    """The step-0 recipe.
+    """The step-0 recipe of a family (``recipe``), as ``ciss train`` applies it."""
 
-    Attributes:
-        iterations: optimiser steps (the budget; independent of the folder's size).
-        lr: peak learning rate.
-        loss: one of ``losses.BASE_LOSSES``.
-        scale: random rescale range of the training crops.
-        warmup: fraction of the budget with linear warm-up.
-        evals: validation points whose best weights are kept.
-    """
+    recipe: BaseRecipe
 
-    iterations: int
-    lr: float
-    loss: str = "ce+dice"
-    scale: tuple[float, float] = (1.0, 1.0)
-    warmup: float = 0.03
-    evals: int = 4
+    @property
+    def loss(self) -> str:
+        return self.recipe.loss
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        return self.recipe.scale
+
+    @property
+    def iterations(self) -> int:
+        return self.recipe.iterations
+
+    @property
+    def lr(self) -> float:
+        return self.recipe.lr
 
     def loop(self, **overrides) -> LoopConfig:
         """A LoopConfig of this recipe; overrides that are None keep the recipe's value."""
-        return _loop(self.iterations, self.lr, self.evals, self.warmup, overrides)
-
-
-def base_defaults(arch: str) -> Defaults:
-    """Step-0 defaults: tiny is sized for a few CPU minutes on 64 px crops."""
-    if arch == "tiny":
-        return Defaults(iterations=1800, lr=4e-3)
-    return Defaults(iterations=4000, lr=1e-3)
+        r = self.recipe
+        return _loop({"iterations": r.iterations, "lr": r.lr, "evals": r.evals,
+                      "warmup": r.warmup, "optimizer": r.optimizer,
+                      "encoder_lr": r.encoder_lr}, overrides)
 
 
 @dataclass(frozen=True)
 class StepDefaults:
-    """The add-classes recipe.
+    """The add-classes recipe of a family (``recipe``) with the method's kd weight."""
 
-    Attributes:
-        iterations: optimiser steps.
-        lr: peak learning rate.
-        kd_weight: lambda of the distillation term.
-        evals: validation points whose best weights are kept (0: the last weights).
-        warmup: fraction of the budget with linear warm-up.
-        bn_stats: "frozen" (BatchNorm keeps the parent's running statistics) or "update".
-        max_epochs: passes over the new-class folder that the budget does not exceed...
-        min_iterations: ...unless that would be fewer optimiser steps than this.
-    """
-
-    iterations: int
-    lr: float
+    recipe: StepRecipe
     kd_weight: float
-    evals: int = 0
-    warmup: float = 0.03
-    bn_stats: str = "frozen"
-    max_epochs: int = 20
-    min_iterations: int = 315
+
+    @property
+    def bn_stats(self) -> str:
+        return self.recipe.bn_stats
+
+    @property
+    def iterations(self) -> int:
+        return self.recipe.iterations
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        return self.recipe.scale
 
     def loop(self, **overrides) -> LoopConfig:
         """A LoopConfig of this recipe; overrides that are None keep the recipe's value.
@@ -76,13 +74,19 @@ class StepDefaults:
         ``min_iterations`` steps; a budget given by the caller (iterations or epochs) is
         taken as it is.
         """
+        r = self.recipe
         given = overrides.get("iterations") is not None or overrides.get("epochs") is not None
-        cap = {} if given else {"max_epochs": self.max_epochs,
-                                "min_iterations": self.min_iterations}
-        return _loop(self.iterations, self.lr, self.evals, self.warmup, {**overrides, **cap})
+        cap = {} if given else {"max_epochs": r.max_epochs, "min_iterations": r.min_iterations}
+        return _loop({"iterations": r.iterations, "lr": r.lr, "evals": r.evals,
+                      "warmup": r.warmup, "optimizer": r.optimizer,
+                      "encoder_lr": r.encoder_lr}, {**overrides, **cap})
 
 
-def step_defaults(method: str) -> StepDefaults:
-    """add-classes defaults per method (measured on the synthetic 15-5 protocol)."""
-    kd = {"mib": 10.0, "mib+pseudo": 10.0, "lwf": 100.0, "ilt": 100.0}.get(method, 0.0)
-    return StepDefaults(iterations=630, lr=3e-3, kd_weight=kd)
+def base_defaults(arch: str) -> Defaults:
+    """Step-0 defaults of ``arch``'s family (tiny: sized for a few CPU minutes)."""
+    return Defaults(arch_spec(arch).family.base)
+
+
+def step_defaults(method: str, arch: str = "tiny") -> StepDefaults:
+    """add-classes defaults of ``arch``'s family for ``method``."""
+    return StepDefaults(arch_spec(arch).family.step, KD_WEIGHTS.get(method, 0.0))

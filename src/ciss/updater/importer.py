@@ -1,8 +1,10 @@
-"""``ciss import``: a model the user already has (a torchvision segmentation model) becomes
-step 0 of a store, scored and carded like a trained one.
+"""``ciss import``: a model the user already has becomes step 0 of a store, scored and
+carded like a trained one.
 
-Weights come from a state dict saved from the plain torchvision model (``.pth``/``.pt``, read
-with ``weights_only=True``, or ``.safetensors``) or from torchvision's named weights (e.g.
+Weights come from a folder its library wrote with ``save_pretrained`` (SMP or transformers:
+the architecture and often the class names are in its config), from a state dict saved from
+the plain torchvision model (``.pth``/``.pt``, read with ``weights_only=True``, or
+``.safetensors``; needs ``--arch``) or from torchvision's named weights (e.g.
 ``COCO_WITH_VOC_LABELS_V1``) in the local torch hub cache. Nothing reaches the store unless the
 checkpoint matches the architecture and the class names exactly.
 """
@@ -10,7 +12,7 @@ checkpoint matches the architecture and the class names exactly.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,7 +22,8 @@ from ciss.analysis.scoring import score_folder, torch_predictor
 from ciss.data.classes import BACKGROUND, ClassList
 from ciss.data.folder import open_folder
 from ciss.errors import CissError
-from ciss.models.build import ARCHS
+from ciss.models.build import ARCHS, arch_spec
+from ciss.models.staged import SegmentationModel
 from ciss.store import StepCard, Store
 from ciss.store.retention import retention_writer
 from ciss.store.store import sha256_file
@@ -28,8 +31,6 @@ from ciss.updater.loop import FitResult
 from ciss.updater.train import StepReport, retention_stems
 
 AUX_PREFIX = "aux_classifier."
-# the classifier's last convolution, whose output channels are the classes
-CLASSIFIER_KEY = {"lraspp": "classifier.low_classifier.weight", "deeplabv3": "classifier.4.weight"}
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Source:
     description: str
     sha256: str
     names: list[str] | None
+    dropped: list[str] = field(default_factory=list)
 
 
 def _named_weights(arch: str, name: str) -> Source:
@@ -76,67 +78,67 @@ def resolve_source(arch: str, weights: str) -> Source:
     return _file(path) if path.is_file() else _named_weights(arch, weights)
 
 
-def torchvision_module(arch: str, state: dict[str, torch.Tensor], n_classes: int):
-    """The plain torchvision model of ``arch`` with ``state`` loaded strictly.
+def _key_report(missing: list[str], unexpected: list[str]) -> str:
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            parts.append(f"{len(keys)} {what} keys ({', '.join(keys[:3])}"
+                         + (", ..." if len(keys) > 3 else "") + ")")
+    return "; ".join(parts)
+
+
+def torchvision_model(arch: str, state: dict[str, torch.Tensor], classes: ClassList,
+                      where: str) -> SegmentationModel:
+    """The staged model of ``arch`` with ``state`` loaded strictly.
+
+    The classifier is found by asking the model (``classifier_convs``), so a class count
+    that does not match is said as such, before any other mismatch.
 
     Raises:
-        CissError: missing or unexpected keys, or shapes that do not fit (wrong arch).
+        CissError: missing or unexpected keys, shapes that do not fit (wrong arch), or a
+            classifier with another number of outputs than ``classes`` has names.
     """
-    from torchvision.models import segmentation as seg
+    from ciss.models.tv import torchvision_module, wrap_torchvision
 
-    kwargs = {"aux_loss": False} if arch.startswith("deeplabv3") else {}
-    tv = getattr(seg, arch)(weights=None, weights_backbone=None, num_classes=n_classes, **kwargs)
+    tv = torchvision_module(arch, len(classes))
+    model = wrap_torchvision(arch, tv, len(classes))
     own = tv.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys ({', '.join(missing[:3])}"
-                         + (", ..." if len(missing) > 3 else "") + ")")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:3])}"
-                         + (", ..." if len(unexpected) > 3 else "") + ")")
-        raise CissError(f"the checkpoint does not fit {arch}: " + "; ".join(parts)
+        raise CissError(f"the checkpoint does not fit {arch}: "
+                        + _key_report(missing, unexpected)
                         + "; is --arch right, and was it saved from the plain torchvision "
                           "model?")
+    names = {id(p): n for n, p in tv.named_parameters()}
+    key = names[id(model.classifier_convs()[0].weight)]
+    if state[key].shape[0] != len(classes):
+        raise CissError(f"{where}: {len(classes)} class names but the checkpoint's classifier "
+                        f"has {state[key].shape[0]} output channels")
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
              if state[k].shape != v.shape]
     if wrong:
         raise CissError(f"the checkpoint does not fit {arch}: {len(wrong)} tensors have other "
                         f"shapes, e.g. {wrong[0]}; is --arch right?")
     tv.load_state_dict(state)
-    return tv
+    return model
 
 
-def import_model(store: Store, data_dir: Path, *, arch: str, weights: str,
-                 classes_file: Path | None = None, floor: float = DEFAULT_FLOOR,
-                 say=lambda _m: None, exif: str | None = None) -> StepReport:
-    """Write an existing torchvision model as step 0 of ``store``.
-
-    Args:
-        data_dir: a labelled folder; its val split becomes the step's retention set and the
-            step is scored on it (classes matched by name).
-        weights: a ``.pth``/``.pt``/``.safetensors`` file, or a named torchvision weight.
-        classes_file: the model's class names, one per line, background first (named weights
-            bring their own).
-        say: receives one-line notes (dropped auxiliary keys).
-
-    Raises:
-        CissError: the store has steps, an unknown or non-torchvision arch, a checkpoint that
-            does not fit, class names that do not match its outputs (nothing is written).
-    """
-    if arch not in ARCHS or arch == "tiny":
-        choices = ", ".join(a for a in ARCHS if a != "tiny")
-        raise CissError(f"--arch {arch}: import takes a torchvision architecture ({choices})")
-    if store.steps():
-        raise CissError(f"{store.root}: already has steps; import into a new --store")
+def _from_file(arch: str | None, weights: str, classes_file: Path | None, say
+               ) -> tuple[SegmentationModel, ClassList, Source]:
+    """A torchvision state dict (file or named weight): ``--arch`` says what it is."""
+    if arch is None or arch_spec(arch).family.name != "torchvision":
+        choices = ", ".join(a for a, s in ARCHS.items() if s.family.name == "torchvision")
+        raise CissError(f"--arch {arch}: a state-dict file is imported as a torchvision "
+                        f"architecture ({choices}); SMP and transformers models are imported "
+                        "from their save_pretrained folder (--weights DIR)")
     source = resolve_source(arch, weights)
     aux = sorted(k for k in source.state if k.startswith(AUX_PREFIX))
     state = {k: v for k, v in source.state.items() if not k.startswith(AUX_PREFIX)}
     if aux:
         say(f"dropped {len(aux)} auxiliary-classifier keys (aux_classifier.*): ciss trains and "
             "serves without the auxiliary head")
+    source.dropped = aux
     if classes_file is not None:
         classes = ClassList.from_file(classes_file)
     elif source.names is not None:
@@ -144,25 +146,75 @@ def import_model(store: Store, data_dir: Path, *, arch: str, weights: str,
     else:
         raise CissError("--classes: a weights file does not name its classes; give a "
                         "classes.txt (one name per line, background first)")
-    key = CLASSIFIER_KEY["lraspp" if arch.startswith("lraspp") else "deeplabv3"]
-    if key not in state:
-        raise CissError(f"{source.description}: no {key}: the checkpoint does not fit {arch}; "
-                        "is --arch right?")
-    outputs = state[key].shape[0]
+    model = torchvision_model(arch, state, classes, str(classes_file or "the named weights"))
+    return model, classes, source
+
+
+def _from_folder(arch: str | None, folder: Path, classes_file: Path | None, say
+                 ) -> tuple[SegmentationModel, ClassList, Source]:
+    """An SMP or transformers save_pretrained folder: its config names the architecture."""
+    from ciss.models.pretrained import load_library_folder
+
+    loaded = load_library_folder(folder)
+    model = loaded.model
+    if arch is not None and arch != model.arch:
+        raise CissError(f"--arch {arch}: {folder} holds a {model.arch}; leave --arch out for "
+                        "a save_pretrained folder")
+    for note in loaded.notes:
+        say(note)
+    where = classes_file or (folder / "config.json")
+    if classes_file is not None:
+        classes = ClassList.from_file(classes_file)
+    elif loaded.names is not None:
+        classes = ClassList(tuple(loaded.names))  # refuses a list without background first
+    else:
+        raise CissError(f"{folder}: the model does not name its classes; give --classes "
+                        "classes.txt (one name per line, background first)")
+    outputs = model.classifier_convs()[0].out_channels
     if outputs != len(classes):
-        where = classes_file or "the named weights"
-        raise CissError(f"{where}: {len(classes)} class names but the checkpoint's classifier "
-                        f"has {outputs} output channels")
+        raise CissError(f"{where}: {len(classes)} class names but the model's classifier has "
+                        f"{outputs} output channels")
+    files = sorted(Path(folder).glob("*.safetensors")) or sorted(Path(folder).glob("*.bin"))
+    sha = sha256_file(files[0]) if files else ""
+    return model, classes, Source({}, f"{loaded.library} {model.arch} ({Path(folder).resolve()})",
+                                  sha, loaded.names)
+
+
+def import_model(store: Store, data_dir: Path, *, weights: str, arch: str | None = None,
+                 classes_file: Path | None = None, floor: float = DEFAULT_FLOOR,
+                 say=lambda _m: None, exif: str | None = None) -> StepReport:
+    """Write an existing model as step 0 of ``store``.
+
+    Args:
+        data_dir: a labelled folder; its val split becomes the step's retention set and the
+            step is scored on it (classes matched by name).
+        weights: an SMP or transformers ``save_pretrained`` folder (``arch`` not needed), a
+            ``.pth``/``.pt``/``.safetensors`` torchvision state dict, or a named torchvision
+            weight.
+        arch: the torchvision architecture of a state-dict file.
+        classes_file: the model's class names, one per line, background first (named weights
+            and folders whose config names its classes bring their own).
+        say: receives one-line notes (dropped auxiliary keys, preprocessing used).
+
+    Raises:
+        CissError: the store has steps, an unknown or unsupported model, a checkpoint that
+            does not fit, class names that do not match its outputs (nothing is written).
+    """
+    from ciss.models.pretrained import is_library_folder
+
+    if store.steps():
+        raise CissError(f"{store.root}: already has steps; import into a new --store")
+    if is_library_folder(Path(weights)):
+        model, classes, source = _from_folder(arch, Path(weights), classes_file, say)
+    else:
+        model, classes, source = _from_file(arch, weights, classes_file, say)
+    arch = model.arch
+    model = model.eval()
     folder = open_folder(data_dir, require_train=False, exif=exif)
     known = [classes.index(n) for n in folder.classes.objects if n in classes]
     if not known:
         raise CissError(f"{data_dir}: labels none of the model's classes "
                         f"({', '.join(classes.objects[:5])}...); classes are matched by name")
-    from ciss.models.tv import LRASPP, DeepLabV3
-
-    tv = torchvision_module(arch, state, len(classes))
-    wrap = LRASPP if arch.startswith("lraspp") else DeepLabV3
-    model = wrap(arch, len(classes), tv=tv).eval()
     folder_ids = [folder.classes.index(n) for n in folder.classes.objects if n in classes]
     keep = retention_stems(folder, folder_ids)
     if not keep:
@@ -176,7 +228,7 @@ def import_model(store: Store, data_dir: Path, *, arch: str, weights: str,
     card = StepCard(
         step=0, parent=None, classes=list(classes.names), new_classes=list(classes.objects),
         arch=arch, frozen=[], method="imported",
-        hparams={"weights": weights},
+        hparams={"weights": str(weights)},
         data={"folder": str(Path(data_dir).resolve()), "fingerprint": folder.fingerprint(),
               "val_images": len(folder.val), "retention_images": len(keep),
               "retention_max_side": max(max(folder.shapes[k]) for k in keep),
@@ -184,9 +236,11 @@ def import_model(store: Store, data_dir: Path, *, arch: str, weights: str,
         retention={"0": {"torch": scores.per_class()}},
         timings={"eval_s": round(time.perf_counter() - t0, 2)},
         extra={"origin": "imported", "source": source.description,
-               "source_sha256": source.sha256, "dropped_keys": aux,
+               "source_sha256": source.sha256, "dropped_keys": source.dropped,
+               "preprocessing": model.preprocessing,
                "learning": {"floor": floor, "warnings": [w.to_json() for w in warnings]},
-               "torch": torch.__version__})
+               "torch": torch.__version__},
+        model_config=model.config)
     step = store.write_step(card, model, {"retention": retention_writer(folder, keep)})
     return StepReport(step=step, card=store.card(step), scores=scores, fit=FitResult(),
                       warnings=warnings)

@@ -40,10 +40,14 @@ class LoopConfig:
         lr: peak learning rate (after warm-up), poly decay (power 0.9) per iteration.
         weight_decay: decoupled (AdamW) or L2 (SGD).
         optimizer: "adamw" or "sgd" (momentum 0.9, Nesterov).
+        encoder_lr: the encoder stages' learning rate as a fraction of ``lr`` (head and
+            classifier train at ``lr``); 1.0 trains every stage alike.
         warmup: fraction of iterations with linear warm-up.
         seed: data order and augmentation depend only on (seed, epoch).
         device: "auto" (CUDA when present), "cpu" or "cuda[:i]".
-        amp: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).
+        amp: mixed precision on CUDA: bf16 on compute capability >= 8.0 (Ampere on), fp16
+            with loss scaling below (cuDNN has no bf16 convolutions there, whatever
+            ``torch.cuda.is_bf16_supported`` says), fp32 on the CPU.
         sync_bn: under torchrun on GPUs, BatchNorm statistics over all ranks' batches.
         evals: validation points spread over the budget; the weights that scored best are
             kept (0: keep the last weights). Needs a ``validate`` function in ``fit``.
@@ -57,6 +61,7 @@ class LoopConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
+    encoder_lr: float = 1.0
     warmup: float = 0.03
     seed: int = 0
     device: str = "auto"
@@ -64,14 +69,20 @@ class LoopConfig:
     sync_bn: bool = False
     evals: int = 4
 
-    def total_iterations(self, per_epoch: int) -> int:
-        """The budget in optimiser steps for ``per_epoch`` steps per pass."""
+    def total_iterations(self, per_epoch: int, world_size: int = 1) -> int:
+        """The budget in optimiser steps of one process, for ``per_epoch`` steps per pass.
+
+        ``iterations`` counts steps of one process's batch: under torchrun the samples seen
+        over all ranks stay the same (each rank takes ``1 / world_size`` of the steps), and a
+        pass is over the whole folder (each rank's shard), so the caps are global too.
+        """
         if self.epochs:
             return self.epochs * per_epoch
+        steps, floor = (math.ceil(n / world_size) for n in (self.iterations,
+                                                            self.min_iterations))
         if self.max_epochs:
-            return max(min(self.iterations, self.max_epochs * per_epoch),
-                       min(self.min_iterations, self.iterations))
-        return self.iterations
+            return max(min(steps, self.max_epochs * per_epoch), min(floor, steps))
+        return steps
 
     def key(self, *parts: str) -> str:
         """A fingerprint of these settings plus ``parts``: checkpoints resume only on a match."""
@@ -91,13 +102,31 @@ class FitResult:
     best: dict[str, float] | None = None  # the validation point whose weights were kept
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: LoopConfig) -> torch.optim.Optimizer:
-    if not params:
+DECODER_STAGES = ("head", "classifier")
+
+
+def param_groups(model: nn.Module, cfg: LoopConfig) -> list[dict]:
+    """The trainable parameters, the encoder's at ``lr * encoder_lr`` and the rest at ``lr``
+    (a model without stages is one group)."""
+    stages = getattr(model, "stages", None)
+    if stages is None or cfg.encoder_lr == 1.0:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
+    groups = {True: [], False: []}
+    for name, stage in stages.items():
+        groups[name not in DECODER_STAGES].extend(p for p in stage.parameters()
+                                                   if p.requires_grad)
+    return [g for g in ({"params": groups[False], "lr": cfg.lr},
+                        {"params": groups[True], "lr": cfg.lr * cfg.encoder_lr}) if g["params"]]
+
+
+def make_optimizer(model: nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
+    if not groups or not any(g["params"] for g in groups):
         raise CissError("nothing to train: every parameter is frozen")
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True,
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True,
                                weight_decay=cfg.weight_decay)
     raise CissError(f"--optimizer {cfg.optimizer}: choose adamw or sgd")
 
@@ -212,8 +241,7 @@ def fit(model: torch.nn.Module, step_fn: StepFn, dataset, cfg: LoopConfig, *,
     if shard < cfg.batch_size:
         raise CissError(f"only {shard} training images per process for --batch-size "
                         f"{cfg.batch_size}; lower the batch size or add images")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg)
+    optimizer = make_optimizer(model, cfg)
     run_step = step_fn
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -221,13 +249,13 @@ def fit(model: torch.nn.Module, step_fn: StepFn, dataset, cfg: LoopConfig, *,
         run_step = DistributedDataParallel(
             _StepModule(model, step_fn), device_ids=[device] if device.type == "cuda" else None)
     per_epoch = shard // cfg.batch_size
-    total = cfg.total_iterations(per_epoch)
+    total = cfg.total_iterations(per_epoch, info.world_size)
     n_epochs = math.ceil(total / per_epoch)
     checkpoints = eval_points(total, per_epoch, cfg.evals if validate else 0)
     scheduler = poly_schedule(optimizer, total, cfg.warmup)
-    use_amp = cfg.amp and device.type == "cuda"
-    amp_dtype = (torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported()
-                 else torch.float16)
+    amp_dtype = autocast_dtype(device) if cfg.amp else None
+    use_amp = amp_dtype is not None
+    amp_dtype = amp_dtype or torch.float16  # unused when disabled
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     result = FitResult()
     best = _Best()
@@ -323,6 +351,15 @@ def _validate(model, validate, epoch: int, result: FitResult, best: _Best) -> No
     if figures["score"] >= best.score:
         best.score, best.epoch = float(figures["score"]), epoch
         best.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The mixed-precision type for ``device``: bf16 from compute capability 8.0, fp16 below
+    (with a GradScaler), None (fp32) off CUDA."""
+    if device.type != "cuda":
+        return None
+    major, _minor = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
 
 
 def _loader_options(workers: int, device: torch.device) -> dict:

@@ -204,7 +204,8 @@ def _train_base(store, folder, data_dir, arch, weights, loop, data, loss, floor,
                    "validation": result.validation, "best": result.best,
                    "learning": {"floor": floor, "warnings": [w.to_json() for w in warned]},
                    "device": str(device), "torch": torch.__version__,
-                   "world_size": info.world_size},
+                   "world_size": info.world_size, "preprocessing": model.preprocessing},
+            model_config=model.config,
         )
         written.append(scores)
         return store.write_step(card, model.cpu(),

@@ -169,3 +169,14 @@ def test_augmentation_follows_the_epoch_in_persistent_workers(split_dir):
                 for n in range(2)]
     assert torch.equal(seen[0], expected[0]) and torch.equal(seen[1], expected[1])
     assert not torch.equal(seen[0], seen[1])
+
+
+def test_a_gpu_gets_loader_workers_even_for_a_folder_held_in_memory():
+    from types import SimpleNamespace
+
+    from ciss.updater.train import loader_workers
+
+    held = SimpleNamespace(cached=True)
+    assert loader_workers(held, None, torch.device("cpu")) == 0  # copies only, on 2 cores
+    assert loader_workers(held, None, torch.device("cuda")) >= 1
+    assert loader_workers(held, 3, torch.device("cuda")) == 3  # the user's number stands

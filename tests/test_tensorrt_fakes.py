@@ -15,17 +15,34 @@ from ciss.errors import CheckFailed
 
 
 class FakeContext:
+    """Writes logits whose argmax is known: class (h + w) % 3 at pixel (h, w)."""
+
     def __init__(self, log):
         self.log = log
         self.busy = False
         self.shape = None
+        self.addresses = {}
 
     def set_input_shape(self, name, shape):
         self.shape = shape
         return shape[2] != 999  # a shape the (fake) plan refuses
 
     def set_tensor_address(self, name, ptr):
-        pass
+        self.addresses[name] = ptr
+
+    def _write(self):
+        import ctypes
+
+        n, _, h, w = self.shape
+        buf = np.ctypeslib.as_array((ctypes.c_float * (n * 3 * h * w)).from_address(
+            self.addresses["logits"])).reshape(n, 3, h, w)
+        buf[:] = 0.0
+        hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        for c in range(3):
+            buf[:, c][:, (hh + ww) % 3 == c] = 1.0
+        if "labels" in self.addresses:  # an old plan's own labels output: all 2s
+            np.ctypeslib.as_array((ctypes.c_uint8 * (n * h * w)).from_address(
+                self.addresses["labels"]))[:] = 2
 
     def get_tensor_shape(self, name):
         n, _, h, w = self.shape
@@ -35,20 +52,23 @@ class FakeContext:
         if self.busy:
             self.log.append("shared")  # two runs on one context at once
         self.busy = True
+        self._write()
         time.sleep(0.01)
         self.busy = False
         return True
 
 
-@pytest.fixture
-def fake_trt(monkeypatch, tmp_path):
+@pytest.fixture(params=[("image", "logits")])
+def fake_trt(monkeypatch, tmp_path, request):
     log, made = [], []
 
     def context():
         made.append(FakeContext(log))
         return made[-1]
 
-    engine = SimpleNamespace(create_execution_context=context)
+    tensors = request.param
+    engine = SimpleNamespace(create_execution_context=context, num_io_tensors=len(tensors),
+                             get_tensor_name=lambda i: tensors[i])
     def logger(level):
         return None
 
@@ -71,6 +91,50 @@ def test_shapes_outside_the_profile_get_a_clear_refusal(fake_trt):
             eng.run(np.zeros(shape, np.uint8))
     with pytest.raises(CheckFailed, match="refused input shape"):  # set_input_shape -> False
         eng.run(np.zeros((1, 3, 999, 64), np.uint8))
+
+
+def test_labels_are_the_argmax_taken_on_the_device_and_only_asked_outputs_are_copied(
+        fake_trt):
+    plan, _, _ = fake_trt
+    eng = TensorRTEngine(plan, Profile(), device="cpu")
+    assert eng.outputs == ["logits"]  # the plan is logits-only
+    want = (np.add.outer(np.arange(16), np.arange(24)) % 3).astype(np.uint8)
+    labels = eng.predict_labels(np.zeros((2, 3, 16, 24), np.uint8))
+    assert labels.dtype == np.uint8 and (labels == want).all()
+    assert set(eng.run(np.zeros((1, 3, 8, 8), np.uint8), outputs=("labels",))) == {"labels"}
+    both = eng.run(np.zeros((1, 3, 8, 8), np.uint8))
+    assert both["logits"].shape == (1, 3, 8, 8) and both["logits"].dtype == np.float32
+
+
+@pytest.mark.parametrize("fake_trt", [("image", "logits", "labels")], indirect=True)
+def test_an_older_plan_with_its_own_labels_output_still_serves(fake_trt):
+    plan, _, _ = fake_trt
+    eng = TensorRTEngine(plan, Profile(), device="cpu")
+    assert eng.outputs == ["logits", "labels"]
+    assert (eng.predict_labels(np.zeros((1, 3, 8, 8), np.uint8)) == 2).all()
+
+
+@pytest.mark.parametrize("fake_trt", [("image", "labels")], indirect=True)
+def test_a_plan_without_logits_is_refused(fake_trt):
+    from ciss.errors import CissError
+
+    plan, _, _ = fake_trt
+    with pytest.raises(CissError, match="no 'logits' output"):
+        TensorRTEngine(plan, Profile(), device="cpu")
+
+
+def test_the_server_concurrency_reaches_the_context_pool(monkeypatch):
+    from ciss.engines import load
+
+    seen = {}
+
+    def fake_load(store, step, contexts=1):
+        seen["contexts"] = contexts
+        return "engine"
+
+    monkeypatch.setattr(trt_mod, "load_tensorrt_engine", fake_load)
+    assert load.load_engine(None, 0, "tensorrt", contexts=4) == "engine"
+    assert seen == {"contexts": 4}
 
 
 def test_concurrent_runs_never_share_an_execution_context(fake_trt):

@@ -17,7 +17,7 @@ class Interrupt(Exception):
 
 
 def test_resume_matches_uninterrupted_run(split_dir, tmp_path):
-    loop = LoopConfig(epochs=2, batch_size=8, seed=3)
+    loop = LoopConfig(epochs=2, batch_size=8, seed=3, checkpoint_every_s=0)
     a = Store(tmp_path / "a")
     train_base(a, split_dir / "step-0", loop=loop, progress=False)
 
@@ -37,6 +37,20 @@ def test_resume_matches_uninterrupted_run(split_dir, tmp_path):
     for (name, x), y in zip(wa.state_dict().items(), wb.state_dict().values()):
         assert torch.equal(x, y), name
     assert not any((b.work_dir).iterdir())  # checkpoint removed after the step landed
+
+
+def test_checkpoints_go_by_elapsed_time_not_by_epoch(split_dir, tmp_path):
+    """A quick epoch writes no checkpoint when the interval has not passed."""
+    store = Store(tmp_path / "s")
+    loop = LoopConfig(epochs=2, batch_size=8, seed=3, checkpoint_every_s=3600)
+    seen = []
+
+    def look(epoch):
+        seen.append(sorted(p.name for p in store.work_dir.glob("train-*/*")))
+
+    report = train_base(store, split_dir / "step-0", loop=loop, progress=False, after_epoch=look)
+    assert seen == [[], []] and report.fit.iterations > 0
+    assert report.fit.data_wait_s > 0  # the time spent waiting for batches is measured
 
 
 def test_evaluate_maps_classes_by_name(base_store, synthetic_dir):

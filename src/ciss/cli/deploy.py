@@ -26,7 +26,9 @@ def _gate_options(f):
 @store_option
 @click.option("--step", type=int, default=None, help="Candidate step (default: latest).")
 @click.option("--against", type=int, default=None, help="Reference step (default: parent).")
-@click.option("--engine", type=ENGINE_CHOICE, default="onnx", show_default=True)
+@click.option("--engine", type=ENGINE_CHOICE, default=None,
+              help="Engine to gate (default: the one that serves on this host: the TensorRT "
+                   "plan when one is exported for this GPU, else onnx).")
 @_gate_options
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
@@ -37,11 +39,13 @@ def check(store_path, step, against, engine, max_mean_drop, max_class_drop, min_
 
     Example: ciss check --step 2 --engine onnx --json
     """
+    from ciss.engines.load import serving_engine
     from ciss.runtime.deploy import ensure_engine
     from ciss.runtime.gate import run_gate
 
     store = open_store(store_path)
     target = store.resolve(step)
+    engine = engine or serving_engine(store.card(target).artifacts, device)
     ensure_engine(store, target, engine)
     result = run_gate(store, target, against, engine, max_mean_drop, max_class_drop,
                       min_new_iou=min_new_iou, device=device)
@@ -69,7 +73,9 @@ def check(store_path, step, against, engine, max_mean_drop, max_class_drop, min_
 @main.command()
 @store_option
 @click.option("--step", type=int, default=None, help="Step to deploy (default: latest).")
-@click.option("--engine", type=ENGINE_CHOICE, default="onnx", show_default=True)
+@click.option("--engine", type=ENGINE_CHOICE, default=None,
+              help="Engine to gate and serve (default: the TensorRT plan when one is exported "
+                   "for this GPU, else onnx).")
 @click.option("--force", is_flag=True, help="Deploy even if the gate fails (recorded).")
 @_gate_options
 @device_option
@@ -79,9 +85,12 @@ def deploy(store_path, step, engine, force, max_mean_drop, max_class_drop, min_n
 
     Example: ciss deploy --step 1 --engine onnx
     """
+    from ciss.engines.load import serving_engine
     from ciss.runtime.deploy import deploy as do_deploy
 
-    res = do_deploy(open_store(store_path), step, engine, force, max_mean_drop, max_class_drop,
+    store = open_store(store_path)
+    engine = engine or serving_engine(store.card(store.resolve(step)).artifacts, device)
+    res = do_deploy(store, step, engine, force, max_mean_drop, max_class_drop,
                     min_new_iou, device)
     rec = res.record
     note = " (FORCED past a failing gate)" if rec["forced"] else ""
@@ -110,9 +119,11 @@ def rollback(store_path) -> None:
               help="OIP model name; 'ciss_onnx' matches the exported Triton repository's URLs.")
 @click.option("--engine", type=ENGINE_CHOICE, default=None,
               help="Serve this engine instead of the one deployed.json names.")
-@click.option("--providers", default="CPUExecutionProvider", show_default=True,
+@click.option("--providers", default=None,
               help="ONNX Runtime providers, best first, comma-separated (e.g. "
-                   "CUDAExecutionProvider,CPUExecutionProvider); the first must load.")
+                   "CUDAExecutionProvider,CPUExecutionProvider); the first must load "
+                   "(default: from --device: CUDA first where onnxruntime-gpu and a GPU are).")
+@device_option
 @click.option("--admin-token", envvar="CISS_ADMIN_TOKEN", default=None,
               help="Enables /admin/* with 'Authorization: Bearer <token>' (env CISS_ADMIN_TOKEN).")
 @click.option("--poll", type=float, default=1.0, show_default=True,
@@ -136,7 +147,8 @@ def rollback(store_path) -> None:
 @click.option("--auto-rollback", is_flag=True,
               help="Roll back to the previous deployment on an alarm (recorded with why).")
 @_gate_options
-def serve(store_path, host, port, model_name, engine, providers, admin_token, poll, max_body_mb,
+def serve(store_path, host, port, model_name, engine, providers, device, admin_token, poll,
+          max_body_mb,
           max_pixels, concurrency, accept_forced, shadow_rate, watch_window, min_agreement,
           auto_rollback, max_mean_drop, max_class_drop, min_new_iou) -> None:
     """Serve the deployed step over HTTP; hot-swap when deployed.json changes and passes the gate.
@@ -165,8 +177,9 @@ def serve(store_path, host, port, model_name, engine, providers, admin_token, po
         concurrency=concurrency,
         shadow=ShadowPolicy(rate=shadow_rate, window=watch_window, min_agreement=min_agreement,
                             auto_rollback=auto_rollback),
-        policy=SwapPolicy(engine=engine, providers=[p.strip() for p in providers.split(",")
-                                                    if p.strip()],
+        policy=SwapPolicy(engine=engine, device=device,
+                          providers=[p.strip() for p in providers.split(",") if p.strip()]
+                          if providers else None,
                           max_mean_drop=max_mean_drop, max_class_drop=max_class_drop,
                           min_new_iou=min_new_iou,
                           accept_forced=accept_forced))

@@ -17,14 +17,22 @@ from ciss.tables import pct, table
               help="onnx, int8, tensorrt or triton; repeat for several.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder (the Triton model repository).")
-def export(store_path, step, formats, out) -> None:
+@click.option("--triton-gpu", default=None,
+              help="The GPU model the Triton repository is for, e.g. 'NVIDIA H100 80GB HBM3' "
+                   "(default: this host's; its plan is the one copied).")
+@click.option("--triton-device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto",
+              show_default=True,
+              help="Instance kind of the repository's ONNX model (auto: GPU when there is a "
+                   "plan or a GPU here).")
+def export(store_path, step, formats, out, triton_gpu, triton_device) -> None:
     """Compile a step to ONNX (and INT8, TensorRT, a Triton repository) behind parity gates.
 
     Example: ciss export --step 1 --format onnx --format int8
     """
     from ciss.exporters.export import export_step
 
-    results = export_step(open_store(store_path), step, list(formats), out)
+    results = export_step(open_store(store_path), step, list(formats), out,
+                          triton_gpu=triton_gpu, triton_device=triton_device)
     rows = []
     for r in results:
         p = r.parity

@@ -41,11 +41,32 @@ def ort_providers(device: str, available: list[str] | None = None) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def load_engine(store, step: int, engine: str, providers: list[str] | None = None):
+def serving_engine(artifacts: dict[str, str], device: str = "auto") -> str:
+    """The engine a step serves on this host: its TensorRT plan for this GPU and TensorRT
+    when one is exported (and CUDA and TensorRT are here), else ONNX (on ONNX Runtime's CUDA
+    provider where ``ort_providers`` finds it)."""
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        return "onnx"
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return "onnx"
+    from ciss.engines.tensorrt import plan_prefix
+
+    prefix = plan_prefix(trt.__version__)
+    return "tensorrt" if any(n.startswith(prefix) for n in artifacts) else "onnx"
+
+
+def load_engine(store, step: int, engine: str, providers: list[str] | None = None,
+                contexts: int = 1, device: str = "cpu"):
     """The verified engine ``engine`` (torch, onnx, int8 or tensorrt) of a stored step.
 
     Args:
         providers: ONNX Runtime providers for onnx/int8, best first (default: CPU).
+        contexts: runs at once a TensorRT engine serves (one execution context each).
+        device: where the torch engine runs ("auto": CUDA when present).
 
     Raises:
         CissError: unknown engine, the artifact is missing (export it first) or fails its
@@ -54,12 +75,12 @@ def load_engine(store, step: int, engine: str, providers: list[str] | None = Non
     if engine == "torch":
         from ciss.engines.torch import TorchEngine
 
-        model, _ = store.load_model(step)
+        model, _ = store.load_model(step, device=str(torch_device(device)))
         return TorchEngine(model)
     if engine == "tensorrt":
         from ciss.engines.tensorrt import load_tensorrt_engine
 
-        return load_tensorrt_engine(store, step)
+        return load_tensorrt_engine(store, step, contexts=contexts)
     if engine not in ("onnx", "int8"):
         raise CissError(f"--engine {engine}: choose {', '.join(ENGINES)}")
     from ciss.engines.onnx import OnnxEngine

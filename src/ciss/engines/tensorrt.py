@@ -5,12 +5,21 @@ a plan is built with must cover every shape the server can send it: images of 8 
 serving resize's longer side (1024), batches up to the server's batch limit (16). A shape
 outside the plan's profile is refused with :class:`OutOfProfile` (a 4xx at the server), never
 passed to TensorRT.
+
+Plans are built from the logits-only graph (``exporters.tensorrt``): the ``labels`` output is
+an argmax taken here, on the GPU, from the logits the plan wrote there. So only what a request
+asks for crosses to the host (a labels-only request copies N x H x W bytes, never the
+K x N x H x W floats), and the plan needs neither ONNX's int64 ArgMax nor a Cast to uint8,
+whose TensorRT support has varied by version (and TopK-based ArgMax is slow on large masks:
+onnx-tensorrt #669, #792).
 """
 
 from __future__ import annotations
 
 import queue
+import re
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,9 +75,25 @@ def plan_prefix(trt_version: str) -> str:
     """``engines/<gpu>-cc<major><minor>-trt<version>-``: plans for this GPU and TensorRT."""
     import torch
 
-    name = torch.cuda.get_device_name().replace(" ", "_").replace("/", "_")
+    name = gpu_slug(torch.cuda.get_device_name())
     cc = "".join(map(str, torch.cuda.get_device_capability()))
     return f"engines/{name}-cc{cc}-trt{trt_version}-"
+
+
+PLAN_NAME = re.compile(r"^engines/(?P<gpu>.+)-cc(?P<cc>\d+)-trt(?P<trt>[\w.]+?)-"
+                       r"(?P<precision>fp16|fp32|int8)-(?P<profile>[\dx-]+)\.plan$")
+
+
+def parse_plan_name(name: str) -> dict[str, str] | None:
+    """``engines/<gpu>-cc<cc>-trt<ver>-<precision>-<profile>.plan`` -> its parts (None when
+    ``name`` is not a plan's artifact name)."""
+    m = PLAN_NAME.match(name)
+    return m.groupdict() if m else None
+
+
+def gpu_slug(name: str) -> str:
+    """A GPU's name as plan names spell it (``NVIDIA H100 80GB HBM3`` -> underscores)."""
+    return name.replace(" ", "_").replace("/", "_")
 
 
 def engine_key(precision: str, profile: Profile) -> str:
@@ -103,6 +128,13 @@ class TensorRTEngine:
         self._limit = max(1, contexts)
         self._lock = threading.Lock()
         self.dtypes = {"logits": torch.float32, "labels": torch.uint8}
+        # plans built before ciss took the argmax itself also have a "labels" output
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.outputs = [n for n in ("logits", "labels") if n in names]
+        if "logits" not in self.outputs:
+            raise CissError(f"{plan}: the plan has no 'logits' output (outputs: "
+                            f"{', '.join(names)}); rebuild it with 'ciss export --format "
+                            "tensorrt'")
 
     def _context(self):
         """A free (context, stream) pair; a new one while fewer than ``contexts`` exist."""
@@ -117,8 +149,12 @@ class TensorRTEngine:
             stream = self.torch.cuda.Stream() if self.device.startswith("cuda") else None
             return self.engine.create_execution_context(), stream
 
-    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """uint8 [N,3,H,W] -> {"logits", "labels"}.
+    def run(self, images: np.ndarray, outputs: tuple[str, ...] = ("logits", "labels")
+            ) -> dict[str, np.ndarray]:
+        """uint8 [N,3,H,W] -> the named outputs of {"logits", "labels"}, on the host.
+
+        Only the outputs asked for are copied from the GPU; labels are the argmax of the
+        logits, taken on the GPU (uint8).
 
         Raises:
             OutOfProfile: the shape is outside the plan's optimisation profile.
@@ -140,21 +176,25 @@ class TensorRTEngine:
                                   f"{list(shape)}")
             context.set_tensor_address("image", x.data_ptr())
             outs = {}
-            for name in ("logits", "labels"):
+            for name in self.outputs:
                 dims = tuple(context.get_tensor_shape(name))
                 outs[name] = torch.empty(dims, dtype=self.dtypes[name], device=self.device)
                 context.set_tensor_address(name, outs[name].data_ptr())
             handle = stream.cuda_stream if stream is not None else 0
             if not context.execute_async_v3(handle):
                 raise CheckFailed(f"{self.path.name}: TensorRT execution failed")
+            with (torch.cuda.stream(stream) if stream is not None else nullcontext()):
+                if "labels" in outputs and "labels" not in outs:
+                    outs["labels"] = outs["logits"].argmax(dim=1).to(torch.uint8)
+                host = {k: outs[k].to("cpu", non_blocking=False) for k in outputs}
             if stream is not None:
                 stream.synchronize()
-            return {k: v.cpu().numpy() for k, v in outs.items()}
+            return {k: v.numpy() for k, v in host.items()}
         finally:
             self._pool.put((context, stream))
 
     def predict_labels(self, images: np.ndarray) -> np.ndarray:
-        return self.run(images)["labels"]
+        return self.run(images, outputs=("labels",))["labels"]
 
     def describe(self) -> str:
         return f"TensorRT {self.path.name}"
@@ -173,7 +213,8 @@ def choose_plan(names: list[str], prefix: str, mtimes: dict[str, float],
 
 
 def load_tensorrt_engine(store, step: int, contexts: int = 1) -> TensorRTEngine:
-    """The verified plan of the step for this GPU and TensorRT (see :func:`choose_plan`)."""
+    """The verified plan of the step for this GPU and TensorRT (see :func:`choose_plan`),
+    with a pool of ``contexts`` execution contexts (the server's concurrency)."""
     trt = require_trt()
     card = store.card(step)
     prefix = plan_prefix(trt.__version__)

@@ -60,8 +60,13 @@ def ensure_onnx(store: Store, step: int) -> Path:
 
 
 def export_step(store: Store, step: int | None, formats: list[str],
-                out: Path | None = None) -> list[ExportResult]:
-    """Export a step to each named format (see FORMATS), in a sensible order."""
+                out: Path | None = None, triton_gpu: str | None = None,
+                triton_device: str = "auto") -> list[ExportResult]:
+    """Export a step to each named format (see FORMATS), in a sensible order.
+
+    ``triton_gpu``/``triton_device``: the GPU model a Triton repository is for and where its
+    ONNX model runs (``exporters.triton.write_repository``).
+    """
     for f in formats:
         check_format(f)
     step = store.resolve(step)
@@ -89,5 +94,6 @@ def export_step(store: Store, step: int | None, formats: list[str],
             from ciss.exporters.triton import write_repository
 
             ensure_onnx(store, step)
-            results.append(write_repository(store, step, out))
+            results.append(write_repository(store, step, out, gpu=triton_gpu,
+                                            device=triton_device))
     return results

@@ -2,7 +2,9 @@
 
 TensorRT 11 has only strongly typed networks: precision comes from the ONNX itself, so FP16
 means building from an FP16 ONNX (I/O kept uint8/float32). On TensorRT 10 the network is also
-built strongly typed for FP32, and FP16 uses the builder flag. Engines are cached per GPU,
+built strongly typed for FP32, and FP16 uses the builder flag. The plan is built from the
+logits-only graph: the engine takes the labels' argmax on the GPU (``engines.tensorrt``), so
+no int64 ArgMax or uint8 Cast has to go through TensorRT's parser. Engines are cached per GPU,
 TensorRT version, precision and optimisation profile; they are never portable, so ONNX stays
 the source of truth. Needs an NVIDIA GPU: elsewhere every entry point raises a clear error.
 The engine that runs a plan lives in ``ciss.engines.tensorrt``.
@@ -19,6 +21,22 @@ from ciss.errors import CheckFailed, CissError
 from ciss.exporters.common import ExportResult, record_engine, staging_dir
 from ciss.exporters.parity import ParityTolerance, check_parity
 from ciss.store.retention import retention_sets
+
+
+def logits_only_onnx(src: Path, dst: Path) -> Path:
+    """The step's graph with the ``labels`` output (ArgMax, Cast) cut away: image -> logits."""
+    import onnx.utils
+
+    onnx.utils.extract_model(str(src), str(dst), ["image"], ["logits"])
+    return dst
+
+
+def timing_cache_path(store, trt_version: str) -> Path:
+    """The builder's timing cache for this GPU model, compute capability and TensorRT
+    version (tactic timings are valid for nothing else)."""
+    from ciss.engines.tensorrt import plan_prefix
+
+    return store.work_dir / f"{plan_prefix(trt_version)[len('engines/'):].rstrip('-')}.timing"
 
 
 def fp16_onnx(src: Path, dst: Path) -> Path:
@@ -39,8 +57,10 @@ def fp16_onnx(src: Path, dst: Path) -> Path:
 
 
 def build_plan(onnx_path: Path, plan_path: Path, precision: str, profile: Profile,
-               timing_cache: Path) -> Path:
-    """Parse the ONNX, build a serialized engine with one profile, update the timing cache."""
+               timing_cache: Path) -> tuple[Path, str]:
+    """Parse the logits-only ONNX, build a serialized engine with one profile, update the
+    timing cache. Returns the plan and what happened to the cache ("used", "new",
+    "rejected": a cache TensorRT would not take, e.g. from another build; built without)."""
     trt = require_trt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -50,9 +70,9 @@ def build_plan(onnx_path: Path, plan_path: Path, precision: str, profile: Profil
     flags = (1 << int(strongly)) if use_strong else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    src = onnx_path
+    src = logits_only_onnx(onnx_path, plan_path.with_suffix(".logits.onnx"))
     if precision == "fp16" and use_strong:
-        src = fp16_onnx(onnx_path, plan_path.with_suffix(".fp16.onnx"))
+        src = fp16_onnx(src, plan_path.with_suffix(".fp16.onnx"))
     if not parser.parse_from_file(str(src)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise CheckFailed(f"TensorRT could not parse {src.name}: {errors}")
@@ -65,13 +85,17 @@ def build_plan(onnx_path: Path, plan_path: Path, precision: str, profile: Profil
     config.add_optimization_profile(opt)
     blob = timing_cache.read_bytes() if timing_cache.exists() else b""
     cache = config.create_timing_cache(blob)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    # set_timing_cache says False when it will not take the cache (another GPU or version)
+    status = ("used" if blob else "new") if config.set_timing_cache(
+        cache, ignore_mismatch=False) else "rejected"
+    if status == "rejected":
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise CheckFailed(f"TensorRT failed to build an engine from {src.name}")
     plan_path.write_bytes(bytes(serialized))
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return plan_path
+    return plan_path, status
 
 
 def export_tensorrt_step(store, step: int, precision: str = "fp16",
@@ -89,10 +113,16 @@ def export_tensorrt_step(store, step: int, precision: str = "fp16",
     sets = retention_sets(store, step)
     tmp = staging_dir(store)
     try:
-        cache = store.root / ".work" / f"trt{trt.__version__}.timing"
+        import time
+
+        import torch
+
+        cache = timing_cache_path(store, trt.__version__)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        plan = build_plan(store.step_dir(step) / "model.onnx", tmp / "model.plan", precision,
-                          profile, cache)
+        t0 = time.perf_counter()
+        plan, cache_status = build_plan(store.step_dir(step) / "model.onnx",
+                                        tmp / "model.plan", precision, profile, cache)
+        build_s = time.perf_counter() - t0
         engine = TensorRTEngine(plan, profile)
         # Reference: ONNX Runtime's output (the engine the plan replaces), wrapped as a model.
         reference = OnnxEngine(store.step_dir(step) / "model.onnx")
@@ -104,11 +134,25 @@ def export_tensorrt_step(store, step: int, precision: str = "fp16",
         if not report.passed:
             raise CheckFailed(f"step {step} TensorRT parity gate failed: "
                               + "; ".join(report.reasons))
-        final = store.add_artifact(step, name, lambda p: shutil.move(plan, p),
-                                   record_engine(report, "tensorrt"))
+        built = {"gpu": torch.cuda.get_device_name(),
+                 "compute_capability": ".".join(map(str, torch.cuda.get_device_capability())),
+                 "tensorrt": trt.__version__, "precision": precision,
+                 "profile": profile.key(), "build_s": round(build_s, 1),
+                 "timing_cache": cache_status}
+        parity = record_engine(report, "tensorrt")
+
+        def update(card) -> None:
+            parity(card)
+            card.extra.setdefault("tensorrt_plans", {})[name] = built
+
+        final = store.add_artifact(step, name, lambda p: shutil.move(plan, p), update)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ExportResult("tensorrt", final, report)
+    note = (f"TensorRT {precision} plan for {built['gpu']} (cc {built['compute_capability']}, "
+            f"TensorRT {trt.__version__}) built in {build_s:.0f}s; timing cache {cache_status}"
+            + (" (TensorRT would not take it; built without)" if cache_status == "rejected"
+               else ""))
+    return ExportResult("tensorrt", final, report, note)
 
 
 class _OrtAsTorch:

@@ -37,7 +37,10 @@ class SwapPolicy:
 
     Attributes:
         engine: serve this engine instead of the one ``deployed.json`` names.
-        providers: ONNX Runtime providers, best first (the first must load).
+        providers: ONNX Runtime providers, best first (the first must load); None: those
+            ``device`` calls for (CUDA first on a GPU host with onnxruntime-gpu).
+        device: where the torch engine, the shadow parent and ONNX Runtime run ("auto":
+            the GPU when there is one).
         max_mean_drop, max_class_drop: the retention gate's tolerances (points).
         min_new_iou: the learning check's floor for new classes (points).
         accept_forced: serve a deployment recorded as forced past a failing gate.
@@ -45,10 +48,16 @@ class SwapPolicy:
 
     engine: str | None = None
     providers: list[str] | None = None
+    device: str = "auto"
     max_mean_drop: float = 5.0
     max_class_drop: float = 15.0
     min_new_iou: float = 5.0
     accept_forced: bool = False
+
+    def ort_providers(self) -> list[str]:
+        from ciss.engines.load import ort_providers
+
+        return self.providers or ort_providers(self.device)
 
 
 class MeteredEngine:
@@ -156,7 +165,8 @@ class ModelSlot:
         engine_name = self._engine_for(record)
         step = self.store.resolve(step)
         card = self.store.verify(step)  # every artifact's checksum, not only the engine's
-        engine = load_engine(self.store, step, engine_name, self.policy.providers)
+        engine = load_engine(self.store, step, engine_name, self.policy.ort_providers(),
+                             contexts=self.concurrency, device=self.policy.device)
         segmenter = Segmenter(MeteredEngine(engine, self.concurrency, self.metrics),
                               card.classes, max_side=self.max_side, max_pixels=self.max_pixels)
         # the gate measures what will be served: this engine, the serving resize, and engine
@@ -234,7 +244,8 @@ class ModelSlot:
             card = self.store.verify(parent)
             engine_name = model.engine if has_artifact(card.artifacts, model.engine) \
                 else "torch"
-            engine = load_engine(self.store, parent, engine_name, self.policy.providers)
+            engine = load_engine(self.store, parent, engine_name, self.policy.ort_providers(),
+                                 device=self.policy.device)
         except CissError as exc:
             log.warning("shadow watch: step %d's parent cannot be loaded (%s)", model.step, exc)
             return None

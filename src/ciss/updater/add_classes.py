@@ -193,7 +193,7 @@ def _add_classes(job: _Job, progress: bool, after_epoch) -> StepReport:
     result: FitResult = fit(student, step_fn, dataset, loop, checkpoint=ckpt, key=key,
                             desc=method.method, after_epoch=after_epoch, progress=progress,
                             dist_info=info, validate=validate,
-                            workers=loader_workers(folder, data.workers))
+                            workers=loader_workers(folder, data.workers, device))
     written: list = []
     trained = _Trained(parent, student, classes, new, crop, cache, result)
     step = run_on_main(info, lambda: _evaluate_and_write(job, trained, written))
@@ -294,6 +294,7 @@ def _evaluate_and_write(job: _Job, trained: _Trained, written: list) -> int:
         retention={**{s: {"torch": v} for s, v in retention.items()},
                    "new": {"torch": own.per_class()}},
         timings={"train_s": round(result.seconds, 2), "eval_s": round(eval_s, 2),
+                 "data_wait_s": round(result.data_wait_s, 2),
                  "iterations": result.iterations},
         extra=extra,
         model_config=parent.model_config,

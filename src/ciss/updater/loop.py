@@ -51,6 +51,12 @@ class LoopConfig:
         sync_bn: under torchrun on GPUs, BatchNorm statistics over all ranks' batches.
         evals: validation points spread over the budget; the weights that scored best are
             kept (0: keep the last weights). Needs a ``validate`` function in ``fit``.
+        checkpoint_every_s: a resume checkpoint is written at the end of an epoch once this
+            many seconds have passed since the last one (0: every epoch). A checkpoint of a
+            large model is ~0.5 GB: on a small folder, one per epoch would cost as much as
+            the training.
+        sync_every: optimiser steps between host-device synchronisations (the non-finite
+            loss check, the progress bar); the steps between run without waiting on the GPU.
     """
 
     iterations: int = 1000
@@ -68,6 +74,8 @@ class LoopConfig:
     amp: bool = True
     sync_bn: bool = False
     evals: int = 4
+    checkpoint_every_s: float = 300.0
+    sync_every: int = 10
 
     def total_iterations(self, per_epoch: int, world_size: int = 1) -> int:
         """The budget in optimiser steps of one process, for ``per_epoch`` steps per pass.
@@ -100,6 +108,7 @@ class FitResult:
     iterations: int = 0
     validation: list[dict[str, float]] = field(default_factory=list)
     best: dict[str, float] | None = None  # the validation point whose weights were kept
+    data_wait_s: float = 0.0  # time the training loop waited for the next batch
 
 
 DECODER_STAGES = ("head", "classifier")
@@ -270,6 +279,7 @@ def fit(model: torch.nn.Module, step_fn: StepFn, dataset, cfg: LoopConfig, *,
             result.history = extra.get("history", [])
             result.seconds = extra.get("seconds", 0.0)
             result.iterations = extra.get("iterations", 0)
+            result.data_wait_s = extra.get("data_wait_s", 0.0)
             result.validation = extra.get("validation", [])
             if extra.get("best") is not None:
                 best = _Best(extra["best"]["score"], extra["best"]["epoch"],
@@ -278,6 +288,7 @@ def fit(model: torch.nn.Module, step_fn: StepFn, dataset, cfg: LoopConfig, *,
     # one loader for the whole run: persistent workers keep their start-up cost out of epochs
     loader = DataLoader(dataset, batch_size=cfg.batch_size, drop_last=True, sampler=sampler,
                         **_loader_options(workers, device))
+    last_save = time.monotonic()
     for epoch in range(start_epoch, n_epochs):
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
@@ -285,48 +296,57 @@ def fit(model: torch.nn.Module, step_fn: StepFn, dataset, cfg: LoopConfig, *,
             dataset.set_epoch(epoch)
         steps = min(per_epoch, total - epoch * per_epoch)
         model.train()
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
+        # the last non-finite loss value seen (0 while all are finite): kept on the device so
+        # that the check costs one synchronisation per ``sync_every`` steps, not one per step
+        bad = torch.zeros((), device=device)
         bar = progress_bar(tqdm, total=steps, desc=f"{desc} {epoch + 1}/{n_epochs}",
                            enabled=progress and info.is_main)
+        shown = 0
+        ready = time.perf_counter()
         for it, batch in enumerate(loader):
             if it >= steps:
                 break
+            result.data_wait_s += time.perf_counter() - ready
             batch = [t.to(device, non_blocking=True) for t in batch]
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 parts = run_step(*batch)
             loss = parts["loss"]
-            # every rank must stop together, or the others would wait forever in all-reduce
-            if any_rank(info, not bool(torch.isfinite(loss)), device):
-                where = (f"became {loss.item()}" if not torch.isfinite(loss)
-                         else "became non-finite on another rank")
-                raise CheckFailed(f"the training loss {where} at epoch {epoch + 1}, "
-                                  f"iteration {it + 1}; lower --lr (now {cfg.lr}) and retry")
+            finite = torch.isfinite(loss.detach())
+            bad = torch.where(finite, bad, loss.detach().float())
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
             result.iterations += 1
-            bar.update(1)
-            if it % 10 == 0:
+            if (it + 1) % cfg.sync_every == 0 or it + 1 == steps:
+                _stop_if_not_finite(info, bad, device, epoch, it, cfg)
+                bar.update(it + 1 - shown)
+                shown = it + 1
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+            ready = time.perf_counter()
         bar.close()
         seconds = time.perf_counter() - t0
         result.seconds += seconds
-        means = mean_over_ranks(info, {k: v / max(1, steps) for k, v in sums.items()}, device)
+        means = mean_over_ranks(info, {k: float(v) / max(1, steps) for k, v in sums.items()},
+                                device)
         result.history.append({**means, "seconds": round(seconds, 3)})
         if epoch in checkpoints:
             _validate(model, validate, epoch, result, best)
-        if checkpoint is not None and info.is_main:
+        due = time.monotonic() - last_save >= cfg.checkpoint_every_s
+        if checkpoint is not None and info.is_main and due and epoch < n_epochs - 1:
             save_checkpoint(checkpoint, key=key, epoch=epoch, model=model, optimizer=optimizer,
                             scheduler=scheduler, best=best.state,
                             extra={"history": result.history, "seconds": result.seconds,
                                    "iterations": result.iterations,
                                    "validation": result.validation,
+                                   "data_wait_s": result.data_wait_s,
                                    "best": None if best.state is None else
                                    {"score": best.score, "epoch": best.epoch}})
+            last_save = time.monotonic()
         barrier(info)
         if after_epoch is not None:
             after_epoch(epoch)
@@ -337,6 +357,18 @@ def fit(model: torch.nn.Module, step_fn: StepFn, dataset, cfg: LoopConfig, *,
             model.load_state_dict(best.state)
         result.best = next(v for v in result.validation if v["epoch"] == best.epoch + 1)
     return result
+
+
+def _stop_if_not_finite(info: DistInfo, bad: torch.Tensor, device, epoch: int, it: int,
+                        cfg: LoopConfig) -> None:
+    """Raise on every rank together when any rank saw a non-finite loss (one sync)."""
+    value = float(bad)
+    # every rank must stop together, or the others would wait forever in all-reduce
+    if any_rank(info, value != 0.0, device):
+        where = (f"became {'nan' if math.isnan(value) else 'inf'}" if value != 0.0
+                 else "became non-finite on another rank")
+        raise CheckFailed(f"the training loss {where} at epoch {epoch + 1}, by iteration "
+                          f"{it + 1}; lower --lr (now {cfg.lr}) and retry")
 
 
 def _validate(model, validate, epoch: int, result: FitResult, best: _Best) -> None:

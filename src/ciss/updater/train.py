@@ -81,14 +81,17 @@ def validation_stems(stems: list[str], limit: int = VALIDATION_IMAGES) -> list[s
     return [stems[int(i * step)] for i in range(limit)]
 
 
-def loader_workers(folder: DatasetFolder, workers: int | None) -> int:
-    """DataLoader workers: none when decoded pixels sit in memory (a worker would only add
-    inter-process copies), else up to 4 to decode JPEGs in parallel with training."""
+def loader_workers(folder: DatasetFolder, workers: int | None, device=None) -> int:
+    """DataLoader workers: on a CPU, none when decoded pixels sit in memory (a worker would
+    only add inter-process copies and take cores from training), else up to 4 to decode
+    JPEGs in parallel; on a GPU always up to 4, so that cropping, flipping and collating
+    overlap the GPU's work instead of leaving it waiting."""
     import os
 
     if workers is not None:
         return workers
-    return 0 if folder.cached else min(4, os.cpu_count() or 1)
+    on_gpu = device is not None and getattr(device, "type", str(device)) == "cuda"
+    return min(4, os.cpu_count() or 1) if on_gpu or not folder.cached else 0
 
 
 def retention_stems(folder: DatasetFolder, class_ids: list[int]) -> list[str]:
@@ -175,7 +178,7 @@ def _train_base(store, folder, data_dir, arch, weights, loop, data, loss, floor,
     ckpt = store.work_dir / f"train-{key}"
     result = fit(model, step_fn, dataset, loop, checkpoint=ckpt, key=key, desc="base",
                  after_epoch=after_epoch, progress=progress, dist_info=info,
-                 validate=validate, workers=loader_workers(folder, data.workers))
+                 validate=validate, workers=loader_workers(folder, data.workers, device))
 
     def write() -> int:
         t0 = time.perf_counter()
@@ -199,6 +202,7 @@ def _train_base(store, folder, data_dir, arch, weights, loop, data, loss, floor,
                   "layout": folder.layout},
             retention={"0": {"torch": scores.per_class()}},
             timings={"train_s": round(result.seconds, 2), "eval_s": round(eval_s, 2),
+                     "data_wait_s": round(result.data_wait_s, 2),
                      "iterations": result.iterations},
             extra={"history": result.history, "resumed_from": result.resumed_from,
                    "validation": result.validation, "best": result.best,

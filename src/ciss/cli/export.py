@@ -24,7 +24,10 @@ from ciss.tables import pct, table
               show_default=True,
               help="Instance kind of the repository's ONNX model (auto: GPU when there is a "
                    "plan or a GPU here).")
-def export(store_path, step, formats, out, triton_gpu, triton_device) -> None:
+@click.option("--trt-precision", type=click.Choice(["fp16", "fp32", "int8"]), default="fp16",
+              show_default=True,
+              help="TensorRT plan precision (int8: built from the calibrated INT8 model).")
+def export(store_path, step, formats, out, triton_gpu, triton_device, trt_precision) -> None:
     """Compile a step to ONNX (and INT8, TensorRT, a Triton repository) behind parity gates.
 
     Example: ciss export --step 1 --format onnx --format int8
@@ -32,7 +35,8 @@ def export(store_path, step, formats, out, triton_gpu, triton_device) -> None:
     from ciss.exporters.export import export_step
 
     results = export_step(open_store(store_path), step, list(formats), out,
-                          triton_gpu=triton_gpu, triton_device=triton_device)
+                          triton_gpu=triton_gpu, triton_device=triton_device,
+                          trt_precision=trt_precision)
     rows = []
     for r in results:
         p = r.parity
@@ -47,7 +51,21 @@ def export(store_path, step, formats, out, triton_gpu, triton_device) -> None:
     for r in results:
         if r.note:
             click.echo(r.note)
-    click.echo("next: ciss check   then   ciss deploy --engine onnx")
+    click.echo(f"next: {next_commands(results)}")
+
+
+def next_commands(results) -> str:
+    """What to run after an export on this host: the engine that will serve here."""
+    import torch
+
+    made = {r.format for r in results}
+    if "tensorrt" in made:
+        return "ciss check --engine tensorrt   then   ciss deploy --engine tensorrt"
+    if torch.cuda.is_available():
+        return ("ciss export --format tensorrt (needs pip install 'ciss[tensorrt]')   or   "
+                "ciss check   then   ciss deploy --engine onnx   (ONNX Runtime on the GPU "
+                "with 'pip install ciss[gpu]')")
+    return "ciss check   then   ciss deploy --engine onnx"
 
 
 @main.command()

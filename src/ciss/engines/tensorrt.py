@@ -203,12 +203,15 @@ class TensorRTEngine:
 def choose_plan(names: list[str], prefix: str, mtimes: dict[str, float],
                 profile: Profile = Profile()) -> str | None:
     """The plan to serve among a step's artifacts: the one built for ``profile`` when there is
-    one, else the most recently built (by file time, not by name: names sort by GPU, version
-    and profile, which says nothing about age)."""
+    one (fp16 before fp32 before int8: INT8 serves only when it is the only plan), else the
+    most recently built (by file time, not by name: names sort by GPU, version and profile,
+    which says nothing about age)."""
     plans = [n for n in names if n.startswith(prefix) and n.endswith(".plan")]
     exact = [n for n in plans if n.endswith(f"-{profile.key()}.plan")]
     if exact:
-        return exact[0]
+        rank = {"fp16": 0, "fp32": 1, "int8": 2}
+        return min(exact, key=lambda n: rank.get((parse_plan_name(n) or {}).get(
+            "precision", ""), 3))
     return max(plans, key=lambda n: mtimes.get(n, 0.0)) if plans else None
 
 

@@ -61,11 +61,13 @@ def ensure_onnx(store: Store, step: int) -> Path:
 
 def export_step(store: Store, step: int | None, formats: list[str],
                 out: Path | None = None, triton_gpu: str | None = None,
-                triton_device: str = "auto") -> list[ExportResult]:
+                triton_device: str = "auto", trt_precision: str = "fp16"
+                ) -> list[ExportResult]:
     """Export a step to each named format (see FORMATS), in a sensible order.
 
     ``triton_gpu``/``triton_device``: the GPU model a Triton repository is for and where its
-    ONNX model runs (``exporters.triton.write_repository``).
+    ONNX model runs (``exporters.triton.write_repository``); ``trt_precision``: fp16, fp32 or
+    int8 (from the calibrated INT8 model, exported first) for the TensorRT plan.
     """
     for f in formats:
         check_format(f)
@@ -89,7 +91,12 @@ def export_step(store: Store, step: int | None, formats: list[str],
             from ciss.exporters.tensorrt import export_tensorrt_step
 
             ensure_onnx(store, step)
-            results.append(export_tensorrt_step(store, step))
+            if trt_precision == "int8" and "int8" not in order:
+                from ciss.exporters.quantize import export_int8_step
+
+                if not has_artifact(store.card(step).artifacts, "int8"):
+                    results.append(export_int8_step(store, step))
+            results.append(export_tensorrt_step(store, step, precision=trt_precision))
         elif f == "triton":
             from ciss.exporters.triton import write_repository
 

@@ -40,6 +40,8 @@ RECIPES = {
     "tiny": ["--optimizer", "adamw", "--lr", "3e-3", "--encoder-lr", "1"],
     "sgd-1e-2": ["--lr", "1e-2"],
     "sgd-3e-3": ["--lr", "3e-3"],
+    "adamw-3e-4": ["--optimizer", "adamw", "--lr", "3e-4"],
+    "adamw-1e-3": ["--optimizer", "adamw", "--lr", "1e-3"],
     "freeze-stage2": ["--freeze", "stage2"],
 }
 
@@ -138,6 +140,8 @@ def main() -> None:
     ap.add_argument("--recipes", default="default,ft,tiny")
     ap.add_argument("--base-iterations", type=int, default=1500)
     ap.add_argument("--train", type=int, default=1200)
+    ap.add_argument("--base-only", action="store_true",
+                    help="train, save and import the models; no add-classes")
     args = ap.parse_args()
     out = args.out / f"seed{args.seed}"
     data, split = out / "data", out / "15-5"
@@ -168,7 +172,7 @@ def main() -> None:
         card = json.loads((base / "steps" / "0000" / "card.json").read_text())
         ours = [v for k, v in card["retention"]["0"]["torch"].items() if k != "background"]
         ciss_miou = float(np.mean([v for v in ours if v is not None]))
-        for recipe in args.recipes.split(","):
+        for recipe in [] if args.base_only else args.recipes.split(","):
             store = work / f"store-{recipe}"
             if not store.exists():
                 shutil.copytree(base, store)
@@ -183,6 +187,8 @@ def main() -> None:
                          "old": ev["old_miou"], "new": ev["new_miou"],
                          "wall_s": float((store / "wall.txt").read_text())})
             print(json.dumps(rows[-1]), flush=True)
+    if args.base_only:
+        return
     ft = {r["model"]: r["new"] for r in rows if r["recipe"] == "ft"}
     print(f"\nmachine: {machine()}; seed {args.seed}; base iterations {args.base_iterations}")
     print("| model (trained elsewhere) | author mIoU | ciss import | recipe | old kept (x base) "

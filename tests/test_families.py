@@ -121,9 +121,9 @@ def _train_elsewhere(model: torch.nn.Module, forward, folder, steps: int = 30) -
 
     stems = (folder / "train.txt").read_text().split() if (folder / "train.txt").exists() \
         else sorted(p.stem for p in (folder / "images").iterdir())
-    x = torch.stack([torch.from_numpy(np.asarray(Image.open(next(
+    x = torch.stack([torch.from_numpy(np.array(Image.open(next(
         (folder / "images").glob(f"{s}.*"))).convert("RGB"))).permute(2, 0, 1) for s in stems])
-    y = torch.stack([torch.from_numpy(np.asarray(Image.open(folder / "masks" / f"{s}.png")))
+    y = torch.stack([torch.from_numpy(np.array(Image.open(folder / "masks" / f"{s}.png")))
                      .long() for s in stems])
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()
@@ -185,6 +185,29 @@ def test_smp_unet_imported_grown_exported_and_checked(saved, split_dir, tmp_path
     assert res.exit_code == 0 and "pass" in res.output, res.output
     res = run("check", "--store", store, "--step", 1, "--json")
     assert json.loads(res.output)["step"] == 1 and res.exit_code in (0, 1)
+    _diagnose_int8_and_serve(store, tmp_path)
+
+
+def _diagnose_int8_and_serve(store, tmp_path):
+    """The rest of the story on a foreign family: diagnosis per stage, INT8 behind its gate,
+    the served segmenter on ONNX Runtime."""
+    from ciss.errors import CheckFailed
+    from ciss.exporters.export import export_step
+    from ciss.runtime.loading import load_segmenter
+
+    res = run("diagnose", "--store", store, "--step", 1, "--out", tmp_path / "diag")
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "diag" / "diagnosis.json").read_text())
+    child, _ = Store(store).load_model(1)
+    assert list(doc["cka"]) == list(child.stage_names)  # every stage compared, stem or not
+    try:
+        (res8,) = export_step(Store(store), 1, ["int8"])
+        assert res8.path.name == "model.int8.onnx"
+    except CheckFailed as exc:  # a barely trained model may lose too much: the gate says so
+        assert "INT8" in str(exc)
+    seg = load_segmenter(Store(store), 1, "onnx")
+    labels = seg.segment(np.zeros((37, 53, 3), np.uint8))
+    assert labels.shape == (37, 53) and labels.max() < len(seg.classes)
 
 
 def test_segformer_imported_with_its_names_and_preprocessing(saved, split_dir, tmp_path):
@@ -220,6 +243,7 @@ def test_segformer_imported_with_its_names_and_preprocessing(saved, split_dir, t
         want = child(x).numpy()
     got = sess.run(["logits"], {"image": x.numpy()})[0]
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    _diagnose_int8_and_serve(store, tmp_path)
 
 
 def _refused(res, *words):
@@ -270,3 +294,24 @@ def test_train_takes_the_families(split_dir, tmp_path):
     assert card.model_config["transformers"]["hidden_sizes"] == [32, 64, 160, 256]
     model, _ = Store(tmp_path / "s").load_model(0)
     assert model.stage_names[0] == "stage1"
+
+
+def test_train_starts_from_a_local_encoder(tmp_path):
+    """--weights PATH: an SMP encoder file, a SegFormer snapshot folder (nothing downloads)."""
+    from ciss.errors import CissError
+
+    torch.manual_seed(3)
+    donor = smp.Unet("resnet18", encoder_weights=None, classes=2)
+    torch.save(donor.encoder.state_dict(), tmp_path / "enc.pth")
+    model = build_model("smp-unet-resnet18", num_classes=3, weights=str(tmp_path / "enc.pth"))
+    assert torch.equal(model.stages["stem"][0].weight, donor.encoder.conv1.weight)
+    seg = tiny_segformer(5)
+    seg.save_pretrained(tmp_path / "mit")
+    cfg = {"transformers": {k: v for k, v in seg.config.to_dict().items()}}
+    got = build_model("segformer", num_classes=3, config=cfg, weights=str(tmp_path / "mit"))
+    assert torch.equal(got.stages["stage1"].patch_embeddings.proj.weight,
+                       seg.segformer.stages[0].patch_embeddings.proj.weight)
+    with pytest.raises(CissError, match="not a resnet34 encoder"):
+        build_model("smp-unet-resnet34", num_classes=3, weights=str(tmp_path / "enc.pth"))
+    with pytest.raises(CissError, match="another MiT size"):
+        build_model("segformer-b0", num_classes=3, weights=str(tmp_path / "mit"))

@@ -81,7 +81,9 @@ class SegFormer(SegmentationModel):
         num_classes: output channels.
         config: ``{"transformers": the model's config dict, "mean", "std"}``.
         module: an existing ``SegformerForSemanticSegmentation`` (``ciss import``).
-        weights: None (random init); a local folder goes through ``ciss import``.
+        weights: None (random init), or a local MiT encoder: a ``save_pretrained`` folder of
+            a SegFormer (e.g. a snapshot of nvidia/mit-b0) or its ``.safetensors`` file,
+            whose ``segformer.*`` weights become the encoder's.
     """
 
     def __init__(self, arch: str, num_classes: int, config: dict | None = None,
@@ -90,15 +92,14 @@ class SegFormer(SegmentationModel):
         super().__init__(arch, num_classes, tuple(config.get("mean", IMAGENET_MEAN)),
                          tuple(config.get("std", IMAGENET_STD)))
         if module is None:
-            if weights is not None:
-                raise CissError(f"--weights {weights}: a SegFormer is built at random here; "
-                                "import a saved one with 'ciss import --weights DIR'")
             tf = _require_transformers()
             raw = config.get("transformers") or default_config(arch)
             cfg = tf.SegformerConfig(**{k: v for k, v in raw.items()
                                         if k not in ("id2label", "label2id", "num_labels")})
             cfg.num_labels = num_classes
             module = tf.SegformerForSemanticSegmentation(cfg)
+            if weights is not None:
+                _load_encoder(module, weights)
         cfg = module.config
         if not getattr(cfg, "reshape_last_stage", True):
             raise CissError(f"{arch}: reshape_last_stage=False configs are not supported")
@@ -132,6 +133,34 @@ class SegFormer(SegmentationModel):
         else:
             raise KeyError(name)
         return state
+
+
+def _load_encoder(module: nn.Module, weights: str) -> None:
+    """``--weights``: the MiT encoder of a local SegFormer snapshot (folder or file)."""
+    from ciss.models.weights import load_encoder_file
+
+    path = Path(weights)
+    if path.is_dir():
+        # transformers reads the snapshot (and maps the key layout of the version that wrote
+        # it onto this one); only the encoder is taken
+        tf = _require_transformers()
+        try:
+            encoder = tf.SegformerModel.from_pretrained(str(path))
+        except Exception as exc:  # noqa: BLE001 - said in one line
+            raise CissError(f"--weights {weights}: cannot load a SegFormer encoder "
+                            f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})"
+                            ) from None
+        try:
+            module.segformer.load_state_dict(encoder.state_dict())
+        except RuntimeError as exc:
+            raise CissError(f"--weights {weights}: another MiT size than this arch "
+                            f"({str(exc).splitlines()[0][:200]})") from None
+        return
+    if not path.is_file():
+        raise CissError(f"--weights {weights}: no such file or folder (SegFormer encoders "
+                        "load from a local snapshot; nothing is downloaded)")
+    load_encoder_file(module.segformer, path, ("segformer.",), "a SegFormer (MiT) encoder of "
+                      "this size")
 
 
 def load_saved(folder: Path) -> nn.Module:

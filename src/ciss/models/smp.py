@@ -122,8 +122,9 @@ class SMPSegmentation(SegmentationModel):
         num_classes: output channels.
         config: ``{"smp": constructor arguments, "mean", "std"}`` (what the card stores).
         module: an existing SMP model to wrap (``ciss import``), else one is built.
-        weights: None (random init) or "imagenet" (the encoder's ImageNet weights, which SMP
-            downloads on first use).
+        weights: None (random init), "imagenet" (the encoder's ImageNet weights, which SMP
+            downloads on first use) or a local encoder state-dict file (keys as
+            ``model.encoder`` has them, optionally prefixed ``encoder.``).
     """
 
     def __init__(self, arch: str, num_classes: int, config: dict | None = None,
@@ -134,12 +135,18 @@ class SMPSegmentation(SegmentationModel):
         ctor = smp_config(arch, config)
         if module is None:
             smp = _require_smp()
-            if weights not in (None, "imagenet"):
-                raise CissError(f"--weights {weights}: SMP models take 'imagenet' here; a "
+            local = weights not in (None, "imagenet")
+            if local and not Path(weights).is_file():
+                raise CissError(f"--weights {weights}: neither 'imagenet' nor an encoder file; a "
                                 "saved SMP model is imported with 'ciss import --weights DIR'")
             kwargs = {k: v for k, v in ctor.items() if k not in ("_model_class", "classes")}
-            kwargs["encoder_weights"] = weights
+            kwargs["encoder_weights"] = None if local else weights
             module = smp.create_model(ctor["_model_class"], classes=num_classes, **kwargs)
+            if local:
+                from ciss.models.weights import load_encoder_file
+
+                load_encoder_file(module.encoder, Path(weights), ("encoder.",),
+                                  f"a {ctor['encoder_name']} encoder")
         if getattr(module, "classification_head", None) is not None:
             raise CissError(f"{arch}: SMP models with aux_params (a classification head) are "
                             "not supported; save the model without it")

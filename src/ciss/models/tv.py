@@ -64,17 +64,10 @@ def load_backbone_file(tv: nn.Module, weights: str | None) -> None:
     it; classifier keys such as ``fc.*`` are ignored) loaded into ``tv.backbone``."""
     if weights is None or weights == "imagenet":
         return
-    from ciss.models.weights import read_state_dict
+    from ciss.models.weights import load_encoder_file
 
-    state = read_state_dict(Path(weights))
-    own = tv.backbone.state_dict()
-    state = {k.removeprefix("backbone.").removeprefix("features."): v for k, v in state.items()}
-    usable = {k: v for k, v in state.items() if k in own}
-    missing = sorted(set(own) - set(usable))
-    if missing:
-        raise CissError(f"{weights}: not a backbone of this architecture; missing "
-                        f"{len(missing)} keys, e.g. {', '.join(missing[:3])}")
-    tv.backbone.load_state_dict(usable)
+    load_encoder_file(tv.backbone, Path(weights), ("backbone.", "features."),
+                      "a backbone of this architecture")
 
 
 def _mobilenet_stages(features: nn.Module) -> nn.ModuleDict:

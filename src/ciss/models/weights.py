@@ -43,3 +43,26 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             isinstance(v, torch.Tensor) for v in state.values()):
         raise CissError(f"{path}: not a state dict (a mapping of parameter names to tensors)")
     return {k.removeprefix("module."): v for k, v in state.items()}  # DDP-saved files
+
+
+def load_encoder_file(target: torch.nn.Module, path: Path, prefixes: tuple[str, ...],
+                      what: str) -> None:
+    """Load a local encoder (backbone) state dict into ``target``.
+
+    Keys may carry any of ``prefixes`` (e.g. ``encoder.``, ``backbone.``); keys ``target``
+    does not have (a classifier head such as ``fc.*``) are ignored, but every key it has must
+    be there.
+
+    Raises:
+        CissError: an unreadable file, or one that is not an encoder of this architecture.
+    """
+    state = read_state_dict(Path(path))
+    for prefix in prefixes:
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+    own = target.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    missing = sorted(set(own) - set(usable))
+    if missing:
+        raise CissError(f"{path}: not {what}; missing or misshapen {len(missing)} keys, e.g. "
+                        f"{', '.join(missing[:3])}")
+    target.load_state_dict(usable)

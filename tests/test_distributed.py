@@ -115,7 +115,8 @@ def _rank_of(pid: int) -> str | None:
 def test_a_rank_crash_mid_training_writes_no_step(split_dir, tmp_path):
     root = tmp_path / "store"
     proc = torchrun("-m", "ciss", "train", "--data", split_dir / "step-0", "--store", root,
-                    "--epochs", "200", "--batch-size", "4", "--quiet")
+                    "--epochs", "200", "--batch-size", "4", "--checkpoint-every", "0",
+                    "--quiet")
     deadline = time.monotonic() + 120
     while not list((root / ".work").glob("train-*/*.json")):  # an epoch checkpoint exists
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()

@@ -350,3 +350,40 @@ def test_segment_decodes_every_image_kind_at_its_displayed_size(served):
                            headers={"Content-Type": "application/octet-stream"})
             assert r.status_code == 200, (kind, r.text)
             assert Image.open(io.BytesIO(r.content)).size == size, kind
+
+
+def test_the_start_up_gate_reuses_deploys_result_only_for_the_same_everything(story, tmp_path,
+                                                                             monkeypatch):
+    """Same files, engine, device, tolerances and resize: deploy's recorded result serves, no
+    retention image is scored again; change any of them and the gate runs."""
+    from ciss.runtime.metrics import ServerMetrics
+    from ciss.runtime.slot import ModelSlot
+
+    root = tmp_path / "store"
+    shutil.copytree(story, root)
+    store = Store(root)
+    deploy(store, 1, "onnx")  # the gate passes mib at the defaults (tests/test_gate.py)
+    runs = []
+    import ciss.runtime.gate as gate_mod
+
+    original = gate_mod.run_gate
+
+    def counted(*a, **k):
+        runs.append(1)
+        return original(*a, **k)
+
+    monkeypatch.setattr(gate_mod, "run_gate", counted)  # the slot imports it when it loads
+    metrics = ServerMetrics.create()
+    served = ModelSlot(store, SwapPolicy(), metrics).start()
+    assert runs == [] and served.gate["passed"] and served.step == 1
+    assert metrics.registry.get_sample_value("ciss_gate_runs_total",
+                                             {"result": "reused-passed"}) == 1
+    ModelSlot(store, SwapPolicy(max_mean_drop=6.0), ServerMetrics.create()).start()
+    assert runs == [1]  # other tolerances: scored again
+    ModelSlot(store, SwapPolicy(), ServerMetrics.create(), max_side=512).start()
+    assert runs == [1, 1]  # another serving resize
+    from ciss.exporters.export import export_step
+
+    export_step(store, 1, ["int8"])  # the step's files changed
+    ModelSlot(store, SwapPolicy(), ServerMetrics.create()).start()
+    assert runs == [1, 1, 1]

@@ -180,3 +180,25 @@ def test_out_of_profile_input_is_a_4xx_at_the_server(fake_trt):
     assert err.value.status == 422 and "profile" in err.value.message
     ok = InferRequest("", {"image": np.zeros((1, 3, 8, 8), np.uint8)}, {"labels": True})
     assert set(_run_engine(served, ok)) == {"labels"}  # only what was asked for
+
+
+def test_the_engine_checked_and_deployed_is_the_one_that_serves_here(monkeypatch):
+    import sys
+    import types
+
+    import torch
+
+    from ciss.engines.load import serving_engine
+
+    plan = "engines/NVIDIA_H200-cc90-trt10.9.0-fp16-1x8x8-1x512x512-16x1024x1024.plan"
+    artifacts = {"model.onnx": "x", plan: "y"}
+    if not torch.cuda.is_available():
+        assert serving_engine(artifacts, "auto") == "onnx"  # no GPU here: ONNX serves
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.9.0"))
+    assert serving_engine(artifacts, "auto") == "tensorrt"  # a plan for this GPU and TensorRT
+    assert serving_engine(artifacts, "cpu") == "onnx"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA L4")
+    assert serving_engine(artifacts, "auto") == "onnx"  # a plan built for another GPU

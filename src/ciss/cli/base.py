@@ -108,6 +108,10 @@ def loop_options(f):
                      default=5.0, show_default=True,
                      help="Warn about every trained class whose val IoU ends below this "
                           "(points)."),
+        click.option("--checkpoint-every", "checkpoint_every", type=click.FloatRange(min=0),
+                     default=None,
+                     help="Seconds between resume checkpoints, written at epoch ends "
+                          "(default 300; 0: every epoch)."),
         click.option("--sync-bn", is_flag=True,
                      help="Under torchrun on GPUs: BatchNorm statistics over all ranks."),
         click.option("--quiet", is_flag=True, help="No progress bar."),

@@ -8,6 +8,7 @@ import click
 
 from ciss.cli.base import (
     data_option,
+    device_option,
     echo_warnings,
     exif_option,
     loop_options,
@@ -36,8 +37,8 @@ from ciss.tables import pct
                    "(default: the recipe's).")
 @loop_options
 def train(store_path, data_dir, arch, weights, loss, iterations, epochs, batch_size, lr,
-          optimizer, encoder_lr, seed, device, crop_size, scale, exif, workers, floor, sync_bn,
-          quiet) -> None:
+          optimizer, encoder_lr, seed, device, crop_size, scale, exif, workers, floor,
+          checkpoint_every, sync_bn, quiet) -> None:
     """Train step 0 on a dataset folder and write it to the store.
 
     An interrupted run resumes from its last epoch when the same command is repeated.
@@ -55,7 +56,7 @@ def train(store_path, data_dir, arch, weights, loss, iterations, epochs, batch_s
     d = base_defaults(arch)
     loop = d.loop(iterations=iterations, epochs=epochs, batch_size=batch_size, lr=lr,
                   optimizer=optimizer, encoder_lr=encoder_lr, seed=seed, device=device,
-                  sync_bn=sync_bn)
+                  sync_bn=sync_bn, checkpoint_every_s=checkpoint_every)
     report = train_base(open_store(store_path), data_dir, arch=arch, weights=weights, loop=loop,
                         data=DataConfig(crop_size=crop_size, scale=parse_scale(scale, d.scale),
                                         workers=workers, exif=exif),
@@ -92,7 +93,8 @@ def train(store_path, data_dir, arch, weights, loss, iterations, epochs, batch_s
 @click.option("--min-iou", "floor", type=click.FloatRange(min=0, max=100), default=5.0,
               show_default=True, help="Warn about every class whose val IoU is below this.")
 @exif_option
-def import_cmd(store_path, arch, weights, classes_file, data_dir, floor, exif) -> None:
+@device_option
+def import_cmd(store_path, arch, weights, classes_file, data_dir, floor, exif, device) -> None:
     """Make an existing model step 0 of a store (scored and carded like a trained one), so
     add-classes, check, export and serve work on top of it.
 
@@ -106,7 +108,8 @@ def import_cmd(store_path, arch, weights, classes_file, data_dir, floor, exif) -
     from ciss.updater.importer import import_model
 
     report = import_model(open_store(store_path), data_dir, arch=arch, weights=weights,
-                          classes_file=classes_file, floor=floor, say=click.echo, exif=exif)
+                          classes_file=classes_file, floor=floor, say=click.echo, exif=exif,
+                          device=device)
     s = report.scores
     ids = list(range(1, len(report.card.classes)))
     click.echo(f"step {report.step}: imported {report.card.arch} ({len(ids)} classes) from "

@@ -57,8 +57,8 @@ from ciss.store.listing import before_after_table
 def add_classes_cmd(store_path, data_dir, parent, method, pseudo, new_dice, freeze, init,
                     kd_weight, alpha, bn_stats, scale,
                     cache_trunk_mb, val_dir, iterations, epochs, batch_size, lr, optimizer,
-                    encoder_lr, seed,
-                    device, crop_size, exif, workers, floor, sync_bn, quiet) -> None:
+                    encoder_lr, seed, device, crop_size, exif, workers, floor,
+                    checkpoint_every, sync_bn, quiet) -> None:
     """Learn the folder's new classes on top of a stored step without forgetting the old.
 
     Runs unchanged under torchrun (DDP; --batch-size is per process; rank 0 writes).
@@ -74,7 +74,7 @@ def add_classes_cmd(store_path, data_dir, parent, method, pseudo, new_dice, free
     d = step_defaults(method, store.card(store.resolve(parent)).arch)
     loop = d.loop(iterations=iterations, epochs=epochs, batch_size=batch_size, lr=lr,
                   optimizer=optimizer, encoder_lr=encoder_lr, seed=seed, device=device,
-                  sync_bn=sync_bn)
+                  sync_bn=sync_bn, checkpoint_every_s=checkpoint_every)
     parent_warnings = store.card(store.resolve(parent)).extra.get("learning", {}).get(
         "warnings", [])
     if parent_warnings:

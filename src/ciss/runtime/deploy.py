@@ -6,8 +6,9 @@ import datetime as dt
 from dataclasses import dataclass
 
 from ciss.analysis.learning import DEFAULT_FLOOR
+from ciss.data.transforms import SERVE_MAX_SIDE
 from ciss.errors import CheckFailed, CissError
-from ciss.runtime.gate import GateResult, run_gate
+from ciss.runtime.gate import GateResult, gate_fingerprint, run_gate, where_it_runs
 from ciss.store import Store
 
 HISTORY = 50
@@ -47,6 +48,9 @@ def deploy(store: Store, step: int | None = None, engine: str = "onnx", force: b
     store.verify(step)
     gate = run_gate(store, step, engine=engine, max_mean_drop=max_mean_drop,
                     max_class_drop=max_class_drop, min_new_iou=min_new_iou, device=device)
+    fingerprint = gate_fingerprint(store, step, engine, where_it_runs(engine, device),
+                                   max_mean_drop=max_mean_drop, max_class_drop=max_class_drop,
+                                   min_new_iou=min_new_iou, max_side=SERVE_MAX_SIDE)
     summary = {"step": step, "engine": engine, "mean_old_drop": gate.mean_old_drop,
                "reasons": gate.reasons, "by": "ciss deploy"}
     if not gate.passed and not force:
@@ -65,7 +69,8 @@ def deploy(store: Store, step: int | None = None, engine: str = "onnx", force: b
         record = {"step": step, "engine": engine, "since": _now(), "forced": bool(force
                                                                               and not gate.passed),
                   "gate": {"passed": gate.passed, "mean_old_drop": gate.mean_old_drop,
-                           "reasons": gate.reasons},
+                           "reasons": gate.reasons, "fingerprint": fingerprint,
+                           "result": gate.to_json()},
                   "history": history[-HISTORY:]}
         store.write_deployed(record)
     store.record_event("forced" if record["forced"] else "deployed", **summary)

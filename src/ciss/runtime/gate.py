@@ -47,8 +47,49 @@ class GateResult:
     reasons: list[str] = field(default_factory=list)
     classes: list[ClassDrop] = field(default_factory=list)
 
+    @classmethod
+    def from_json(cls, doc: dict) -> GateResult:
+        """The inverse of :meth:`to_json` (a result recorded by ``deploy``)."""
+        classes = [ClassDrop(**c) for c in doc.get("classes", [])]
+        return cls(bool(doc["passed"]), int(doc["step"]), doc.get("against"), doc["engine"],
+                   doc.get("mean_old_drop"), list(doc.get("reasons", [])), classes)
+
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def where_it_runs(engine: str, device: str = "auto", providers: list[str] | None = None) -> str:
+    """What the gate's figures depend on besides the files: the device an engine runs on
+    (ONNX Runtime's providers; the GPU model for TensorRT; torch's device)."""
+    from ciss.engines.load import ort_providers, torch_device
+
+    if engine in ("onnx", "int8"):
+        return ",".join(providers or ort_providers(device))
+    dev = torch_device(device) if engine == "torch" else None
+    if engine == "tensorrt" or (dev is not None and dev.type == "cuda"):
+        import torch
+
+        return f"cuda:{torch.cuda.get_device_name()}" if torch.cuda.is_available() else "cuda"
+    return str(dev)
+
+
+def gate_fingerprint(store: Store, step: int, engine: str, where: str, *,
+                     max_mean_drop: float, max_class_drop: float, min_new_iou: float,
+                     max_side: int) -> str:
+    """A checksum of everything a gate result depends on: the step, its ancestors' and its
+    own artifacts (weights, engines, retention sets: their sha256 from the cards), the engine,
+    where it runs, the tolerances and the serving resize. Equal fingerprints, equal results:
+    the server then reuses the result ``deploy`` recorded instead of scoring every retention
+    image again at each start."""
+    import hashlib
+    import json
+
+    chain = ancestors(store, step)
+    blob = json.dumps({"step": step, "engine": engine, "where": where,
+                       "tol": [max_mean_drop, max_class_drop, min_new_iou, max_side],
+                       "artifacts": {s: store.card(s).artifacts for s in chain}},
+                      sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
 
 
 def _introduced(store: Store, chain: list[int]) -> dict[str, int]:

@@ -148,6 +148,7 @@ class ModelSlot:
         self.last_swap: str | None = None
         self._seen: str | None = None
         self._loading = threading.Lock()
+        self.gate_reused = False  # whether the last load reused deploy's gate result
 
     def load(self, record: dict) -> ServedModel:
         """Verify, load and gate the deployment ``record`` (nothing is swapped here).
@@ -169,14 +170,18 @@ class ModelSlot:
                              contexts=self.concurrency, device=self.policy.device)
         segmenter = Segmenter(MeteredEngine(engine, self.concurrency, self.metrics),
                               card.classes, max_side=self.max_side, max_pixels=self.max_pixels)
-        # the gate measures what will be served: this engine, the serving resize, and engine
-        # runs that queue behind live requests' (the concurrency limit) rather than beside them
-        gate = run_gate(self.store, step, engine=engine_name,
-                        max_mean_drop=self.policy.max_mean_drop,
-                        max_class_drop=self.policy.max_class_drop,
-                        min_new_iou=self.policy.min_new_iou,
-                        predict=segmenter.predict_labels, max_side=self.max_side)
-        self.metrics.gate_runs.labels("passed" if gate.passed else "failed").inc()
+        gate = self._recorded_gate(record, step, engine_name)
+        if gate is None:
+            # the gate measures what will be served: this engine, the serving resize, and
+            # engine runs that queue behind live requests' (the concurrency limit) rather than
+            # beside them
+            gate = run_gate(self.store, step, engine=engine_name,
+                            max_mean_drop=self.policy.max_mean_drop,
+                            max_class_drop=self.policy.max_class_drop,
+                            min_new_iou=self.policy.min_new_iou,
+                            predict=segmenter.predict_labels, max_side=self.max_side)
+        self.metrics.gate_runs.labels(("reused-" if self.gate_reused else "")
+                                      + ("passed" if gate.passed else "failed")).inc()
         self.metrics.gate_passed.set(1 if gate.passed else 0)
         if gate.mean_old_drop is not None:
             self.metrics.gate_mean_drop.set(gate.mean_old_drop)
@@ -192,6 +197,28 @@ class ModelSlot:
             gate={"passed": gate.passed, "against": gate.against,
                   "mean_old_drop": gate.mean_old_drop, "reasons": gate.reasons},
             describe=engine.describe())
+
+    def _recorded_gate(self, record: dict, step: int, engine_name: str):
+        """The result ``deploy`` recorded, when it was measured on exactly what is about to
+        serve (same files, engine, device, tolerances and resize: see ``gate_fingerprint``);
+        None otherwise, and the gate runs again."""
+        from ciss.runtime.gate import GateResult, gate_fingerprint, where_it_runs
+
+        saved = record.get("gate") or {}
+        self.gate_reused = False
+        if record.get("step") != step or not saved.get("fingerprint") or "result" not in saved:
+            return None
+        where = where_it_runs(engine_name, self.policy.device, self.policy.providers)
+        fingerprint = gate_fingerprint(
+            self.store, step, engine_name, where, max_mean_drop=self.policy.max_mean_drop,
+            max_class_drop=self.policy.max_class_drop, min_new_iou=self.policy.min_new_iou,
+            max_side=self.max_side)
+        if fingerprint != saved["fingerprint"]:
+            return None
+        self.gate_reused = True
+        log.info("step %d on %s: reusing the gate result recorded by deploy (same files, "
+                 "engine, device and tolerances)", step, engine_name)
+        return GateResult.from_json(saved["result"])
 
     def _engine_for(self, record: dict) -> str:
         return self.policy.engine or record.get("engine") or "onnx"

@@ -182,7 +182,8 @@ def _from_folder(arch: str | None, folder: Path, classes_file: Path | None, say
 
 def import_model(store: Store, data_dir: Path, *, weights: str, arch: str | None = None,
                  classes_file: Path | None = None, floor: float = DEFAULT_FLOOR,
-                 say=lambda _m: None, exif: str | None = None) -> StepReport:
+                 say=lambda _m: None, exif: str | None = None,
+                 device: str = "auto") -> StepReport:
     """Write an existing model as step 0 of ``store``.
 
     Args:
@@ -195,6 +196,7 @@ def import_model(store: Store, data_dir: Path, *, weights: str, arch: str | None
         classes_file: the model's class names, one per line, background first (named weights
             and folders whose config names its classes bring their own).
         say: receives one-line notes (dropped auxiliary keys, preprocessing used).
+        device: where the model is scored ("auto": CUDA when present).
 
     Raises:
         CissError: the store has steps, an unknown or unsupported model, a checkpoint that
@@ -221,7 +223,11 @@ def import_model(store: Store, data_dir: Path, *, weights: str, arch: str | None
         raise CissError(f"{data_dir}: no val image shows a class of the model; the step needs "
                         "a retention set (add val images or a val.txt)")
     t0 = time.perf_counter()
-    scores = score_folder(torch_predictor(model), folder, keep, classes)
+    from ciss.engines.load import torch_device
+
+    dev = torch_device(device)
+    scores = score_folder(torch_predictor(model.to(dev), dev), folder, keep, classes)
+    model = model.cpu()
     warnings = learning_warnings(list(classes.names), known, scores.iou, scores.cm,
                                  model_pixels(folder, folder.train + folder.val, classes),
                                  floor=floor)
@@ -239,7 +245,7 @@ def import_model(store: Store, data_dir: Path, *, weights: str, arch: str | None
                "source_sha256": source.sha256, "dropped_keys": source.dropped,
                "preprocessing": model.preprocessing,
                "learning": {"floor": floor, "warnings": [w.to_json() for w in warnings]},
-               "torch": torch.__version__},
+               "torch": torch.__version__, "device": str(dev)},
         model_config=model.config)
     step = store.write_step(card, model, {"retention": retention_writer(folder, keep)})
     return StepReport(step=step, card=store.card(step), scores=scores, fit=FitResult(),

@@ -15,35 +15,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _common import machine
-
-
-def port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _common import machine, run_torchrun
 
 
 def run(job: list[str], procs: int, store: Path, args) -> dict:
     threads = max(1, (os.cpu_count() or 1) // procs)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
-           f"--master_port={port()}", "-m", "ciss", *job, "--store", str(store),
-           "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-           "--device", args.device, "--quiet"]
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    wall = time.perf_counter() - t0
+    res, wall = run_torchrun(procs, [*job, "--store", store, "--epochs", args.epochs,
+                                     "--batch-size", args.batch_size, "--device", args.device,
+                                     "--quiet"])
     if res.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stdout}\n{res.stderr}")
+        raise SystemExit(f"torchrun {' '.join(map(str, job))} failed:\n{res.stdout}\n"
+                         f"{res.stderr}")
     from ciss.store import Store
 
     s = Store(store)

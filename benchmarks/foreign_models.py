@@ -39,6 +39,7 @@ RECIPES = {
     # the tiny recipe every family had before (AdamW 3e-3, all trainable stages alike)
     "tiny": ["--optimizer", "adamw", "--lr", "3e-3", "--encoder-lr", "1"],
     "sgd-1e-2": ["--lr", "1e-2"],
+    "sgd-1e-3": ["--lr", "1e-3"],  # the publications' head rate (DKD, STAR)
     "sgd-3e-3": ["--lr", "3e-3"],
     "adamw-3e-4": ["--optimizer", "adamw", "--lr", "3e-4"],
     "adamw-1e-3": ["--optimizer", "adamw", "--lr", "1e-3"],

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -38,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _common import machine  # noqa: E402
+from _common import machine, run_torchrun  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -265,7 +263,6 @@ def serve_stage(store_root: Path, plan: Plan, engine: str, raw_runs_per_s: float
 
 def torchrun_stage(store_root: Path, split: Path, plan: Plan, gpu: bool) -> dict:
     import shutil
-    import socket
 
     procs = torch.cuda.device_count() if gpu else 2
     if gpu and procs < 1:
@@ -278,19 +275,10 @@ def torchrun_stage(store_root: Path, split: Path, plan: Plan, gpu: bool) -> dict
     src = Store(store_root)
     work.mkdir(parents=True)
     shutil.copytree(src.step_dir(0), Store(work).step_dir(0))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
-           f"--master_port={port}", "-m", "ciss", "add-classes", "--store", str(work),
-           "--data", str(split / "step-1"), "--from", "0", "--iterations",
-           str(plan.torchrun_iterations * procs), "--batch-size", str(plan.batch),
-           "--crop-size", str(plan.size), "--device", "auto", "--quiet"]
-    threads = max(1, (os.cpu_count() or 1) // procs)
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    wall = time.perf_counter() - t0
+    res, wall = run_torchrun(procs, [
+        "add-classes", "--store", work, "--data", split / "step-1", "--from", "0",
+        "--iterations", plan.torchrun_iterations * procs, "--batch-size", plan.batch,
+        "--crop-size", plan.size, "--device", "auto", "--quiet"])
     if res.returncode != 0:
         raise RuntimeError(f"torchrun exited {res.returncode}: {res.stderr[-800:]}")
     card = Store(work).card(Store(work).latest())

@@ -142,6 +142,14 @@ def store_copy(base_store, tmp_path) -> Path:
     return dest
 
 
+def refused(res, *words) -> None:
+    """A CLI result refused as bad input: exit 2, one clear message naming ``words``."""
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    for w in words:
+        assert w in res.output, res.output
+
+
 def free_port() -> int:
     """A TCP port on loopback that was free a moment ago (for servers and torchrun)."""
     import socket

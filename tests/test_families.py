@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from ciss.cli import main
 from ciss.models import build_model
 from ciss.store import Store
+from tests.conftest import refused
 
 smp = pytest.importorskip("segmentation_models_pytorch", reason="pip install 'ciss[smp]'")
 transformers = pytest.importorskip("transformers", reason="pip install 'ciss[transformers]'")
@@ -246,13 +247,6 @@ def test_segformer_imported_with_its_names_and_preprocessing(saved, split_dir, t
     _diagnose_int8_and_serve(store, tmp_path)
 
 
-def _refused(res, *words):
-    assert res.exit_code == 2, res.output
-    assert "Traceback" not in res.output
-    for w in words:
-        assert w in res.output, res.output
-
-
 @pytest.mark.parametrize("case", ["generic", "count", "class", "foreign", "reduce"])
 def test_folder_refusals_leave_the_store_empty(case, saved, split_dir, tmp_path):
     folder = tmp_path / "m"
@@ -281,7 +275,7 @@ def test_folder_refusals_leave_the_store_empty(case, saved, split_dir, tmp_path)
     store = tmp_path / "store"
     res = run("import", "--store", store, "--weights", folder, "--data", split_dir / "step-0",
               *extra)
-    _refused(res, *words)
+    refused(res, *words)
     assert not (store / "steps").exists() or not any((store / "steps").iterdir())
 
 

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from ciss.cli import main
 from ciss.store import Store
+from tests.conftest import refused
 
 ARCH = "lraspp_mobilenet_v3_large"  # the smallest torchvision model of ARCHS
 
@@ -86,13 +87,6 @@ def test_aux_keys_are_dropped_and_said(checkpoint, split_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert "dropped" in res.output and "aux_classifier" in res.output
     assert Store(tmp_path / "s").card(0).extra["dropped_keys"]
-
-
-def refused(res, *words):
-    assert res.exit_code == 2, res.output
-    assert "Traceback" not in res.output
-    for w in words:
-        assert w in res.output, res.output
 
 
 @pytest.mark.parametrize("case", ["count", "missing", "arch", "pickle", "named"])

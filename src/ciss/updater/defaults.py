@@ -13,9 +13,12 @@ from ciss.updater.loop import LoopConfig
 KD_WEIGHTS = {"mib": 10.0, "mib+pseudo": 10.0, "lwf": 100.0, "ilt": 100.0}
 
 
-def _loop(recipe: dict, overrides: dict) -> LoopConfig:
+def _loop(r: BaseRecipe | StepRecipe, overrides: dict) -> LoopConfig:
+    """The recipe's loop settings, with every override that is not None on top."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    return LoopConfig(**{**recipe, **given})
+    return LoopConfig(**{"iterations": r.iterations, "lr": r.lr, "evals": r.evals,
+                         "warmup": r.warmup, "optimizer": r.optimizer,
+                         "encoder_lr": r.encoder_lr, **given})
 
 
 @dataclass(frozen=True)
@@ -42,10 +45,7 @@ class Defaults:
 
     def loop(self, **overrides) -> LoopConfig:
         """A LoopConfig of this recipe; overrides that are None keep the recipe's value."""
-        r = self.recipe
-        return _loop({"iterations": r.iterations, "lr": r.lr, "evals": r.evals,
-                      "warmup": r.warmup, "optimizer": r.optimizer,
-                      "encoder_lr": r.encoder_lr}, overrides)
+        return _loop(self.recipe, overrides)
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,7 @@ class StepDefaults:
         r = self.recipe
         given = overrides.get("iterations") is not None or overrides.get("epochs") is not None
         cap = {} if given else {"max_epochs": r.max_epochs, "min_iterations": r.min_iterations}
-        return _loop({"iterations": r.iterations, "lr": r.lr, "evals": r.evals,
-                      "warmup": r.warmup, "optimizer": r.optimizer,
-                      "encoder_lr": r.encoder_lr}, {**overrides, **cap})
+        return _loop(r, {**overrides, **cap})
 
 
 def base_defaults(arch: str) -> Defaults:

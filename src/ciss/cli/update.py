@@ -71,12 +71,12 @@ def add_classes_cmd(store_path, data_dir, parent, method, pseudo, new_dice, free
     from ciss.updater.train import DataConfig
 
     store = open_store(store_path)
-    d = step_defaults(method, store.card(store.resolve(parent)).arch)
+    parent_card = store.card(store.resolve(parent))
+    d = step_defaults(method, parent_card.arch)
     loop = d.loop(iterations=iterations, epochs=epochs, batch_size=batch_size, lr=lr,
                   optimizer=optimizer, encoder_lr=encoder_lr, seed=seed, device=device,
                   sync_bn=sync_bn, checkpoint_every_s=checkpoint_every)
-    parent_warnings = store.card(store.resolve(parent)).extra.get("learning", {}).get(
-        "warnings", [])
+    parent_warnings = parent_card.extra.get("learning", {}).get("warnings", [])
     if parent_warnings:
         click.echo(f"warning: the parent step has classes it never learned "
                    f"({', '.join(w['name'] for w in parent_warnings)}); their retention "

@@ -215,6 +215,13 @@ def choose_plan(names: list[str], prefix: str, mtimes: dict[str, float],
     return max(plans, key=lambda n: mtimes.get(n, 0.0)) if plans else None
 
 
+def choose_stored_plan(store, step: int, names: list[str], prefix: str) -> str | None:
+    """:func:`choose_plan` among ``names`` of a stored step, by the files' times."""
+    mtimes = {n: (store.step_dir(step) / n).stat().st_mtime for n in names
+              if (store.step_dir(step) / n).exists()}
+    return choose_plan(names, prefix, mtimes)
+
+
 def load_tensorrt_engine(store, step: int, contexts: int = 1) -> TensorRTEngine:
     """The verified plan of the step for this GPU and TensorRT (see :func:`choose_plan`),
     with a pool of ``contexts`` execution contexts (the server's concurrency)."""
@@ -222,9 +229,7 @@ def load_tensorrt_engine(store, step: int, contexts: int = 1) -> TensorRTEngine:
     card = store.card(step)
     prefix = plan_prefix(trt.__version__)
     names = [n for n in card.artifacts if n.startswith(prefix)]
-    mtimes = {n: (store.step_dir(step) / n).stat().st_mtime for n in names
-              if (store.step_dir(step) / n).exists()}
-    plan = choose_plan(names, prefix, mtimes)
+    plan = choose_stored_plan(store, step, names, prefix)
     if plan is None:
         raise CissError(f"step {step} has no TensorRT plan for this GPU and TensorRT "
                         f"{trt.__version__}; run 'ciss export --step {step} --format tensorrt'")

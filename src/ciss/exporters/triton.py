@@ -74,7 +74,7 @@ def choose_repository_plan(store: Store, step: int, gpu: str | None) -> str | No
     Raises:
         CissError: no plan for the GPU asked for, or plans for several GPUs and none named.
     """
-    from ciss.engines.tensorrt import choose_plan, gpu_slug, parse_plan_name
+    from ciss.engines.tensorrt import choose_stored_plan, gpu_slug, parse_plan_name
 
     card = store.card(step)
     plans = {n: parse_plan_name(n) for n in card.artifacts}
@@ -98,9 +98,7 @@ def choose_repository_plan(store: Store, step: int, gpu: str | None) -> str | No
                         f"{', '.join(built_for)}); build one there with 'ciss export "
                         f"--step {step} --format tensorrt'")
     names = [n for n, p in plans.items() if p["gpu"] == slug]
-    mtimes = {n: (store.step_dir(step) / n).stat().st_mtime for n in names
-              if (store.step_dir(step) / n).exists()}
-    return choose_plan(names, f"engines/{slug}-", mtimes)
+    return choose_stored_plan(store, step, names, f"engines/{slug}-")
 
 
 def write_repository(store: Store, step: int, out: Path, gpu: str | None = None,

@@ -148,7 +148,6 @@ class ModelSlot:
         self.last_swap: str | None = None
         self._seen: str | None = None
         self._loading = threading.Lock()
-        self.gate_reused = False  # whether the last load reused deploy's gate result
 
     def load(self, record: dict) -> ServedModel:
         """Verify, load and gate the deployment ``record`` (nothing is swapped here).
@@ -171,7 +170,8 @@ class ModelSlot:
         segmenter = Segmenter(MeteredEngine(engine, self.concurrency, self.metrics),
                               card.classes, max_side=self.max_side, max_pixels=self.max_pixels)
         gate = self._recorded_gate(record, step, engine_name)
-        if gate is None:
+        reused = gate is not None
+        if not reused:
             # the gate measures what will be served: this engine, the serving resize, and
             # engine runs that queue behind live requests' (the concurrency limit) rather than
             # beside them
@@ -180,7 +180,7 @@ class ModelSlot:
                             max_class_drop=self.policy.max_class_drop,
                             min_new_iou=self.policy.min_new_iou,
                             predict=segmenter.predict_labels, max_side=self.max_side)
-        self.metrics.gate_runs.labels(("reused-" if self.gate_reused else "")
+        self.metrics.gate_runs.labels(("reused-" if reused else "")
                                       + ("passed" if gate.passed else "failed")).inc()
         self.metrics.gate_passed.set(1 if gate.passed else 0)
         if gate.mean_old_drop is not None:
@@ -205,7 +205,6 @@ class ModelSlot:
         from ciss.runtime.gate import GateResult, gate_fingerprint, where_it_runs
 
         saved = record.get("gate") or {}
-        self.gate_reused = False
         if record.get("step") != step or not saved.get("fingerprint") or "result" not in saved:
             return None
         where = where_it_runs(engine_name, self.policy.device, self.policy.providers)
@@ -215,7 +214,6 @@ class ModelSlot:
             max_side=self.max_side)
         if fingerprint != saved["fingerprint"]:
             return None
-        self.gate_reused = True
         log.info("step %d on %s: reusing the gate result recorded by deploy (same files, "
                  "engine, device and tolerances)", step, engine_name)
         return GateResult.from_json(saved["result"])

@@ -41,20 +41,31 @@ def test_add_classes_cli_table_and_errors(store_copy, split_dir):
 def test_benchmark_json_and_files(synthetic_dir, tmp_path):
     out = tmp_path / "bench"
     res = run("benchmark", "--data", synthetic_dir, "--scenario", "15-5", "--methods",
-              "ft,mib,joint", "--base-epochs", 1, "--step-epochs", 1, "--control", "--out", out,
-              "--json")
+              "ft,mib,mib+memory,joint", "--memory", 8, "--base-epochs", 1, "--step-epochs", 1,
+              "--control", "--out", out, "--json")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.output)
     finals = {r["method"]: r for r in doc["final"]}
-    assert set(finals) == {"ft", "mib", "ft-control", "joint"}
+    assert set(finals) == {"ft", "mib", "mib+memory", "ft-control", "joint"}
     for r in finals.values():
         assert 0 <= r["old"] <= 1 and 0 <= r["new"] <= 1 and r["hiou"] is not None
     assert [r["step"] for r in doc["steps"] if r["method"] == "mib"] == [0, 1]
-    for name in ("results.csv", "results.md", "results.json", "curves.png"):
+    for name in ("results.csv", "results.md", "results.json", "curves.png", "results.html"):
         assert (out / name).stat().st_size > 0
+    assert "data:image/png;base64," in (out / "results.html").read_text()
+    # only the +memory run replays: the base keeps 8 images, the plain mib step none
+    from ciss.store import Store
+
+    assert Store(out / "stores" / "base").card(0).memory["images"] == 8
+    assert Store(out / "stores" / "mib+memory").card(1).data["replayed_images"] == 8
+    assert "replayed_images" not in Store(out / "stores" / "mib").card(1).data
+    assert not Store(out / "stores" / "mib").card(1).memory
     res = run("benchmark", "--data", synthetic_dir, "--scenario", "15-5", "--methods", "xyz",
               "--out", tmp_path / "b2")
     assert res.exit_code == 2 and "unknown xyz" in res.output
+    res = run("benchmark", "--data", synthetic_dir, "--scenario", "15-5", "--methods",
+              "joint+memory", "--out", tmp_path / "b3")
+    assert res.exit_code == 2 and "unknown joint+memory" in res.output
 
 
 def test_demo_fast(tmp_path):

@@ -6,6 +6,12 @@ order; after every step the model is scored on the source's val split with full 
 (classes not yet seen count as background). ``joint`` trains once on all classes (upper
 bound). old = the base step's object classes, new = classes added later, all = every class
 with ground truth, background included; hIoU = harmonic mean of old and new.
+
+A method name ending in ``+memory`` runs that method with the replay memory
+(``--memory N`` images, ``updater.memory``); the shared base step then keeps one too, which
+changes nothing of its weights. Outputs: results.json (every step of every method),
+results.csv, results.md, curves.png and results.html (old/new/all after each step, one line
+per method, joint dashed).
 """
 
 from __future__ import annotations
@@ -27,10 +33,9 @@ from ciss.store import Store
 from ciss.tables import pct, table
 from ciss.updater.add_classes import UpdateConfig, add_classes
 from ciss.updater.defaults import base_defaults, step_defaults
+from ciss.updater.method_table import BENCHMARK_METHODS as KNOWN
 from ciss.updater.methods import MethodConfig
 from ciss.updater.train import DataConfig, train_base
-
-KNOWN = ("ft", "lwf", "ilt", "mib", "mib+pseudo", "plop", "joint")
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,17 @@ class BenchmarkConfig:
     freeze: str | None = None
     seed: int = 0
     device: str = "auto"
+    memory: int = 100
+
+
+MEMORY_SUFFIX = "+memory"
+
+
+def method_parts(name: str) -> tuple[str, bool]:
+    """(method, with memory) of a benchmark method name such as ``dkd+memory``."""
+    if name.endswith(MEMORY_SUFFIX):
+        return name[: -len(MEMORY_SUFFIX)], True
+    return name, False
 
 
 @dataclass
@@ -118,10 +134,11 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
                   echo: Callable[[str], None] | None = print) -> BenchmarkResult:
     """Run the benchmark into ``out`` (split/, stores/, results.csv, results.md, curves.png)."""
     say = echo or (lambda _m: None)
-    unknown = [m for m in cfg.methods if m not in KNOWN]
+    unknown = [m for m in cfg.methods if method_parts(m)[0] not in KNOWN
+               or method_parts(m) == ("joint", True)]
     if unknown or not cfg.methods:
         raise CissError(f"--methods: unknown {', '.join(unknown) or '(none)'}; choose from "
-                        f"{', '.join(KNOWN)}")
+                        f"{', '.join(KNOWN)}, each but joint also as NAME{MEMORY_SUFFIX}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise CissError(f"{out}: exists and is not empty; choose a new folder")
@@ -143,22 +160,25 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
     if incremental or cfg.control:
         say(f"base step: {cfg.arch}, {len(base_ids)} classes, {budget}")
         base = Store(out / "stores" / "base")
+        wants_memory = any(method_parts(m)[1] for m in incremental)
         rep = train_base(base, steps[0], arch=cfg.arch,
                          loop=base_loop, loss=bd.loss, data=DataConfig(scale=bd.scale),
-                         progress=progress)
+                         progress=progress, memory=cfg.memory if wants_memory else 0)
         old, new, all_, per = score_step(base, 0, source, base_ids, cfg.device)
         for method, step_dirs in runs:
             store = Store(out / "stores" / method)
             shutil.copytree(base.root, store.root)
             rows.append(Row(method, 0, old, None, all_, None, rep.fit.seconds, per))
-            loss = {"ft-control": "ft", "mib+pseudo": "mib"}.get(method, method)
+            name, with_memory = method_parts(method)
+            loss = {"ft-control": "ft", "mib+pseudo": "mib"}.get(name, name)
             d = step_defaults(loss, cfg.arch)
             for t, step_dir in enumerate(step_dirs[1:], start=1):
                 say(f"{method}: step {t}/{len(step_dirs) - 1}")
                 r = add_classes(store, step_dir,
                                 method=MethodConfig(method=loss, kd_weight=d.kd_weight,
-                                                    pseudo=method == "mib+pseudo"),
-                                update=UpdateConfig(freeze=cfg.freeze, bn_stats=d.bn_stats),
+                                                    pseudo=name == "mib+pseudo"),
+                                update=UpdateConfig(freeze=cfg.freeze, bn_stats=d.bn_stats,
+                                                    memory=cfg.memory if with_memory else 0),
                                 loop=d.loop(epochs=cfg.step_epochs, seed=cfg.seed,
                                             device=cfg.device),
                                 progress=progress)
@@ -186,29 +206,62 @@ def _write_outputs(result: BenchmarkResult, out: Path) -> None:
             w.writerow([r.method, r.step, r.old, r.new, r.all, r.hiou, round(r.train_s, 2)])
     (out / "results.md").write_text(result.markdown())
     (out / "results.json").write_text(json.dumps(result.to_json(), indent=2))
-    plot_curves(result, out / "curves.png")
+    fig = curves_figure(result)
+    fig.savefig(out / "curves.png", dpi=90)
+    write_html(result, fig, out / "results.html")
 
 
-def plot_curves(result: BenchmarkResult, path: Path) -> None:
-    """Old- and all-class mIoU after each step, one line per method."""
+KEYS = (("old", "old classes mIoU %"), ("new", "new classes mIoU %"),
+        ("all", "all classes mIoU %"))
+
+
+def curves_figure(result: BenchmarkResult):
+    """Old, new and all-class mIoU after each step: one line per method, joint (trained once
+    on every class) as a dashed horizontal reference."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    methods = sorted({r.method for r in result.rows})
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    methods = list(dict.fromkeys(r.method for r in result.rows))
     for m in methods:
         rs = [r for r in result.rows if r.method == m]
-        for ax, key in zip(axes, ("old", "all")):
-            ys = [100 * (getattr(r, key) or 0) for r in rs]
-            ax.plot([r.step for r in rs], ys, marker="o", label=m)
-    for ax, title in zip(axes, ("old classes mIoU %", "all classes mIoU %")):
+        for ax, (key, _) in zip(axes, KEYS):
+            if m == "joint":
+                value = getattr(rs[-1], key)
+                if value is not None:
+                    ax.axhline(100 * value, linestyle="--", color="k", linewidth=1,
+                               label="joint")
+                continue
+            pts = [(r.step, 100 * getattr(r, key)) for r in rs if getattr(r, key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", markersize=3, label=m)
+    for ax, (_, title) in zip(axes, KEYS):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(f"{result.config.scenario} {result.config.setting}")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{result.config.scenario} {result.config.setting}, {result.config.arch}")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    return fig
+
+
+def write_html(result: BenchmarkResult, fig, path: Path) -> None:
+    """One self-contained page: the curves (embedded PNG) and both tables."""
+    import html as html_lib
+
+    import matplotlib.pyplot as plt
+
+    from ciss.analysis.report import png_base64
+
+    image = png_base64(fig)
     plt.close(fig)
+    c = result.config
+    page = (f"<!doctype html><meta charset='utf-8'><title>ciss benchmark {c.scenario}</title>"
+            "<body style='font-family:sans-serif;max-width:1100px;margin:auto'>"
+            f"<h1>CiSS benchmark {html_lib.escape(c.scenario)} ({c.setting}), "
+            f"{html_lib.escape(c.arch)}, seed {c.seed}</h1>"
+            f"<img alt='curves' style='width:100%' src='data:image/png;base64,{image}'>"
+            f"<pre>{html_lib.escape(result.markdown())}</pre></body>")
+    path.write_text(page, encoding="utf-8")

@@ -4,7 +4,17 @@ One module per command group; ``base`` below them holds the group and the shared
 Importing this package registers every command on ``main``.
 """
 
-from ciss.cli import analysis, data, demo, deploy, export, inspect, train, update  # noqa: F401
+from ciss.cli import (  # noqa: F401
+    analysis,
+    data,
+    demo,
+    deploy,
+    export,
+    inspect,
+    memory,
+    train,
+    update,
+)
 from ciss.cli.base import main
 
 __all__ = ["main"]

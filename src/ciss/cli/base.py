@@ -140,3 +140,25 @@ def echo_warnings(warnings) -> None:
     """One ``warning:`` line per class the step did not learn (on stderr and stdout alike)."""
     for w in warnings:
         click.echo(w.line(), err=True)
+
+
+def memory_option(step: bool):
+    """``--memory N``: the opt-in replay memory (``updater.memory``)."""
+    more = (" Unset: the parent's budget (none when it keeps none); 0 stops keeping one."
+            if step else "")
+    return click.option(
+        "--memory", type=click.IntRange(min=0), default=None if step else 0,
+        show_default=not step,
+        help="Keep up to N class-balanced training images (with their masks) beside the step, "
+             "replayed by the next add-classes: old training data is then no longer gone, "
+             "by your choice (see README, 'Memory')." + more)
+
+
+def echo_memory(card) -> None:
+    """One line on the memory a new step keeps, and what it replayed."""
+    if card.memory:
+        m = card.memory
+        click.echo(f"memory: {m['images']} images kept (budget {m['max_images']}; "
+                   f"{m['kept_from_parent']} from the parent's, {m['from_this_step']} new)"
+                   + (f"; {card.data['replayed_images']} replayed in training"
+                      if card.data.get("replayed_images") else ""))

@@ -9,10 +9,12 @@ import click
 from ciss.cli.base import (
     data_option,
     device_option,
+    echo_memory,
     echo_warnings,
     exif_option,
     loop_options,
     main,
+    memory_option,
     open_store,
     parse_scale,
     store_option,
@@ -35,8 +37,9 @@ from ciss.tables import pct
 @click.option("--loss", type=click.Choice(["ce", "wce", "ce+dice", "ohem"]), default=None,
               help="ce, wce (classes weighted by pixel share), ce+dice or ohem "
                    "(default: the recipe's).")
+@memory_option(step=False)
 @loop_options
-def train(store_path, data_dir, arch, weights, loss, iterations, epochs, batch_size, lr,
+def train(store_path, data_dir, arch, weights, loss, memory, iterations, epochs, batch_size, lr,
           optimizer, encoder_lr, seed, device, crop_size, scale, exif, workers, floor,
           checkpoint_every, sync_bn, quiet) -> None:
     """Train step 0 on a dataset folder and write it to the store.
@@ -60,7 +63,7 @@ def train(store_path, data_dir, arch, weights, loss, iterations, epochs, batch_s
     report = train_base(open_store(store_path), data_dir, arch=arch, weights=weights, loop=loop,
                         data=DataConfig(crop_size=crop_size, scale=parse_scale(scale, d.scale),
                                         workers=workers, exif=exif),
-                        loss=loss or d.loss, floor=floor, progress=not quiet)
+                        loss=loss or d.loss, floor=floor, progress=not quiet, memory=memory)
     if report.rank != 0:  # under torchrun only rank 0 reports
         return
     s = report.scores
@@ -71,6 +74,7 @@ def train(store_path, data_dir, arch, weights, loss, iterations, epochs, batch_s
                + (f" (resumed at epoch {report.fit.resumed_from + 1})"
                   if report.fit.resumed_from is not None else ""))
     echo_warnings(report.warnings)
+    echo_memory(report.card)
     click.echo(f"next: ciss evaluate --data {data_dir}   or   ciss add-classes --data NEW_FOLDER")
 
 

@@ -10,24 +10,25 @@ import click
 from ciss.cli.base import (
     data_option,
     device_option,
+    echo_memory,
     echo_warnings,
     loop_options,
     main,
+    memory_option,
     open_store,
     parse_scale,
     store_option,
 )
 from ciss.store.listing import before_after_table
+from ciss.updater.method_table import BENCHMARK_METHODS, METHODS
 
 
 @main.command("add-classes")
 @store_option
 @data_option(help="Folder labelled only for the new classes (everything else background).")
 @click.option("--from", "parent", type=int, default=None, help="Parent step (default: latest).")
-@click.option("--method", type=click.Choice(["mib", "ft", "lwf", "ilt", "plop"]), default="mib",
-              show_default=True,
-              help="mib (unbiased CE + KD), plop (entropy pseudo-labels + Local POD), ft, lwf, "
-                   "ilt.")
+@click.option("--method", type=click.Choice(list(METHODS)), default="mib", show_default=True,
+              help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + ".")
 @click.option("--pseudo", is_flag=True,
               help="mib: background pixels the parent is confident about take its label.")
 @click.option("--new-dice", is_flag=True,
@@ -40,7 +41,8 @@ from ciss.store.listing import before_after_table
               default="random", show_default=True,
               help="New classifier rows (random: measured best, see BENCHMARKS.md).")
 @click.option("--kd-weight", type=float, default=None,
-              help="Distillation weight (default: mib 10, lwf/ilt 100).")
+              help="Distillation weight (default: " + ", ".join(
+                  f"{m.name} {m.kd_weight:g}" for m in METHODS.values() if m.kd_weight) + ").")
 @click.option("--alpha", type=float, default=1.0, show_default=True,
               help="Teacher sharpening in distillation.")
 @click.option("--cache-trunk-mb", type=click.IntRange(min=0), default=1024, show_default=True,
@@ -53,9 +55,10 @@ from ciss.store.listing import before_after_table
                    "and SMP's mit encoders only the decoder's BatchNorm is concerned.")
 @click.option("--val", "val_dir", type=click.Path(path_type=Path), default=None,
               help="A fully labelled folder to score as well.")
+@memory_option(step=True)
 @loop_options
 def add_classes_cmd(store_path, data_dir, parent, method, pseudo, new_dice, freeze, init,
-                    kd_weight, alpha, bn_stats, scale,
+                    kd_weight, alpha, bn_stats, memory, scale,
                     cache_trunk_mb, val_dir, iterations, epochs, batch_size, lr, optimizer,
                     encoder_lr, seed, device, crop_size, exif, workers, floor,
                     checkpoint_every, sync_bn, quiet) -> None:
@@ -86,7 +89,8 @@ def add_classes_cmd(store_path, data_dir, parent, method, pseudo, new_dice, free
         method=MethodConfig(method=method, kd_weight=kd_weight if kd_weight is not None
                             else d.kd_weight, alpha=alpha, pseudo=pseudo, new_dice=new_dice),
         update=UpdateConfig(parent=parent, freeze=freeze, init=init,
-                            cache_trunk_mb=cache_trunk_mb, bn_stats=bn_stats or d.bn_stats),
+                            cache_trunk_mb=cache_trunk_mb, bn_stats=bn_stats or d.bn_stats,
+                            memory=memory),
         loop=loop, data=DataConfig(crop_size=crop_size, scale=parse_scale(scale, d.scale),
                                    workers=workers, exif=exif),
         val_dir=val_dir, floor=floor, progress=not quiet)
@@ -98,6 +102,7 @@ def add_classes_cmd(store_path, data_dir, parent, method, pseudo, new_dice, free
                f"classes ({', '.join(card.new_classes)}), frozen up to "
                f"{card.frozen[-1] if card.frozen else 'none'}, {report.fit.seconds:.0f}s training")
     echo_warnings(report.warnings)
+    echo_memory(card)
     click.echo(f"next: ciss check --step {report.step}   then   ciss deploy --step {report.step}")
 
 
@@ -107,7 +112,11 @@ def add_classes_cmd(store_path, data_dir, parent, method, pseudo, new_dice, free
 @click.option("--setting", type=click.Choice(["overlap", "disjoint"]), default="overlap",
               show_default=True)
 @click.option("--methods", default="ft,mib", show_default=True,
-              help="Comma list of ft, lwf, ilt, mib, mib+pseudo, plop, joint.")
+              help=f"Comma list of {', '.join(BENCHMARK_METHODS)}; NAME+memory runs a method "
+                   "with the replay memory (--memory).")
+@click.option("--memory", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Images the +memory methods keep (the literature's VOC budget: 100).")
+@click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--arch", default="tiny", show_default=True)
 @click.option("--base-epochs", type=click.IntRange(min=1), default=None)
 @click.option("--step-epochs", type=click.IntRange(min=1), default=None)
@@ -117,8 +126,8 @@ def add_classes_cmd(store_path, data_dir, parent, method, pseudo, new_dice, free
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.option("--quiet", is_flag=True)
 @device_option
-def benchmark(data_dir, scenario, setting, methods, arch, base_epochs, step_epochs, control, out,
-              as_json, quiet, device) -> None:
+def benchmark(data_dir, scenario, setting, methods, memory, seed, arch, base_epochs, step_epochs,
+              control, out, as_json, quiet, device) -> None:
     """Run a CiSS scenario end to end for several methods; print the literature's table.
 
     Example: ciss benchmark --data data/synthetic --scenario 15-5 --methods ft,lwf,ilt,mib
@@ -128,11 +137,12 @@ def benchmark(data_dir, scenario, setting, methods, arch, base_epochs, step_epoc
     cfg = BenchmarkConfig(scenario=scenario, setting=setting,
                           methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                           arch=arch, base_epochs=base_epochs, step_epochs=step_epochs,
-                          control=control, device=device)
+                          control=control, device=device, memory=memory, seed=seed)
     result = run_benchmark(data_dir, out, cfg, progress=not (quiet or as_json),
                            echo=None if as_json else click.echo)
     if as_json:
         click.echo(json.dumps(result.to_json()))
         return
     click.echo(result.markdown())
-    click.echo(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'curves.png'}")
+    click.echo(f"wrote {out / 'results.html'}, {out / 'results.json'}, {out / 'results.csv'}, "
+               f"{out / 'results.md'}, {out / 'curves.png'}")

@@ -66,3 +66,33 @@ class SegmentationDataset(Dataset):
         if self.keys:
             out += (torch.tensor(index * 2 + int(flipped)),)
         return out
+
+
+class JoinedDataset(Dataset):
+    """Several ``SegmentationDataset`` parts read as one (a step folder and a replay memory).
+
+    Indices run through the parts in order; a part's key (``keys=True``) is rewritten with
+    the joined index, so that cached per-input results of two parts never collide.
+    """
+
+    epoch_in_index = True
+
+    def __init__(self, parts: list[SegmentationDataset]) -> None:
+        self.parts = [p for p in parts if len(p)]
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def set_epoch(self, epoch: int) -> None:
+        for p in self.parts:
+            p.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        epoch, index = index if isinstance(index, tuple) else (None, index)
+        part = int(np.searchsorted(self.starts, index, side="right")) - 1
+        local = index - int(self.starts[part])
+        out = self.parts[part][local if epoch is None else (epoch, local)]
+        if len(out) == 3:  # (image, mask, key): key = index * 2 + flipped, in joined indices
+            out = out[:2] + (out[2] + 2 * int(self.starts[part]),)
+        return out

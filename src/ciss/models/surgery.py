@@ -58,6 +58,23 @@ def grow_classifier(model: SegmentationModel, n_new: int, init: str = "mib") -> 
     model.num_classes = k_old + n_new
 
 
+def sigmoid_form(model: SegmentationModel) -> None:
+    """Rewrite the classifier so that the background logit is the constant 0, in place.
+
+    Every row (weights and bias) has the background row subtracted, and the background row
+    becomes zero: each logit becomes z_c - z_0, so the argmax over channels, and with it every
+    prediction, is unchanged, and sigmoid(z_c - z_0) = p_c / (p_c + p_0) reads as "class c
+    rather than background". Methods that score classes with sigmoids (DKD) start from it.
+    Summed classifiers (LRASPP) are rewritten each: a sum of differences is the difference
+    of the sums. Applying it twice changes nothing.
+    """
+    with torch.no_grad():
+        for conv in model.classifier_convs():
+            conv.weight -= conv.weight[0:1].clone()
+            if conv.bias is not None:
+                conv.bias -= conv.bias[0].clone()
+
+
 def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
     for parent in model.modules():
         for name, child in parent.named_children():

@@ -28,6 +28,8 @@ class StepCard:
         model_config: what rebuilds the module besides arch and classes (the model's
             ``config``: an imported SMP/transformers model's constructor arguments and
             preprocessing); empty for models ciss defines whole.
+        memory: the replay memory kept beside the step (``updater.memory``): budget, images
+            per class, where they came from; empty when it keeps none.
     """
 
     step: int
@@ -45,6 +47,7 @@ class StepCard:
     extra: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     model_config: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"

@@ -19,12 +19,18 @@ from ciss.analysis.learning import (
 )
 from ciss.analysis.scoring import FolderScores, score_folder, score_retention, torch_predictor
 from ciss.data.classes import ClassList
-from ciss.data.dataset import SegmentationDataset, label_lut
+from ciss.data.dataset import JoinedDataset, SegmentationDataset, label_lut
 from ciss.data.folder import DatasetFolder, open_folder
 from ciss.data.transforms import TrainTransform, auto_crop_size
 from ciss.engines.load import torch_device
 from ciss.errors import CissError
-from ciss.models import freeze, freeze_bn_stats, frozen_stages, grow_classifier
+from ciss.models import (
+    freeze,
+    freeze_bn_stats,
+    frozen_stages,
+    grow_classifier,
+    sigmoid_form,
+)
 from ciss.models.build import arch_spec
 from ciss.store import StepCard, Store
 from ciss.store.retention import retention_sets, retention_writer
@@ -38,7 +44,15 @@ from ciss.updater.distributed import (
     sync_batchnorm,
 )
 from ciss.updater.loop import FitResult, LoopConfig, fit
-from ciss.updater.methods import METHODS, IncrementalStep, MethodConfig, TrunkCache
+from ciss.updater.memory import (
+    MEMORY,
+    choose_memory,
+    memory_budget,
+    memory_writer,
+    open_memory,
+)
+from ciss.updater.method_table import method_row
+from ciss.updater.methods import IncrementalStep, MethodConfig, TrunkCache
 from ciss.updater.train import (
     DataConfig,
     StepReport,
@@ -64,6 +78,8 @@ class UpdateConfig:
         bn_stats: "frozen" (every BatchNorm keeps the parent's running statistics: the
             measured default, BENCHMARKS.md §2) or "update" (those of the trainable stages
             follow the new-class data).
+        memory: replay memory budget in images (``updater.memory``): None continues the
+            parent's, 0 keeps none.
     """
 
     parent: int | None = None
@@ -71,6 +87,7 @@ class UpdateConfig:
     init: str = "random"
     cache_trunk_mb: int = 1024
     bn_stats: str = "frozen"
+    memory: int | None = None
 
 
 def _new_classes(folder: DatasetFolder, parent: StepCard, data_dir: Path) -> list[str]:
@@ -101,8 +118,7 @@ def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodCo
         CissError: bad data, unknown method or stage, missing or corrupt parent (nothing written).
         CheckFailed: the loss became NaN.
     """
-    if method.method not in METHODS:
-        raise CissError(f"--method {method.method}: choose from {', '.join(METHODS)}")
+    method_row(method.method)  # an unknown name is refused before anything is read
     folder = open_folder(data_dir, exif=data.exif)
     parent_step = store.resolve(update.parent)
     with distributed(torch_device(loop.device)) as (info, device):
@@ -111,8 +127,10 @@ def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodCo
         agree(info, "the parent step", [parent_step, store.card(parent_step).artifacts.get(
             "weights.safetensors")])
         agree(info, "the training data", folder.fingerprint())
+        budget = memory_budget(update.memory, store.card(parent_step))
+        replay = open_memory(store, parent_step) if budget else None
         job = _Job(store, folder, Path(data_dir), parent_step, method, update, loop, data,
-                   val_dir, info, device, floor)
+                   val_dir, info, device, floor, budget, replay)
         return _add_classes(job, progress, after_epoch)
 
 
@@ -132,6 +150,8 @@ class _Job:
     info: DistInfo
     device: torch.device
     floor: float = DEFAULT_FLOOR
+    memory: int = 0  # the budget this step keeps
+    replay: DatasetFolder | None = None  # the parent's memory, replayed
 
 
 @dataclass
@@ -152,12 +172,17 @@ def _add_classes(job: _Job, progress: bool, after_epoch) -> StepReport:
     store, folder, data_dir, parent_step = job.store, job.folder, job.data_dir, job.parent_step
     method, update, loop, data, info, device = (job.method, job.update, job.loop, job.data,
                                                 job.info, job.device)
+    row = method_row(method.method)
     teacher, parent = store.load_model(parent_step, device=str(device))
     new = _new_classes(folder, parent, Path(data_dir))
     classes = ClassList(tuple(parent.classes)).extended(new)
+    if row.sigmoid_form:  # exact: the parent's predictions do not change (models.surgery)
+        sigmoid_form(teacher)
     student = copy.deepcopy(teacher)
     torch.manual_seed(loop.seed)  # the new rows' random init must not depend on what ran before
     grow_classifier(student, len(new), init=update.init)
+    if row.sigmoid_form:  # the mib init shifts the background bias: back to the constant 0
+        sigmoid_form(student)
     stage = update.freeze or arch_spec(parent.arch).default_freeze
     freeze(student, stage)
     if update.bn_stats not in BN_STATS:
@@ -172,21 +197,28 @@ def _add_classes(job: _Job, progress: bool, after_epoch) -> StepReport:
     lut = label_lut(folder.classes, classes)
     # every training image's size is known from validation: the cache is safe only when no
     # image is ever randomly cropped or rescaled (a key is an image and its flip, nothing else)
+    replay = job.replay
     shapes = [folder.shapes[s] for s in folder.train]
     crop = data.crop_size or auto_crop_size(shapes)
+    if replay is not None:
+        shapes += [replay.shapes[s] for s in replay.train]
     transform = TrainTransform(crop, scale=data.scale)
     cacheable = (update.cache_trunk_mb > 0
-                 and (student.frozen_upto >= 0 or method.method != "ft")
+                 and (student.frozen_upto >= 0 or row.teacher)
                  and transform.fixed_geometry(max(max(s) for s in shapes)))
     dataset = SegmentationDataset(folder, folder.train, lut, transform, seed=loop.seed,
                                   keys=cacheable)
+    if replay is not None:  # the memory's labels are the parent's ids: a prefix of ours
+        dataset = JoinedDataset([dataset, SegmentationDataset(
+            replay, replay.train, label_lut(replay.classes, classes), transform,
+            seed=loop.seed, keys=cacheable)])
     cache = TrunkCache(update.cache_trunk_mb << 20) if cacheable else None
     thresholds = (entropy_thresholds(teacher, folder, lut, device, len(parent.classes))
-                  if method.method == "plop" or method.pseudo else None)
+                  if row.thresholds or method.pseudo else None)
     step_fn = IncrementalStep(student, teacher, len(parent.classes), method, cache, thresholds)
     key = loop.key("add", str(parent_step), parent.artifacts.get("weights.safetensors", ""),
                    folder.fingerprint(), repr(method), repr(update), repr(data),
-                   str(info.world_size))
+                   str(info.world_size), replay.fingerprint() if replay else "")
     ckpt = store.work_dir / f"add-{key}"
     validate = (step_validator(store, parent_step, student, device, folder, classes, new)
                 if loop.evals else None)
@@ -300,4 +332,12 @@ def _evaluate_and_write(job: _Job, trained: _Trained, written: list) -> int:
         model_config=parent.model_config,
     )
     written.append(own)
-    return store.write_step(card, student.cpu(), {"retention": retention_writer(folder, keep)})
+    writers = {"retention": retention_writer(folder, keep)}
+    if job.memory:
+        chosen, card.memory = choose_memory(folder, job.replay, classes, job.memory,
+                                            job.loop.seed)
+        writers[MEMORY] = memory_writer(chosen, classes)
+    if job.replay is not None:
+        card.data["replayed_images"] = len(job.replay.train)
+    return store.write_step(card, student.cpu(), writers)
+

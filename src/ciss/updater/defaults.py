@@ -8,9 +8,7 @@ from dataclasses import dataclass
 from ciss.models.build import arch_spec
 from ciss.models.recipes import BaseRecipe, StepRecipe
 from ciss.updater.loop import LoopConfig
-
-# lambda of each method's distillation term (MiB: 10; LwF/ILT: 100, as in the literature)
-KD_WEIGHTS = {"mib": 10.0, "mib+pseudo": 10.0, "lwf": 100.0, "ilt": 100.0}
+from ciss.updater.method_table import method_row
 
 
 def _loop(r: BaseRecipe | StepRecipe, overrides: dict) -> LoopConfig:
@@ -86,5 +84,9 @@ def base_defaults(arch: str) -> Defaults:
 
 
 def step_defaults(method: str, arch: str = "tiny") -> StepDefaults:
-    """add-classes defaults of ``arch``'s family for ``method``."""
-    return StepDefaults(arch_spec(arch).family.step, KD_WEIGHTS.get(method, 0.0))
+    """add-classes defaults of ``arch``'s family for ``method`` (its row's kd weight).
+
+    Raises:
+        CissError: unknown method.
+    """
+    return StepDefaults(arch_spec(arch).family.step, method_row(method).kd_weight)

@@ -81,6 +81,55 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor,
     return F.cross_entropy(logits, target, ignore_index=ignore_index)
 
 
+def binary_labelled(logits: torch.Tensor, target: torch.Tensor, first: int, last: int,
+                    pixels: torch.Tensor) -> torch.Tensor:
+    """One binary cross-entropy per channel ``first..last-1`` over the ``pixels`` mask: a pixel
+    labelled with the channel's class is a positive, any other selected pixel a negative; the
+    mean over selected pixels per channel, summed over channels (DKD's L_mbce reduction)."""
+    part = logits[:, first:last]
+    ids = torch.arange(first, last, device=target.device).view(1, -1, 1, 1)
+    onehot = (target.unsqueeze(1) == ids).to(part.dtype)
+    per = F.binary_cross_entropy_with_logits(part, onehot, reduction="none")
+    sel = pixels.unsqueeze(1).to(part.dtype)
+    return ((per * sel).sum((0, 2, 3)) / sel.sum().clamp(min=1.0)).sum()
+
+
+def binary_new_classes(logits: torch.Tensor, target: torch.Tensor, num_old: int,
+                       ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """DKD's L_mbce: one binary cross-entropy per new class (channels K_old..K-1), the pixels
+    labelled with it positive and every other labelled pixel negative. Ignored pixels (255)
+    count for no class (DKD's released code makes them negatives)."""
+    return binary_labelled(logits, target, num_old, logits.shape[1], target != ignore_index)
+
+
+def binary_old_labelled(logits: torch.Tensor, target: torch.Tensor, num_old: int
+                        ) -> torch.Tensor:
+    """The same for the old classes, on the pixels labelled with an old class only (replayed
+    memory images): background pixels may hide any old class and are no negatives. Zero when
+    no pixel carries an old label (no host sync needed to know), so DKD without memory is
+    unchanged."""
+    return binary_labelled(logits, target, 1, num_old, (target >= 1) & (target < num_old))
+
+
+def binary_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """BCE of the student's logits against the teacher's sigmoid, the mean over pixels per
+    channel summed over channels (DKD's L_kd and L_dkd, with its reduction)."""
+    per = F.binary_cross_entropy_with_logits(student, torch.sigmoid(teacher.detach()),
+                                             reduction="none")
+    return per.mean((0, 2, 3)).sum()
+
+
+def decomposed_logits(x: torch.Tensor, conv: torch.nn.Conv2d, first: int, last: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DKD's positive and negative reasoning of classes ``first..last-1``: the classifier
+    applied to its input ``x`` with only its positive (resp. negative) weights, no bias.
+    Their sum is the logit without its bias."""
+    w = conv.weight[first:last].float()
+    args = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                groups=conv.groups)
+    return (F.conv2d(x, w.clamp(min=0), **args), F.conv2d(x, w.clamp(max=0), **args))
+
+
 # -- base-training losses for imbalanced data (BENCHMARKS.md §1 measures them) ----------------
 BASE_LOSSES = ("ce", "wce", "ce+dice", "ohem")
 

@@ -3,18 +3,20 @@ teacher (run once per batch, or read from a cache)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ciss.data.classes import IGNORE_INDEX
 from ciss.models.staged import SegmentationModel, State
 from ciss.updater import losses
+from ciss.updater.method_table import method_row
 from ciss.updater.pod import local_pod
 from ciss.updater.pseudo import pseudo_label
-
-METHODS = ("mib", "ft", "lwf", "ilt", "plop")
 
 
 @dataclass(frozen=True)
@@ -22,10 +24,9 @@ class MethodConfig:
     """Loss settings.
 
     Attributes:
-        method: mib (unbiased CE + unbiased KD), ft (plain CE), lwf (CE + KD on old channels),
-            ilt (lwf + feature MSE), plop (CE on entropy pseudo-labels + Local POD on the
-            trainable stages).
-        kd_weight: lambda of the distillation term (mib 10, lwf/ilt 100 as in the literature).
+        method: a name of ``method_table.METHODS`` (mib, ft, lwf, ilt, plop, dkd).
+        kd_weight: lambda of the distillation terms (each row's default: mib 10, lwf/ilt
+            100, dkd 5, as in the literature).
         alpha: teacher sharpening in the distillation terms.
         feature_weight: weight of ILT's feature term.
         pseudo: mib only: background pixels the parent is confident about take its label.
@@ -101,6 +102,9 @@ class IncrementalStep:
         self.config = config
         self.cache = cache
         self.thresholds = thresholds  # per old class entropy thresholds (plop, --pseudo)
+        self.row = method_row(config.method)
+        if self.row.name not in LOSSES:  # a row without its losses is a programming error
+            raise RuntimeError(f"method {self.row.name!r} has no loss function")
         names = student.stage_names
         self.trunk = names[: student.frozen_upto + 1]
         self.tail = names[student.frozen_upto + 1:]
@@ -138,61 +142,143 @@ class IncrementalStep:
     def __call__(self, images: torch.Tensor, masks: torch.Tensor,
                  keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         size = images.shape[-2:]
-        cfg = self.config
-        need_teacher = cfg.method != "ft"
-        collect = cfg.method == "plop"  # Local POD needs each trainable stage's output
+        cfg, row = self.config, self.row
+        collect = row.stage_maps  # Local POD needs each trainable stage's output
         shared = self._trunk(images, keys) if self.trunk else None
         # --freeze none (the reference recipe): the teacher runs on the image by itself
-        s_state, s_maps = run_collect(
-            self.student, shared if shared is not None else self.student.begin(images),
-            self.tail, collect)
-        if need_teacher:
-            t_state, t_maps = self._teacher(images, keys, shared, collect)
+        with capture_inputs(self.student, row.classifier_inputs) as s_inputs:
+            s_state, s_maps = run_collect(
+                self.student, shared if shared is not None else self.student.begin(images),
+                self.tail, collect)
+        t_state, t_maps, t_inputs = None, [], []
+        if row.teacher:
+            with capture_inputs(self.teacher, row.classifier_inputs) as t_inputs:
+                t_state, t_maps = self._teacher(images, keys, shared,
+                                                collect or row.classifier_inputs)
         # losses in fp32 whatever autocast chose for the network: logsumexp and softmax over
         # channels, then means over many pixels, lose too much in bf16/fp16
         if cfg.loss_at == "logits":  # the labels come down to the logits instead
             size = s_state["logits"].shape[-2:]
             masks = F.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0].long()
-        logits = self.student.finish(s_state, size).float()
-        if cfg.method == "ft":
-            ce = losses.cross_entropy(logits, masks)
-            return {"loss": ce, "ce": ce.detach()}
-        t_logits = self.teacher.finish(t_state, size).float()
-        if cfg.method == "plop":
-            return self._plop(logits, t_logits, masks, s_maps, t_maps)
-        if cfg.method == "mib":
-            if cfg.pseudo:  # confident old-class pixels take their label; the rest stay 0
-                masks, _ = pseudo_label(masks, t_logits, self.thresholds, unsure=0)
-            ce = losses.unbiased_cross_entropy(logits, masks, self.num_old)
-            kd = losses.unbiased_distillation(logits, t_logits, alpha=cfg.alpha)
-        else:
-            ce = losses.cross_entropy(logits, masks)
-            kd = losses.distillation(logits, t_logits, alpha=cfg.alpha)
-        parts = {"ce": ce.detach(), "kd": kd.detach()}
-        loss = ce + cfg.kd_weight * kd
-        if cfg.method == "mib" and cfg.new_dice:
-            dice = losses.new_class_dice(logits, masks, self.num_old)
-            loss = loss + dice
-            parts["dice"] = dice.detach()
-        if cfg.method == "ilt":
-            fd = losses.feature_distillation(s_state["features"].float(),
-                                             t_state["features"].float())
-            loss = loss + cfg.feature_weight * fd
-            parts["feat"] = fd.detach()
-        parts["loss"] = loss
-        return parts
+        batch = Batch(
+            logits=self.student.finish(s_state, size).float(), masks=masks,
+            num_old=self.num_old, config=cfg,
+            t_logits=None if t_state is None else self.teacher.finish(t_state, size).float(),
+            s_state=s_state, t_state=t_state, s_maps=s_maps, t_maps=t_maps,
+            thresholds=self.thresholds,
+            s_inputs=list(s_inputs), t_inputs=list(t_inputs),
+            s_convs=self.student.classifier_convs(), t_convs=self.teacher.classifier_convs())
+        return LOSSES[row.name](batch)
 
-    def _plop(self, logits, t_logits, masks, s_maps, t_maps) -> dict[str, torch.Tensor]:
-        """PLOP: CE on pseudo-labels (unconfident background ignored), each image weighted by
-        its share of confident background pixels, plus Local POD on the trainable stages."""
-        labels, share = pseudo_label(masks, t_logits, self.thresholds)
-        per_pixel = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
-        valid = (labels != IGNORE_INDEX).flatten(1)
-        per_image = (per_pixel.flatten(1) * valid).sum(1) / valid.sum(1).clamp(min=1)
-        ce = (per_image * share).mean()
-        pod = local_pod(s_maps, t_maps, logits.shape[1], logits.shape[1] - self.num_old,
-                        self.config.pod_weight)
-        return {"loss": ce + pod, "ce": ce.detach(), "pod": pod.detach()}
+
+@dataclass
+class Batch:
+    """What a method's loss function reads for one batch (teacher fields None for ft)."""
+
+    logits: torch.Tensor  # the student's, fp32, at the loss resolution
+    masks: torch.Tensor
+    num_old: int
+    config: MethodConfig
+    t_logits: torch.Tensor | None = None
+    s_state: State | None = None
+    t_state: State | None = None
+    s_maps: list[torch.Tensor] = field(default_factory=list)
+    t_maps: list[torch.Tensor] = field(default_factory=list)
+    thresholds: torch.Tensor | None = None
+    s_inputs: list[torch.Tensor] = field(default_factory=list)  # each classifier conv's input
+    t_inputs: list[torch.Tensor] = field(default_factory=list)
+    s_convs: list[nn.Conv2d] = field(default_factory=list)
+    t_convs: list[nn.Conv2d] = field(default_factory=list)
+
+
+def _ft(b: Batch) -> dict[str, torch.Tensor]:
+    ce = losses.cross_entropy(b.logits, b.masks)
+    return {"loss": ce, "ce": ce.detach()}
+
+
+def _mib(b: Batch) -> dict[str, torch.Tensor]:
+    cfg, masks = b.config, b.masks
+    if cfg.pseudo:  # confident old-class pixels take their label; the rest stay 0
+        masks, _ = pseudo_label(masks, b.t_logits, b.thresholds, unsure=0)
+    ce = losses.unbiased_cross_entropy(b.logits, masks, b.num_old)
+    kd = losses.unbiased_distillation(b.logits, b.t_logits, alpha=cfg.alpha)
+    loss = ce + cfg.kd_weight * kd
+    parts = {"ce": ce.detach(), "kd": kd.detach()}
+    if cfg.new_dice:
+        dice = losses.new_class_dice(b.logits, masks, b.num_old)
+        loss = loss + dice
+        parts["dice"] = dice.detach()
+    return {"loss": loss, **parts}
+
+
+def _lwf(b: Batch) -> dict[str, torch.Tensor]:
+    ce = losses.cross_entropy(b.logits, b.masks)
+    kd = losses.distillation(b.logits, b.t_logits, alpha=b.config.alpha)
+    return {"loss": ce + b.config.kd_weight * kd, "ce": ce.detach(), "kd": kd.detach()}
+
+
+def _ilt(b: Batch) -> dict[str, torch.Tensor]:
+    parts = _lwf(b)
+    fd = losses.feature_distillation(b.s_state["features"].float(),
+                                     b.t_state["features"].float())
+    return {**parts, "loss": parts["loss"] + b.config.feature_weight * fd, "feat": fd.detach()}
+
+
+def _plop(b: Batch) -> dict[str, torch.Tensor]:
+    """PLOP: CE on pseudo-labels (unconfident background ignored), each image weighted by
+    its share of confident background pixels, plus Local POD on the trainable stages."""
+    labels, share = pseudo_label(b.masks, b.t_logits, b.thresholds)
+    per_pixel = F.cross_entropy(b.logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    valid = (labels != IGNORE_INDEX).flatten(1)
+    per_image = (per_pixel.flatten(1) * valid).sum(1) / valid.sum(1).clamp(min=1)
+    ce = (per_image * share).mean()
+    k = b.logits.shape[1]
+    pod = local_pod(b.s_maps, b.t_maps, k, k - b.num_old, b.config.pod_weight)
+    return {"loss": ce + pod, "ce": ce.detach(), "pod": pod.detach()}
+
+
+def _dkd(b: Batch) -> dict[str, torch.Tensor]:
+    """DKD (Baek et al. 2022) on a classifier in sigmoid form (background logit 0): BCE on
+    the new classes, BCE distillation of the old classes' logits, and of the positive and
+    negative parts of each old class's logit at the classifier's resolution. DKD's
+    auxiliary "unknown" head and its loss are left out: here the background is the
+    constant logit 0, which no loss trains. Pixels labelled with an old class (a replayed
+    memory) also supervise the old classes' sigmoids."""
+    w = b.config.kd_weight
+    new = (losses.binary_new_classes(b.logits, b.masks, b.num_old)
+           + losses.binary_old_labelled(b.logits, b.masks, b.num_old))
+    kd = losses.binary_distillation(b.logits[:, 1:b.num_old], b.t_logits[:, 1:b.num_old])
+    pos = neg = b.logits.new_zeros(())
+    for x_s, x_t, c_s, c_t in zip(b.s_inputs, b.t_inputs, b.s_convs, b.t_convs):
+        ps, ns = losses.decomposed_logits(x_s.float(), c_s, 1, b.num_old)
+        with torch.no_grad():
+            pt, nt = losses.decomposed_logits(x_t.float(), c_t, 1, b.num_old)
+        pos = pos + losses.binary_distillation(ps, pt)
+        neg = neg + losses.binary_distillation(ns, nt)
+    loss = new + w * (kd + pos + neg)
+    return {"loss": loss, "bce": new.detach(), "kd": kd.detach(), "pos": pos.detach(),
+            "neg": neg.detach()}
+
+
+# one loss function per row of method_table.METHODS (tests check that both name the same set)
+LOSSES: dict[str, Callable[[Batch], dict[str, torch.Tensor]]] = {
+    "mib": _mib, "ft": _ft, "lwf": _lwf, "ilt": _ilt, "plop": _plop, "dkd": _dkd}
+
+
+@contextlib.contextmanager
+def capture_inputs(model: SegmentationModel, enabled: bool) -> Iterator[list[torch.Tensor]]:
+    """Collect what each of the model's classifier convolutions receives while inside."""
+    seen: list[torch.Tensor] = []
+    if not enabled:
+        yield seen
+        return
+    hooks = [c.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+             for c in model.classifier_convs()]
+    try:
+        yield seen
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def run_collect(model: SegmentationModel, state: State, names: list[str], collect: bool

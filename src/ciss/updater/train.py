@@ -30,6 +30,7 @@ from ciss.updater.distributed import (
     sync_batchnorm,
 )
 from ciss.updater.loop import FitResult, LoopConfig, fit
+from ciss.updater.memory import MEMORY, choose_memory, memory_writer
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,11 @@ def retention_stems(folder: DatasetFolder, class_ids: list[int]) -> list[str]:
 def train_base(store: Store, data_dir: Path, *, arch: str = "tiny", weights: str | None = None,
                loop: LoopConfig = LoopConfig(), data: DataConfig = DataConfig(),
                loss: str | None = None, floor: float = DEFAULT_FLOOR, progress: bool = True,
-               after_epoch=None) -> StepReport:
+               after_epoch=None, memory: int = 0) -> StepReport:
     """Train step 0 on ``data_dir`` and write it to ``store``.
+
+    ``memory`` > 0 keeps that many class-balanced training images beside the step for the
+    next steps to replay (``updater.memory``; off by default).
 
     ``loss`` is one of ``losses.BASE_LOSSES`` (``wce`` weighs classes by their training pixel
     share); None takes the architecture's default recipe (``updater.defaults``).
@@ -120,6 +124,8 @@ def train_base(store: Store, data_dir: Path, *, arch: str = "tiny", weights: str
         CissError: bad data or settings (nothing written).
         CheckFailed: the loss became NaN.
     """
+    if memory < 0:
+        raise CissError(f"--memory {memory}: must be 0 (none) or a number of images")
     if loss is None:
         from ciss.updater.defaults import base_defaults
 
@@ -137,7 +143,7 @@ def train_base(store: Store, data_dir: Path, *, arch: str = "tiny", weights: str
         agree(info, "the store", store.steps())
         agree(info, "the training data", folder.fingerprint())
         return _train_base(store, folder, data_dir, arch, weights, loop, data, loss, floor,
-                           progress, after_epoch, info, device)
+                           progress, after_epoch, info, device, memory)
 
 
 def object_miou_validator(model, device, folder: DatasetFolder, stems: list[str],
@@ -153,7 +159,7 @@ def object_miou_validator(model, device, folder: DatasetFolder, stems: list[str]
 
 
 def _train_base(store, folder, data_dir, arch, weights, loop, data, loss, floor, progress,
-                after_epoch, info: DistInfo, device) -> StepReport:
+                after_epoch, info: DistInfo, device, memory: int) -> StepReport:
     classes = folder.classes
     torch.manual_seed(loop.seed)
     model = build_model(arch, num_classes=len(classes), weights=weights).to(device)
@@ -212,8 +218,11 @@ def _train_base(store, folder, data_dir, arch, weights, loop, data, loss, floor,
             model_config=model.config,
         )
         written.append(scores)
-        return store.write_step(card, model.cpu(),
-                                {"retention": retention_writer(folder, keep)})
+        writers = {"retention": retention_writer(folder, keep)}
+        if memory:
+            chosen, card.memory = choose_memory(folder, None, classes, memory, loop.seed)
+            writers[MEMORY] = memory_writer(chosen, classes)
+        return store.write_step(card, model.cpu(), writers)
 
     written: list = []
     warned: list[ClassWarning] = []

@@ -3,7 +3,8 @@
 Usage: python benchmarks/updater_matrix.py --base STORE --step-data DIR [--step-data DIR ...]
            --full-data DIR "mib" "ft,method=ft" "mib-none,freeze=none,cache=0" ...
 Each spec is TAG[,key=value...] with keys method, freeze, init, iterations (or epochs), lr,
-kd, cache, pseudo (0/1), loss_at (input/logits), dice (0/1: new-class Dice), bn (update/frozen:
+kd, cache, pseudo (0/1), pod / podl (PLOP's Local POD factors: encoder stages / logits),
+loss_at (input/logits), dice (0/1: new-class Dice), bn (update/frozen:
 BatchNorm statistics), threads (torch threads for this run; default 2).
 Several --step-data folders are learned in order (a 15-1 sequence, say), each step on the last.
 Prints one JSON line per run: old/new mIoU on the full-label val split after the last step (old
@@ -45,8 +46,10 @@ def run(spec: str, base: Path, step_data: list[Path], source, base_ids: list[int
                 method=MethodConfig(method=method, kd_weight=float(kw.get("kd", d.kd_weight)),
                                     pseudo=kw.get("pseudo", "0") == "1",
                                     loss_at=kw.get("loss_at", "input"),
-                                    new_dice=kw.get("dice", "0") == "1"),
-                update=UpdateConfig(freeze=kw.get("freeze"), init=kw.get("init", "random"),
+                                    new_dice=kw.get("dice", "0") == "1",
+                                    pod_weight=float(kw.get("pod", 0.01)),
+                                    pod_logits_weight=float(kw.get("podl", 0.0005))),
+                update=UpdateConfig(freeze=kw.get("freeze"), init=kw.get("init"),
                                     cache_trunk_mb=int(kw.get("cache", 1024)),
                                     bn_stats=kw.get("bn", d.bn_stats)),
                 loop=d.loop(iterations=int(kw["iterations"]) if "iterations" in kw else None,

@@ -107,10 +107,22 @@ def test_dkd_losses_match_the_published_definition():
     step = IncrementalStep(student, teacher, 4, MethodConfig(method="dkd", kd_weight=5.0))
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     y = torch.randint(0, 6, (2, 32, 32))
+    y[(y >= 1) & (y < 4)] = 0  # a new-class folder: new labels, background, ignored
     y[0, :4] = 255
     got = step(x, y)
     want = _dkd_reference(student, teacher, x, y, 4, 5.0)
     assert torch.allclose(got["loss"], want, atol=1e-5)
+    # a replayed memory image labels old classes: their sigmoids are supervised there too
+    y_mem = y.clone()
+    y_mem[1, 8:16] = 2
+    with torch.no_grad():
+        extra = step(x, y_mem)["loss"] - _dkd_reference(student, teacher, x, y_mem, 4, 5.0)
+        s = student(x)
+    pix = (y_mem >= 1) & (y_mem < 4)
+    onehot = torch.stack([(y_mem == c).float() for c in (1, 2, 3)], 1)
+    want_extra = (F.binary_cross_entropy_with_logits(s[:, 1:4], onehot, reduction="none")
+                  * pix[:, None]).sum((0, 2, 3)).div(pix.sum()).sum()
+    assert torch.allclose(extra, want_extra, atol=1e-4) and extra > 0
     got["loss"].backward()
     cls = student.stages["classifier"]
     # the background row is the constant 0: no loss reaches it

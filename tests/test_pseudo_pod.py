@@ -96,3 +96,44 @@ def test_plop_and_mib_pseudo_train_end_to_end(method, pseudo, store_copy, split_
     assert all(math.isfinite(v) for v in hist.values())
     assert ("pod" in hist) == (method == "plop")
     assert rep.card.method == method and rep.card.hparams["pseudo"] == pseudo
+
+
+def test_plop_distils_encoder_stages_and_logits_not_the_decoder():
+    """PLOP's code distils the backbone's stages and the logits (new channels summed into
+    the background), never the decoder's output: a student whose encoder equals the
+    parent's and whose new rows add nothing has no POD, whatever its decoder does."""
+    import copy
+
+    from ciss.models import build_model, freeze, grow_classifier
+    from ciss.updater.methods import IncrementalStep, MethodConfig, run_collect
+
+    torch.manual_seed(0)
+    teacher = build_model("tiny", num_classes=4).eval()
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    _, maps = run_collect(teacher, teacher.begin(x), teacher.stage_names, True)
+    assert list(maps) == ["stem", "stage1", "stage2", "stage3", "stage4"]
+
+    student = copy.deepcopy(teacher)
+    grow_classifier(student, 2, init="random")
+    conv = student.classifier_convs()[0]
+    with torch.no_grad():  # new rows give logit 0: exp adds to the background, not the sum
+        conv.weight[4:] = 0
+        conv.bias[4:] = 0
+        for p in student.stages["head"].parameters():  # the decoder moved: not distilled
+            p.add_(0.1 * torch.randn_like(p))
+    freeze(student, "stem")
+    student.eval()
+    y = torch.zeros(2, 32, 32, dtype=torch.long)
+    step = IncrementalStep(student, teacher, 4, MethodConfig(method="plop"),
+                           thresholds=torch.full((4,), 0.5))
+    pod_head_moved = step(x, y)["pod"]
+    # the logits differ (the decoder moved), so only the logits term can be non-zero; its
+    # factor is 0.0005: set it to 0 and the POD must vanish
+    step0 = IncrementalStep(student, teacher, 4, MethodConfig(method="plop",
+                                                             pod_logits_weight=0.0),
+                            thresholds=torch.full((4,), 0.5))
+    assert float(step0(x, y)["pod"]) == 0.0 and float(pod_head_moved) > 0
+    with torch.no_grad():  # a moved encoder stage is distilled
+        for p in student.stages["stage3"].parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    assert float(step0(x, y)["pod"]) > 0

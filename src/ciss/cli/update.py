@@ -37,9 +37,9 @@ from ciss.updater.method_table import BENCHMARK_METHODS, METHODS
 @click.option("--freeze", default=None,
               help="Last frozen stage, or 'none' (default: the model family's; tiny: stem, "
                    "torchvision, SMP and SegFormer: stage3; see 'ciss recipes').")
-@click.option("--init", type=click.Choice(["mib", "background", "random"]),
-              default="random", show_default=True,
-              help="New classifier rows (random: measured best, see BENCHMARKS.md).")
+@click.option("--init", type=click.Choice(["mib", "background", "random"]), default=None,
+              help="New classifier rows (default: the method's; random, measured best for "
+                   "mib, BENCHMARKS.md §2; plop: mib, as PLOP's code).")
 @click.option("--kd-weight", type=float, default=None,
               help="Distillation weight (default: " + ", ".join(
                   f"{m.name} {m.kd_weight:g}" for m in METHODS.values() if m.kd_weight) + ").")

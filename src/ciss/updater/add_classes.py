@@ -71,7 +71,8 @@ class UpdateConfig:
     Attributes:
         parent: step to start from (None: the latest).
         freeze: last frozen stage, "none", or None for the architecture's default.
-        init: classifier init for new classes: mib, background or random.
+        init: classifier init for new classes: mib, background or random (None: the
+            method's row, ``method_table``).
         cache_trunk_mb: memory for caching, per exact training input, the frozen trunk's
             outputs and the parent's logits across epochs (used only when augmentation is
             flip-only); 0 disables it.
@@ -84,7 +85,7 @@ class UpdateConfig:
 
     parent: int | None = None
     freeze: str | None = None
-    init: str = "random"
+    init: str | None = None
     cache_trunk_mb: int = 1024
     bn_stats: str = "frozen"
     memory: int | None = None
@@ -180,7 +181,7 @@ def _add_classes(job: _Job, progress: bool, after_epoch) -> StepReport:
         sigmoid_form(teacher)
     student = copy.deepcopy(teacher)
     torch.manual_seed(loop.seed)  # the new rows' random init must not depend on what ran before
-    grow_classifier(student, len(new), init=update.init)
+    grow_classifier(student, len(new), init=update.init or row.init)
     if row.sigmoid_form:  # the mib init shifts the background bias: back to the constant 0
         sigmoid_form(student)
     stage = update.freeze or arch_spec(parent.arch).default_freeze
@@ -314,6 +315,8 @@ def _evaluate_and_write(job: _Job, trained: _Trained, written: list) -> int:
         step=-1, parent=parent_step, classes=list(classes.names), new_classes=trained.new,
         arch=parent.arch, frozen=list(frozen_stages(student)), method=job.method.method,
         hparams={**asdict(job.loop), **asdict(job.method), **asdict(job.update),
+                 "init": job.update.init or method_row(job.method.method).init,
+                 "memory": job.memory,
                  **asdict(job.data), "crop_size": trained.crop, "trunk_cache": cache is not None,
                  "world_size": info.world_size,
                  "global_batch_size": job.loop.batch_size * info.world_size},

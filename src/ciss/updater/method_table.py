@@ -28,6 +28,8 @@ class Method:
             of 0. The parent is rewritten to that form before the step (exact: every
             prediction is unchanged, see ``models.surgery.sigmoid_form``).
         kd_weight: default weight of its distillation terms (0: none).
+        init: default init of the new classifier rows (``models.surgery.INITS``; random was
+            measured best for mib, BENCHMARKS.md §2; PLOP's code uses MiB's init).
         source: the publication the losses follow.
     """
 
@@ -39,6 +41,7 @@ class Method:
     classifier_inputs: bool = False
     sigmoid_form: bool = False
     kd_weight: float = 0.0
+    init: str = "random"
     source: str = ""
 
     def to_json(self) -> dict:
@@ -54,7 +57,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("ilt", "LwF + mean squared error on the encoder's features", kd_weight=100.0,
            source="Michieli & Zanuttigh, ICCVW 2019 (ILT)"),
     Method("plop", "cross-entropy on entropy pseudo-labels + Local POD on trainable stages",
-           thresholds=True, stage_maps=True, source="Douillard et al., CVPR 2021 (PLOP)"),
+           thresholds=True, stage_maps=True, init="mib",
+           source="Douillard et al., CVPR 2021 (PLOP); options of its released VOC scripts"),
     Method("dkd", "sigmoid BCE on new classes + BCE distillation of old logits and of their "
            "positive and negative parts", classifier_inputs=True, sigmoid_form=True,
            kd_weight=5.0, source="Baek et al., NeurIPS 2022 (DKD); weights of its VOC config"),

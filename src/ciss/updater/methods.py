@@ -30,7 +30,8 @@ class MethodConfig:
         alpha: teacher sharpening in the distillation terms.
         feature_weight: weight of ILT's feature term.
         pseudo: mib only: background pixels the parent is confident about take its label.
-        pod_weight: PLOP's Local POD factor per layer.
+        pod_weight: PLOP's Local POD factor per encoder stage.
+        pod_logits_weight: PLOP's Local POD factor on the logits (its "after" option).
         loss_at: "input" (logits upsampled to the image, the literature's way) or "logits"
             (labels nearest-downsampled to the logits' resolution, teacher alike: cheaper).
         new_dice: mib: add a soft Dice over the new classes' channels (small new objects do
@@ -43,6 +44,7 @@ class MethodConfig:
     feature_weight: float = 100.0
     pseudo: bool = False
     pod_weight: float = 0.01
+    pod_logits_weight: float = 0.0005
     loss_at: str = "input"
     new_dice: bool = False
 
@@ -131,7 +133,7 @@ class IncrementalStep:
             x = images if rows is None else images[rows]
             state, maps = run_collect(self.teacher, self.teacher.begin(x),
                                       self.teacher.stage_names, collect)
-            return state, maps[len(maps) - len(self.tail) + 1:]  # the student's stages only
+            return state, {k: v for k, v in maps.items() if k in self.tail}  # the student's
 
         with torch.no_grad():
             if collect or self.cache is None or keys is None:
@@ -150,7 +152,7 @@ class IncrementalStep:
             s_state, s_maps = run_collect(
                 self.student, shared if shared is not None else self.student.begin(images),
                 self.tail, collect)
-        t_state, t_maps, t_inputs = None, [], []
+        t_state, t_maps, t_inputs = None, {}, []
         if row.teacher:
             with capture_inputs(self.teacher, row.classifier_inputs) as t_inputs:
                 t_state, t_maps = self._teacher(images, keys, shared,
@@ -182,8 +184,8 @@ class Batch:
     t_logits: torch.Tensor | None = None
     s_state: State | None = None
     t_state: State | None = None
-    s_maps: list[torch.Tensor] = field(default_factory=list)
-    t_maps: list[torch.Tensor] = field(default_factory=list)
+    s_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # encoder stage -> output
+    t_maps: dict[str, torch.Tensor] = field(default_factory=dict)
     thresholds: torch.Tensor | None = None
     s_inputs: list[torch.Tensor] = field(default_factory=list)  # each classifier conv's input
     t_inputs: list[torch.Tensor] = field(default_factory=list)
@@ -225,15 +227,27 @@ def _ilt(b: Batch) -> dict[str, torch.Tensor]:
 
 
 def _plop(b: Batch) -> dict[str, torch.Tensor]:
-    """PLOP: CE on pseudo-labels (unconfident background ignored), each image weighted by
-    its share of confident background pixels, plus Local POD on the trainable stages."""
+    """PLOP (Douillard et al. 2021, its released code's VOC options): CE on pseudo-labels
+    (unconfident background ignored), each image weighted by its share of confident
+    background pixels; Local POD on the trainable encoder stages' outputs (factor
+    ``pod_weight``), and on the logits at the classifier's resolution (factor
+    ``pod_logits_weight``, the student's new channels summed into its background)."""
     labels, share = pseudo_label(b.masks, b.t_logits, b.thresholds)
     per_pixel = F.cross_entropy(b.logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
     valid = (labels != IGNORE_INDEX).flatten(1)
     per_image = (per_pixel.flatten(1) * valid).sum(1) / valid.sum(1).clamp(min=1)
     ce = (per_image * share).mean()
-    k = b.logits.shape[1]
-    pod = local_pod(b.s_maps, b.t_maps, k, k - b.num_old, b.config.pod_weight)
+    k, cfg = b.logits.shape[1], b.config
+    names = [n for n in b.s_maps if n in b.t_maps]
+    pod = local_pod([b.s_maps[n] for n in names], [b.t_maps[n] for n in names], k,
+                    k - b.num_old, cfg.pod_weight)
+    s_small, t_small = b.s_state["logits"].float(), b.t_state["logits"].float()
+    s_small = torch.cat([s_small[:, :1] + s_small[:, b.num_old:].sum(1, keepdim=True),
+                         s_small[:, 1:b.num_old]], dim=1)
+    pod_logits = local_pod([s_small], [t_small], k, k - b.num_old, cfg.pod_logits_weight)
+    # PLOP averages over every distilled layer, the logits included
+    n = len(names) + 1
+    pod = (pod * len(names) + pod_logits) / n
     return {"loss": ce + pod, "ce": ce.detach(), "pod": pod.detach()}
 
 
@@ -282,15 +296,16 @@ def capture_inputs(model: SegmentationModel, enabled: bool) -> Iterator[list[tor
 
 
 def run_collect(model: SegmentationModel, state: State, names: list[str], collect: bool
-                ) -> tuple[State, list[torch.Tensor]]:
-    """Run ``names`` stages; with ``collect``, also return what each stage but the classifier
-    produced (the maps Local POD distils)."""
+                ) -> tuple[State, dict[str, torch.Tensor]]:
+    """Run ``names`` stages; with ``collect``, also return what each encoder stage among them
+    produced (the maps Local POD distils: PLOP distils the backbone's stages, not the
+    decoder's output, which must stay free to serve the new classes)."""
     if not collect:
-        return model.run(state, names), []
-    maps = []
+        return model.run(state, names), {}
+    maps = {}
     for name in names:
         before = dict(state)
         state = model.run(state, [name])
-        if name != "classifier":
-            maps.append(next(v for k, v in state.items() if before.get(k) is not v))
+        if name not in ("head", "classifier"):
+            maps[name] = next(v for k, v in state.items() if before.get(k) is not v)
     return state, maps

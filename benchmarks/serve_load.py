@@ -154,6 +154,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--shadow-rates", default=None, help="e.g. 0,0.1,1: measure the watch")
     args = ap.parse_args()
+    from ciss.analysis.tolerances import GateThresholds
     from ciss.runtime.deploy import deploy
     from ciss.store import Store
 
@@ -161,7 +162,7 @@ def main() -> None:
     loose = args.store is None
     root = build_store(Path(tmp.name)) if loose else args.store
     store = Store(root)
-    tol = {"max_mean_drop": 100, "max_class_drop": 100} if loose else {}
+    tol = {"thresholds": GateThresholds(max_mean_drop=100, max_class_drop=100)} if loose else {}
     if args.shadow_rates:
         shadow_overhead(store, root, loose, tol, args)
         tmp.cleanup()

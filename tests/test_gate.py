@@ -9,6 +9,7 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
+from ciss.analysis.tolerances import GateThresholds
 from ciss.cli import main
 from ciss.errors import CheckFailed, CissError
 from ciss.runtime.deploy import deploy, rollback
@@ -45,9 +46,12 @@ def test_thresholds_are_compared_with_the_measured_drops(story):
     store = Store(story)
     mib = run_gate(store, 1, engine="torch")
     worst = max(c.drop for c in mib.classes if c.drop is not None)
-    assert not run_gate(store, 1, engine="torch", max_class_drop=worst - 0.01).passed
-    assert run_gate(store, 1, engine="torch", max_class_drop=worst + 0.01).passed
-    assert not run_gate(store, 1, engine="torch", max_mean_drop=mib.mean_old_drop - 0.01).passed
+    assert not run_gate(store, 1, engine="torch",
+                        thresholds=GateThresholds(max_class_drop=worst - 0.01)).passed
+    assert run_gate(store, 1, engine="torch",
+                    thresholds=GateThresholds(max_class_drop=worst + 0.01)).passed
+    assert not run_gate(store, 1, engine="torch",
+                        thresholds=GateThresholds(max_mean_drop=mib.mean_old_drop - 0.01)).passed
 
 
 def test_gate_bad_against(story):

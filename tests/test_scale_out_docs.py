@@ -11,12 +11,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ciss.analysis.tolerances import GateThresholds
 from ciss.runtime.deploy import deploy
 from ciss.runtime.server import ServeConfig, background
 from ciss.runtime.slot import SwapPolicy
 from ciss.store import Store
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
+
+LOOSE_GATE = GateThresholds(max_mean_drop=100, max_class_drop=100)
 
 
 def _rollout(store: Path, step: int, repo: Path, cwd: Path, gate_args: str):
@@ -51,12 +54,12 @@ def test_rollout_script_gates_then_adds_a_triton_version(story, tmp_path):
 def test_oip_client_example_against_ciss_serve(story, tmp_path):
     root = tmp_path / "store"
     shutil.copytree(story, root)
-    deploy(Store(root), 1, "onnx", max_mean_drop=100, max_class_drop=100)
+    deploy(Store(root), 1, "onnx", thresholds=LOOSE_GATE)
     image = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 44, 3), np.uint8)).save(image)
     # --model-name ciss_onnx: the same URLs as Triton serving the exported repository
     config = ServeConfig(store=root, model_name="ciss_onnx",
-                         policy=SwapPolicy(max_mean_drop=100, max_class_drop=100))
+                         policy=SwapPolicy(gate=LOOSE_GATE))
     with background(config) as (url, _):
         res = subprocess.run([sys.executable, str(EXAMPLES / "oip_client.py"), "--url",
                               url.removeprefix("http://"), "--model", "ciss_onnx", str(image),

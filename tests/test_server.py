@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ciss.analysis.tolerances import GateThresholds
 from ciss.engines.load import load_engine
 from ciss.runtime.deploy import deploy
 from ciss.runtime.server import ServeConfig, background
@@ -21,7 +22,8 @@ from ciss.runtime.slot import SwapPolicy
 from ciss.store import Store
 from tests.conftest import free_port
 
-LOOSE = SwapPolicy(max_mean_drop=100, max_class_drop=100)
+LOOSE_GATE = GateThresholds(max_mean_drop=100, max_class_drop=100)
+LOOSE = SwapPolicy(gate=LOOSE_GATE)
 
 
 @pytest.fixture
@@ -29,7 +31,7 @@ def served(story, tmp_path):
     """A private copy of the story store with step 0 deployed on ONNX."""
     root = tmp_path / "store"
     shutil.copytree(story, root)
-    deploy(Store(root), 0, "onnx", max_mean_drop=100, max_class_drop=100)
+    deploy(Store(root), 0, "onnx", thresholds=LOOSE_GATE)
     return root
 
 
@@ -176,7 +178,7 @@ def test_hot_swap_under_load_refusals_and_metrics(served):
     from prometheus_client.parser import text_string_to_metric_families
 
     store = Store(served)
-    policy = SwapPolicy(max_mean_drop=100, max_class_drop=100)
+    policy = SwapPolicy(gate=LOOSE_GATE)
     config = ServeConfig(store=served, policy=policy, poll_s=0.1)
     with background(config) as (url, app):
         failures, steps, stop = [], set(), threading.Event()
@@ -195,7 +197,7 @@ def test_hot_swap_under_load_refusals_and_metrics(served):
         for t in threads:
             t.start()
         time.sleep(0.3)
-        deploy(store, 1, "onnx", max_mean_drop=100, max_class_drop=100)
+        deploy(store, 1, "onnx", thresholds=LOOSE_GATE)
         _wait(lambda: app.state.slot.current.step == 1)
         time.sleep(0.3)
         stop.set()
@@ -216,7 +218,8 @@ def test_hot_swap_under_load_refusals_and_metrics(served):
 
         # A step that fails the gate (forced past it): refused unless --accept-forced.
         onnx.write_bytes(original)
-        policy.max_mean_drop = -100  # every old class "regressed": the gate must refuse
+        # every old class "regressed": the gate must refuse
+        policy.gate = GateThresholds(max_mean_drop=-100)
         store.write_deployed(dict(store.deployed(), step=2, forced=True))
         _wait(lambda: "retention gate" in (app.state.slot.last_error or ""))
         assert httpx.get(f"{url}/v1/status").json()["step"] == 1
@@ -232,8 +235,8 @@ def test_hot_swap_under_load_refusals_and_metrics(served):
 
 def test_admin_endpoints_need_the_token(served):
     store = Store(served)
-    deploy(store, 1, "onnx", max_mean_drop=100, max_class_drop=100)
-    config = ServeConfig(store=served, policy=SwapPolicy(max_mean_drop=100, max_class_drop=100),
+    deploy(store, 1, "onnx", thresholds=LOOSE_GATE)
+    config = ServeConfig(store=served, policy=SwapPolicy(gate=LOOSE_GATE),
                          admin_token="s3cret", poll_s=60)
     with background(config) as (url, app):
         assert app.state.slot.current.step == 1
@@ -246,7 +249,7 @@ def test_admin_endpoints_need_the_token(served):
         assert store.deployed()["rolled_back_from"] == 1
         r = httpx.post(f"{url}/admin/deploy", headers=auth, content=b"[1]")
         assert r.status_code == 400
-        app.state.slot.policy.max_mean_drop = -100
+        app.state.slot.policy.gate = GateThresholds(max_mean_drop=-100)
         r = httpx.post(f"{url}/admin/deploy", headers=auth, json={"step": 2})
         assert r.status_code == 409 and "step 2 refused" in r.json()["error"]
         assert store.deployed()["step"] == 0 and app.state.slot.current.step == 0
@@ -300,8 +303,7 @@ def test_a_provider_that_does_not_load_is_refused_at_start(served):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA: the fallback cannot be provoked here")
     config = ServeConfig(store=served, policy=SwapPolicy(
-        providers=["CUDAExecutionProvider", "CPUExecutionProvider"], max_mean_drop=100,
-        max_class_drop=100))
+        providers=["CUDAExecutionProvider", "CPUExecutionProvider"], gate=LOOSE_GATE))
     with pytest.raises(CissError, match="requested CUDAExecutionProvider but ONNX Runtime "
                                         "loaded only CPUExecutionProvider"):
         create_app(config)
@@ -378,7 +380,8 @@ def test_the_start_up_gate_reuses_deploys_result_only_for_the_same_everything(st
     assert runs == [] and served.gate["passed"] and served.step == 1
     assert metrics.registry.get_sample_value("ciss_gate_runs_total",
                                              {"result": "reused-passed"}) == 1
-    ModelSlot(store, SwapPolicy(max_mean_drop=6.0), ServerMetrics.create()).start()
+    ModelSlot(store, SwapPolicy(gate=GateThresholds(max_mean_drop=6.0)),
+              ServerMetrics.create()).start()
     assert runs == [1]  # other tolerances: scored again
     ModelSlot(store, SwapPolicy(), ServerMetrics.create(), max_side=512).start()
     assert runs == [1, 1]  # another serving resize

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ciss.analysis.tolerances import GateThresholds
 from ciss.errors import CissError
 from ciss.tables import pct, table
 
@@ -19,13 +20,13 @@ class DemoPlan:
     n_val: int
     base_iterations: int | None  # None: the default recipe's budget
     step_iterations: int | None
-    min_new_iou: float  # the learning check's floor (a smoke run learns nothing)
+    gate: GateThresholds  # the gate's tolerances (a smoke run learns nothing: floor 0)
 
 
 FULL = DemoPlan(n_train=2000, n_val=300, base_iterations=None, step_iterations=None,
-                min_new_iou=5.0)
+                gate=GateThresholds())
 FAST = DemoPlan(n_train=160, n_val=60, base_iterations=20, step_iterations=10,
-                min_new_iou=0.0)
+                gate=GateThresholds(min_new_iou=0.0))
 
 
 MARKER = ".ciss-demo"  # written first into every folder the demo creates
@@ -122,12 +123,12 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
     from ciss.errors import CheckFailed
     from ciss.runtime.deploy import deploy
 
-    if plan.min_new_iou == 0:
+    if plan.gate.min_new_iou == 0:
         echo("      (--fast: a smoke run learns nothing, so the learning check is off here)")
     for step in (numbers["mib_step"], numbers["ft_step"]):
         method = store.card(step).method
         try:
-            res = deploy(store, step, "onnx", min_new_iou=plan.min_new_iou)
+            res = deploy(store, step, "onnx", thresholds=plan.gate)
             mean = res.gate.mean_old_drop
             echo(f"      step {step} ({method}): PASS, mean old-class drop "
                  f"{0.0 if mean is None else mean:.1f} points -> deployed")
@@ -149,12 +150,12 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
         echo(f"      {method} (step {diag.step}, {diag.seconds}s): {diag.verdict}")
         echo(f"      report: {page}")
     if store.deployed() is None:  # nothing passed: serve the base step, which has no old class
-        deploy(store, base.step, "onnx", min_new_iou=plan.min_new_iou)
+        deploy(store, base.step, "onnx", thresholds=plan.gate)
     echo("[8/8] ciss serve: segment over HTTP, then force the ft step live and watch the server "
          "roll it back on live traffic")
     ft_step = numbers["ft_step"] if numbers.get("ft_gate") == "refused" else None
     numbers["served"] = serve_story(store, data_dir, out / "served-masks", ft_step, echo,
-                                    plan.min_new_iou)
+                                    plan.gate)
     numbers["seconds"] = round(time.perf_counter() - t0, 1)
     old = {m: numbers[f"step{numbers[m + '_step']}"]["old"] for m in ("mib", "ft")}
     echo(f"done in {numbers['seconds']}s. old-class mIoU after the new step: mib "
@@ -166,7 +167,8 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
 
 
 def serve_story(store, data_dir: Path, masks_dir: Path, ft_step: int | None,
-                echo: Callable[[str], None], min_new_iou: float = 5.0) -> dict:
+                echo: Callable[[str], None],
+                gate: GateThresholds = GateThresholds()) -> dict:
     """Serve the deployed step on loopback and segment a few val images over HTTP; then force
     the ft step live (when the gate refused it) on a server that shadows every request with the
     step's parent, and show the server rolling it back by itself."""
@@ -191,7 +193,7 @@ def serve_story(store, data_dir: Path, masks_dir: Path, ft_step: int | None,
     from ciss.runtime.shadow import ShadowPolicy
     from ciss.runtime.slot import SwapPolicy
 
-    policy = SwapPolicy(min_new_iou=min_new_iou, accept_forced=True)
+    policy = SwapPolicy(gate=gate, accept_forced=True)
     watch = ShadowPolicy(rate=1.0, window=20, min_agreement=0.5, auto_rollback=True)
     config = ServeConfig(store=store.root, poll_s=0.2, policy=policy, shadow=watch)
     with background(config) as (url, app):
@@ -211,7 +213,7 @@ def serve_story(store, data_dir: Path, masks_dir: Path, ft_step: int | None,
         if ft_step is None:
             echo("      (the ft step passed the gate on this run, so there is nothing to catch)")
             return {"step": served, "rolled_back": None}
-        deploy(store, ft_step, "onnx", force=True, min_new_iou=min_new_iou)
+        deploy(store, ft_step, "onnx", force=True, thresholds=gate)
         echo(f"      ciss deploy --step {ft_step} --force (the ft step, forced past the gate); "
              "this server runs with --accept-forced --shadow-rate 1 --auto-rollback")
         deadline = time.monotonic() + 120

@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
 import click
 
+from ciss.analysis.tolerances import GateThresholds
 from ciss.cli.base import ENGINE_CHOICE, device_option, main, open_store, store_option
 from ciss.tables import pct, table
 
 
 def _gate_options(f):
-    f = click.option("--min-new-iou", type=click.FloatRange(min=0, max=100), default=5.0,
-                     show_default=True,
-                     help="Learning check: every new class must reach this IoU (points) on "
-                          "the step's own retention set.")(f)
-    f = click.option("--max-class-drop", type=float, default=15.0, show_default=True,
-                     help="Largest allowed drop of any old class, IoU points.")(f)
-    return click.option("--max-mean-drop", type=float, default=5.0, show_default=True,
-                        help="Largest allowed drop of the mean old-class IoU, points.")(f)
+    """The gate's three tolerances as options, handed to the command as one ``thresholds``
+    (``GateThresholds``: the defaults live there and nowhere else)."""
+    d = GateThresholds()
+
+    @functools.wraps(f)
+    def command(*args, max_mean_drop, max_class_drop, min_new_iou, **kwargs):
+        return f(*args, thresholds=GateThresholds(max_mean_drop, max_class_drop, min_new_iou),
+                 **kwargs)
+
+    command = click.option("--min-new-iou", type=click.FloatRange(min=0, max=100),
+                           default=d.min_new_iou, show_default=True,
+                           help="Learning check: every new class must reach this IoU (points) "
+                                "on the step's own retention set.")(command)
+    command = click.option("--max-class-drop", type=float, default=d.max_class_drop,
+                           show_default=True,
+                           help="Largest allowed drop of any old class, IoU points.")(command)
+    return click.option("--max-mean-drop", type=float, default=d.max_mean_drop,
+                        show_default=True,
+                        help="Largest allowed drop of the mean old-class IoU, points.")(command)
 
 
 @main.command()
@@ -32,8 +45,7 @@ def _gate_options(f):
 @_gate_options
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def check(store_path, step, against, engine, max_mean_drop, max_class_drop, min_new_iou,
-          device, as_json) -> None:
+def check(store_path, step, against, engine, thresholds, device, as_json) -> None:
     """Retention gate: exit 1 when old classes regressed on the engine that will serve, or
     when a new class was not learned (below --min-new-iou).
 
@@ -47,8 +59,7 @@ def check(store_path, step, against, engine, max_mean_drop, max_class_drop, min_
     target = store.resolve(step)
     engine = engine or serving_engine(store.card(target).artifacts, device)
     ensure_engine(store, target, engine)
-    result = run_gate(store, target, against, engine, max_mean_drop, max_class_drop,
-                      min_new_iou=min_new_iou, device=device)
+    result = run_gate(store, target, against, engine, thresholds, device=device)
     if as_json:
         click.echo(json.dumps(result.to_json()))
     else:
@@ -79,8 +90,7 @@ def check(store_path, step, against, engine, max_mean_drop, max_class_drop, min_
 @click.option("--force", is_flag=True, help="Deploy even if the gate fails (recorded).")
 @_gate_options
 @device_option
-def deploy(store_path, step, engine, force, max_mean_drop, max_class_drop, min_new_iou,
-           device) -> None:
+def deploy(store_path, step, engine, force, thresholds, device) -> None:
     """Gate a step and point deployed.json at it (exports the engine first if needed).
 
     Example: ciss deploy --step 1 --engine onnx
@@ -90,8 +100,7 @@ def deploy(store_path, step, engine, force, max_mean_drop, max_class_drop, min_n
 
     store = open_store(store_path)
     engine = engine or serving_engine(store.card(store.resolve(step)).artifacts, device)
-    res = do_deploy(store, step, engine, force, max_mean_drop, max_class_drop,
-                    min_new_iou, device)
+    res = do_deploy(store, step, engine, force, thresholds, device)
     rec = res.record
     note = " (FORCED past a failing gate)" if rec["forced"] else ""
     click.echo(f"deployed step {rec['step']} on {rec['engine']}{note}; "
@@ -150,7 +159,7 @@ def rollback(store_path) -> None:
 def serve(store_path, host, port, model_name, engine, providers, device, admin_token, poll,
           max_body_mb,
           max_pixels, concurrency, accept_forced, shadow_rate, watch_window, min_agreement,
-          auto_rollback, max_mean_drop, max_class_drop, min_new_iou) -> None:
+          auto_rollback, thresholds) -> None:
     """Serve the deployed step over HTTP; hot-swap when deployed.json changes and passes the gate.
 
     Speaks the Open Inference Protocol v2 (model 'ciss' by default, version = step + 1) plus
@@ -180,9 +189,7 @@ def serve(store_path, host, port, model_name, engine, providers, device, admin_t
         policy=SwapPolicy(engine=engine, device=device,
                           providers=[p.strip() for p in providers.split(",") if p.strip()]
                           if providers else None,
-                          max_mean_drop=max_mean_drop, max_class_drop=max_class_drop,
-                          min_new_iou=min_new_iou,
-                          accept_forced=accept_forced))
+                          gate=thresholds, accept_forced=accept_forced))
 
     def announce(app) -> None:
         cur = app.state.slot.current

@@ -63,7 +63,7 @@ def add_admin_routes(app, token: str | None, policy: SwapPolicy, slot: ModelSlot
 
             try:
                 deploy(store, doc.get("step"), engine, bool(doc.get("force", False)),
-                       policy.max_mean_drop, policy.max_class_drop, policy.min_new_iou)
+                       policy.gate)
             except CheckFailed as exc:
                 raise HttpError(409, str(exc), "gate_failed") from exc
             except CissError as exc:

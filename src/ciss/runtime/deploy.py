@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from ciss.analysis.learning import DEFAULT_FLOOR
+from ciss.analysis.tolerances import GateThresholds
 from ciss.data.transforms import SERVE_MAX_SIDE
 from ciss.errors import CheckFailed, CissError
 from ciss.runtime.gate import GateResult, gate_fingerprint, run_gate, where_it_runs
@@ -34,8 +34,7 @@ def ensure_engine(store: Store, step: int, engine: str) -> None:
 
 
 def deploy(store: Store, step: int | None = None, engine: str = "onnx", force: bool = False,
-           max_mean_drop: float = 5.0, max_class_drop: float = 15.0,
-           min_new_iou: float = DEFAULT_FLOOR, device: str = "cpu") -> DeployResult:
+           thresholds: GateThresholds = GateThresholds(), device: str = "cpu") -> DeployResult:
     """Gate ``step`` on ``engine`` and point ``deployed.json`` at it.
 
     Raises:
@@ -46,11 +45,9 @@ def deploy(store: Store, step: int | None = None, engine: str = "onnx", force: b
     step = store.resolve(step)
     ensure_engine(store, step, engine)
     store.verify(step)
-    gate = run_gate(store, step, engine=engine, max_mean_drop=max_mean_drop,
-                    max_class_drop=max_class_drop, min_new_iou=min_new_iou, device=device)
+    gate = run_gate(store, step, engine=engine, thresholds=thresholds, device=device)
     fingerprint = gate_fingerprint(store, step, engine, where_it_runs(engine, device),
-                                   max_mean_drop=max_mean_drop, max_class_drop=max_class_drop,
-                                   min_new_iou=min_new_iou, max_side=SERVE_MAX_SIDE)
+                                   thresholds=thresholds, max_side=SERVE_MAX_SIDE)
     summary = {"step": step, "engine": engine, "mean_old_drop": gate.mean_old_drop,
                "reasons": gate.reasons, "by": "ciss deploy"}
     if not gate.passed and not force:

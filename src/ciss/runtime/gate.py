@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ciss.analysis.evaluate import predictor_for
-from ciss.analysis.learning import DEFAULT_FLOOR
 from ciss.analysis.scoring import score_retention
+from ciss.analysis.tolerances import GateThresholds
 from ciss.data.classes import ClassList
 from ciss.data.transforms import SERVE_MAX_SIDE
 from ciss.engines.formats import has_artifact
@@ -74,8 +74,7 @@ def where_it_runs(engine: str, device: str = "auto", providers: list[str] | None
 
 
 def gate_fingerprint(store: Store, step: int, engine: str, where: str, *,
-                     max_mean_drop: float, max_class_drop: float, min_new_iou: float,
-                     max_side: int) -> str:
+                     thresholds: GateThresholds, max_side: int) -> str:
     """A checksum of everything a gate result depends on: the step, its ancestors' and its
     own artifacts (weights, engines, retention sets: their sha256 from the cards), the engine,
     where it runs, the tolerances and the serving resize. Equal fingerprints, equal results:
@@ -86,7 +85,8 @@ def gate_fingerprint(store: Store, step: int, engine: str, where: str, *,
 
     chain = ancestors(store, step)
     blob = json.dumps({"step": step, "engine": engine, "where": where,
-                       "tol": [max_mean_drop, max_class_drop, min_new_iou, max_side],
+                       "tol": [thresholds.max_mean_drop, thresholds.max_class_drop,
+                               thresholds.min_new_iou, max_side],
                        "artifacts": {s: store.card(s).artifacts for s in chain}},
                       sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
@@ -160,14 +160,13 @@ def _learning_check(result: GateResult, card, after: dict, min_new_iou: float
 
 
 def run_gate(store: Store, step: int | None = None, against: int | None = None,
-             engine: str = "onnx", max_mean_drop: float = 5.0,
-             max_class_drop: float = 15.0, predict=None,
-             min_new_iou: float = DEFAULT_FLOOR, max_side: int = SERVE_MAX_SIDE,
-             device: str = "cpu") -> GateResult:
+             engine: str = "onnx", thresholds: GateThresholds = GateThresholds(),
+             predict=None, max_side: int = SERVE_MAX_SIDE, device: str = "cpu") -> GateResult:
     """Compare ``step`` with ``against`` (default: its parent) on the old classes, and check
-    that its new classes reach ``min_new_iou`` points on its own retention set.
+    that its new classes reach ``thresholds.min_new_iou`` points on its own retention set.
 
     Args:
+        thresholds: the tolerated drops and the learning check's floor.
         predict: the candidate's predictor (uint8 [N,3,H,W] -> labels); default: ``engine``
             loaded from the store behind the serving resize (``max_side``). The server passes
             the very segmenter it is about to serve.
@@ -178,6 +177,8 @@ def run_gate(store: Store, step: int | None = None, against: int | None = None,
         CissError: unknown steps, ``against`` not an ancestor, a missing engine artifact.
     """
     step, against, chain = resolve_comparison(store, step, against)
+    max_mean_drop, max_class_drop, min_new_iou = (
+        thresholds.max_mean_drop, thresholds.max_class_drop, thresholds.min_new_iou)
     card = store.card(step)
     classes_now = ClassList(tuple(card.classes))
     # the step's own retention set comes with its ancestors' (it labels the new classes)

@@ -15,8 +15,9 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from ciss.analysis.tolerances import GateThresholds
 from ciss.errors import CheckFailed, CissError
 from ciss.runtime.metrics import ServerMetrics
 from ciss.runtime.segmenter import Segmenter
@@ -41,17 +42,14 @@ class SwapPolicy:
             ``device`` calls for (CUDA first on a GPU host with onnxruntime-gpu).
         device: where the torch engine, the shadow parent and ONNX Runtime run ("auto":
             the GPU when there is one).
-        max_mean_drop, max_class_drop: the retention gate's tolerances (points).
-        min_new_iou: the learning check's floor for new classes (points).
+        gate: the retention gate's tolerances and the learning check's floor.
         accept_forced: serve a deployment recorded as forced past a failing gate.
     """
 
     engine: str | None = None
     providers: list[str] | None = None
     device: str = "auto"
-    max_mean_drop: float = 5.0
-    max_class_drop: float = 15.0
-    min_new_iou: float = 5.0
+    gate: GateThresholds = field(default_factory=GateThresholds)
     accept_forced: bool = False
 
     def ort_providers(self) -> list[str]:
@@ -175,10 +173,7 @@ class ModelSlot:
             # the gate measures what will be served: this engine, the serving resize, and
             # engine runs that queue behind live requests' (the concurrency limit) rather than
             # beside them
-            gate = run_gate(self.store, step, engine=engine_name,
-                            max_mean_drop=self.policy.max_mean_drop,
-                            max_class_drop=self.policy.max_class_drop,
-                            min_new_iou=self.policy.min_new_iou,
+            gate = run_gate(self.store, step, engine=engine_name, thresholds=self.policy.gate,
                             predict=segmenter.predict_labels, max_side=self.max_side)
         self.metrics.gate_runs.labels(("reused-" if reused else "")
                                       + ("passed" if gate.passed else "failed")).inc()
@@ -209,8 +204,7 @@ class ModelSlot:
             return None
         where = where_it_runs(engine_name, self.policy.device, self.policy.providers)
         fingerprint = gate_fingerprint(
-            self.store, step, engine_name, where, max_mean_drop=self.policy.max_mean_drop,
-            max_class_drop=self.policy.max_class_drop, min_new_iou=self.policy.min_new_iou,
+            self.store, step, engine_name, where, thresholds=self.policy.gate,
             max_side=self.max_side)
         if fingerprint != saved["fingerprint"]:
             return None

@@ -36,6 +36,12 @@ def test_add_classes_writes_step_with_card(store_copy, split_dir):
     assert card.extra["trunk_cache"]["hits"] == 0  # one epoch: every batch was a first sight
     assert {"weights.safetensors", "retention"} <= set(card.artifacts)
     store.verify(1)
+    # the merged configuration, whole, one object per part, with the recipe it started from
+    cfg = card.config
+    assert cfg["loop"]["epochs"] == 1 and cfg["method"]["method"] == "mib"
+    assert cfg["update"]["freeze"] == "stem" and cfg["update"]["init"] == "random"
+    assert cfg["recipe"]["family"] == "tiny" and cfg["recipe"]["kind"] == "step"
+    assert "BENCHMARKS" in cfg["recipe"]["source"]
 
 
 @pytest.mark.parametrize("method", ["mib", "lwf", "ilt", "ft"])

@@ -28,6 +28,10 @@ class StepCard:
         model_config: what rebuilds the module besides arch and classes (the model's
             ``config``: an imported SMP/transformers model's constructor arguments and
             preprocessing); empty for models ciss defines whole.
+        config: the whole configuration the step was trained with, one object per part
+            (``loop``, ``data``, and for add-classes ``method`` and ``update``), after the
+            family's recipe and the user's options were merged, plus the ``recipe`` (family
+            and its source) they started from; ``hparams`` holds the same values flat.
         memory: the replay memory kept beside the step (``updater.memory``): budget, images
             per class, where they came from; empty when it keeps none.
     """
@@ -48,6 +52,7 @@ class StepCard:
     created: str = ""
     model_config: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"

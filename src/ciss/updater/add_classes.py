@@ -34,6 +34,7 @@ from ciss.models import (
 from ciss.models.build import arch_spec
 from ciss.store import StepCard, Store
 from ciss.store.retention import retention_sets, retention_writer
+from ciss.updater.defaults import recipe_of
 from ciss.updater.distributed import (
     DistInfo,
     agree,
@@ -333,6 +334,13 @@ def _evaluate_and_write(job: _Job, trained: _Trained, written: list) -> int:
                  "iterations": result.iterations},
         extra=extra,
         model_config=parent.model_config,
+        config={"loop": asdict(job.loop), "data": asdict(job.data),
+                "method": asdict(job.method),
+                "update": {**asdict(job.update),
+                           "init": job.update.init or method_row(job.method.method).init,
+                           "freeze": student.stage_names[student.frozen_upto]
+                           if student.frozen_upto >= 0 else "none", "memory": job.memory},
+                "recipe": recipe_of(parent.arch, "step")},
     )
     written.append(own)
     writers = {"retention": retention_writer(folder, keep)}

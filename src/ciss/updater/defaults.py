@@ -90,3 +90,10 @@ def step_defaults(method: str, arch: str = "tiny") -> StepDefaults:
         CissError: unknown method.
     """
     return StepDefaults(arch_spec(arch).family.step, method_row(method).kd_weight)
+
+
+def recipe_of(arch: str, kind: str) -> dict:
+    """The family recipe (``kind``: base or step) a run of ``arch`` started from, for its card."""
+    family = arch_spec(arch).family
+    recipe = family.base if kind == "base" else family.step
+    return {"family": family.name, "kind": kind, "source": recipe.source}

@@ -20,6 +20,7 @@ from ciss.models import build_model
 from ciss.store import StepCard, Store
 from ciss.store.retention import retention_writer
 from ciss.updater import losses
+from ciss.updater.defaults import recipe_of
 from ciss.updater.distributed import (
     DistInfo,
     agree,
@@ -216,6 +217,9 @@ def _train_base(store, folder, data_dir, arch, weights, loop, data, loss, floor,
                    "device": str(device), "torch": torch.__version__,
                    "world_size": info.world_size, "preprocessing": model.preprocessing},
             model_config=model.config,
+            config={"loop": asdict(loop), "data": asdict(data),
+                    "base": {"arch": arch, "weights": weights, "loss": loss, "memory": memory},
+                    "recipe": recipe_of(arch, "base")},
         )
         written.append(scores)
         writers = {"retention": retention_writer(folder, keep)}

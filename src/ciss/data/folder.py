@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ciss.data.classes import IGNORE_INDEX, ClassList
-from ciss.data.imageio import read_image, read_mask
+from ciss.data.imageio import image_size, read_image, read_mask
 from ciss.data.layouts import IMAGE_SUFFIXES, detect
 from ciss.data.splits import hash_split
 from ciss.errors import CissError
@@ -131,7 +131,8 @@ def folder_exif(root: Path, exif: str | None) -> bool:
 
 
 def open_folder(path: Path | str, *, cache: bool = True, require_train: bool = True,
-                problems: list[str] | None = None, exif: str | None = None) -> DatasetFolder:
+                problems: list[str] | None = None, exif: str | None = None,
+                shard: tuple[int, int] | None = None) -> DatasetFolder:
     """Open and validate a dataset folder (ciss layout or Pascal VOC layout).
 
     Args:
@@ -143,6 +144,11 @@ def open_folder(path: Path | str, *, cache: bool = True, require_train: bool = T
         problems: when given, a sample with a problem is left out and its problem appended
             here instead of raised (``ciss data check`` lists them all); problems with the
             folder as a whole are still raised.
+        shard: (rank, world size) under torchrun. Rank 0 reads everything as without it;
+            another rank decodes (and keeps in memory) only the images of its shard of the
+            train split, positions ``rank::world`` (those the training sampler gives it),
+            and reads the others' sizes from their headers. Every mask is read on every
+            rank: class presence and pixel counts stay those of the whole folder.
 
     Raises:
         CissError: naming the file and the problem; nothing is written anywhere.
@@ -158,11 +164,12 @@ def open_folder(path: Path | str, *, cache: bool = True, require_train: bool = T
     if tool is not None:
         raw = tool(root)
         folder = _validate(root, raw.classes, raw.images, raw.masks, raw.train, raw.val,
-                           raw.has_val, raw.name, cache, raw.read_mask, problems, apply_exif)
+                           raw.has_val, raw.name, cache, raw.read_mask, problems, apply_exif,
+                           shard)
     elif voc_root is not None and not (root / "images").is_dir():
-        folder = _open_voc(voc_root, cache, problems, apply_exif)
+        folder = _open_voc(voc_root, cache, problems, apply_exif, shard)
     else:
-        folder = _open_ciss(root, cache, problems, apply_exif)
+        folder = _open_ciss(root, cache, problems, apply_exif, shard)
     if require_train and not folder.train:
         raise CissError(f"{root}: the train split is empty")
     return folder
@@ -198,7 +205,7 @@ def _read_list(path: Path, known: dict[str, Path]) -> list[str]:
 
 
 def _open_ciss(root: Path, cache: bool, problems: list[str] | None = None,
-               exif: bool = True) -> DatasetFolder:
+               exif: bool = True, shard: tuple[int, int] | None = None) -> DatasetFolder:
     for required in ("classes.txt", "images", "masks"):
         if not (root / required).exists():
             raise CissError(f"{root / required}: missing (a dataset folder holds classes.txt, "
@@ -229,11 +236,11 @@ def _open_ciss(root: Path, cache: bool, problems: list[str] | None = None,
         raise CissError(f"{root}: both splits are empty")
     stems = sorted(set(train) | set(val))
     return _validate(root, classes, {s: images[s] for s in stems}, {s: masks[s] for s in stems},
-                     train, val, has_val, "ciss", cache, None, problems, exif)
+                     train, val, has_val, "ciss", cache, None, problems, exif, shard)
 
 
 def _open_voc(root: Path, cache: bool, problems: list[str] | None = None,
-              exif: bool = True) -> DatasetFolder:
+              exif: bool = True, shard: tuple[int, int] | None = None) -> DatasetFolder:
     classes = (ClassList.from_file(root / "classes.txt") if (root / "classes.txt").exists()
                else ClassList(VOC_CLASSES))
     mask_dir = root / "SegmentationClassAug"
@@ -254,22 +261,26 @@ def _open_voc(root: Path, cache: bool, problems: list[str] | None = None,
     train = [s for s in train if s not in set(val)]
     stems = sorted(set(train) | set(val))
     return _validate(root, classes, {s: images[s] for s in stems}, {s: masks[s] for s in stems},
-                     train, val, True, "voc", cache, None, problems, exif)
+                     train, val, True, "voc", cache, None, problems, exif, shard)
 
 
 def _check_pair(stem: str, image_path: Path, mask_path: Path, n_classes: int,
-                mask_reader: Callable[[str], np.ndarray] | None = None, exif: bool = True):
-    image = read_image(image_path, exif=exif)
+                mask_reader: Callable[[str], np.ndarray] | None = None, exif: bool = True,
+                decode: bool = True):
+    """(stem, image or None, mask, classes present, pixel counts) after the checks; with
+    ``decode`` False the image's size comes from its header and no pixel is decoded."""
+    image = read_image(image_path, exif=exif) if decode else None
+    size = image.shape[:2] if decode else image_size(image_path, exif=exif)
     mask = mask_reader(stem) if mask_reader is not None else read_mask(mask_path)
-    if image.shape[:2] != mask.shape:
+    if size != mask.shape:
         hint = ""
-        if mask.shape == image.shape[:2][::-1]:
+        if mask.shape == size[::-1]:
             other = "ignore" if exif else "apply"
             hint = (f"; it matches the image turned by its EXIF orientation: the annotation "
                     f"tool used the other orientation, so pass --exif {other} (or put "
                     f'{{"exif": "{other}"}} in ciss.json)')
         raise CissError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
-                        f"{image_path.name} is {image.shape[1]}x{image.shape[0]}{hint}")
+                        f"{image_path.name} is {size[1]}x{size[0]}{hint}")
     values = np.unique(mask)
     bad = [int(v) for v in values if v >= n_classes and v != IGNORE_INDEX]
     if bad:
@@ -282,13 +293,16 @@ def _check_pair(stem: str, image_path: Path, mask_path: Path, n_classes: int,
 
 def _validate(root, classes, images, masks, train, val, has_val, layout, cache,
               mask_reader=None, problems: list[str] | None = None,
-              exif: bool = True) -> DatasetFolder:
+              exif: bool = True, shard: tuple[int, int] | None = None) -> DatasetFolder:
     stems = sorted(images)
+    # under torchrun a rank other than 0 decodes only its shard of the train split
+    own = (set(train[shard[0]::shard[1]]) if shard is not None and shard[0] > 0
+           and shard[1] > 1 else None)
 
     def check(stem):
         try:
             return _check_pair(stem, images[stem], masks[stem], len(classes), mask_reader,
-                               exif)
+                               exif, decode=own is None or stem in own)
         except CissError as exc:
             if problems is None:
                 raise
@@ -310,11 +324,13 @@ def _validate(root, classes, images, masks, train, val, has_val, layout, cache,
             presence[stem] = present
             pixels[stem] = counts
             shapes[stem] = mask.shape
+            if image is None:  # another rank's image: its size was checked, not its pixels
+                continue
             size = image.nbytes + mask.nbytes
             if used + size <= budget:
                 kept[stem] = (image, mask)
                 used += size
-    if used and len(kept) < len(presence):
+    if used and len(kept) < len(presence if own is None else own):
         kept = {}  # a partial cache would make epochs uneven; decode everything on demand
     if len(presence) < len(stems):  # samples with problems (reported) are left out
         images = {s: p for s, p in images.items() if s in presence}

@@ -78,6 +78,32 @@ def read_image(source: Path | bytes, what: str | None = None, *,
     return to_rgb(img)
 
 
+def image_size(path: Path, *, exif: bool = True, max_pixels: int = MAX_PIXELS
+               ) -> tuple[int, int]:
+    """(height, width) of an image as :func:`read_image` would return it, from the file's
+    header (no pixel is decoded): for the images of other ranks' shards under torchrun.
+
+    Raises:
+        CissError: not an image, or over ``max_pixels``.
+    """
+    try:
+        img = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"{path}: {exc}") from exc
+    except (UnidentifiedImageError, OSError) as exc:
+        raise CissError(f"{path}: not a readable image ({exc.__class__.__name__})") from exc
+    with img:
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageTooLarge(f"{path}: {w}x{h} = {w * h} pixels exceeds the limit of "
+                                f"{max_pixels} (decompression bomb protection)")
+        turned = False
+        if exif:
+            with contextlib.suppress(Exception):  # as read_image: a broken EXIF is ignored
+                turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # Orientation
+    return (w, h) if turned else (h, w)
+
+
 def open_image(path: Path, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open an image file lazily with the size and bomb checks, without converting it (a
     mask's mode says how to read it)."""

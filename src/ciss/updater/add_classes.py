@@ -40,6 +40,7 @@ from ciss.updater.distributed import (
     agree,
     check_shared_store,
     distributed,
+    env_shard,
     require_ranks_for_sync_bn,
     run_on_main,
     sync_batchnorm,
@@ -121,7 +122,7 @@ def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodCo
         CheckFailed: the loss became NaN.
     """
     method_row(method.method)  # an unknown name is refused before anything is read
-    folder = open_folder(data_dir, exif=data.exif)
+    folder = open_folder(data_dir, exif=data.exif, shard=env_shard())
     parent_step = store.resolve(update.parent)
     with distributed(torch_device(loop.device)) as (info, device):
         require_ranks_for_sync_bn(info, loop.sync_bn)

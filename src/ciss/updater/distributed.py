@@ -50,6 +50,13 @@ def _env_int(name: str, default: int) -> int:
         raise CissError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
+def env_shard() -> tuple[int, int] | None:
+    """(rank, world size) as torchrun's environment gives them, readable before the process
+    group exists (a folder is opened first); None when not distributed."""
+    world = _env_int("WORLD_SIZE", 1)
+    return (_env_int("RANK", 0), world) if world > 1 else None
+
+
 @contextlib.contextmanager
 def distributed(device: torch.device) -> Iterator[tuple[DistInfo, torch.device]]:
     """Join the process group torchrun describes; yield (info, this rank's device).

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler
 
 from ciss.errors import CheckFailed, CissError
 from ciss.updater.checkpoint import load_best, load_checkpoint, save_checkpoint
@@ -167,7 +167,13 @@ class _StepModule(nn.Module):
 class EpochSampler(torch.utils.data.Sampler):
     """Yields ``(epoch, index)`` pairs to datasets that declare ``epoch_in_index`` (plain
     indices to others), so that augmentation can depend on the epoch even in persistent
-    DataLoader workers (their copy of the dataset never sees ``set_epoch``)."""
+    DataLoader workers (their copy of the dataset never sees ``set_epoch``).
+
+    Under torchrun each rank keeps one shard for the whole run, indices ``rank::world``
+    (cut to an equal count on every rank), in a new order each epoch: a rank then only ever
+    reads the images it decoded and keeps in memory (``open_folder(shard=...)``). Every
+    global batch still mixes the ranks' shards, and every epoch covers the folder once.
+    """
 
     def __init__(self, dataset, cfg: LoopConfig, info: DistInfo) -> None:
         self.dataset, self.cfg, self.info = dataset, cfg, info
@@ -179,11 +185,11 @@ class EpochSampler(torch.utils.data.Sampler):
     def _inner(self):
         cfg, info, epoch = self.cfg, self.info, self.epoch
         if info.enabled:
-            sampler = DistributedSampler(self.dataset, num_replicas=info.world_size,
-                                         rank=info.rank, shuffle=True, seed=cfg.seed,
-                                         drop_last=True)
-            sampler.set_epoch(epoch)
-            return sampler
+            n = len(self.dataset) // info.world_size
+            own = torch.arange(info.rank, len(self.dataset), info.world_size)[:n]
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(
+                cfg.seed * 100_003 + epoch * 1_009 + info.rank))
+            return own[order].tolist()
         return RandomSampler(self.dataset, generator=torch.Generator().manual_seed(
             cfg.seed * 100_003 + epoch))
 

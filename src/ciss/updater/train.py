@@ -26,6 +26,7 @@ from ciss.updater.distributed import (
     agree,
     check_shared_store,
     distributed,
+    env_shard,
     require_ranks_for_sync_bn,
     run_on_main,
     sync_batchnorm,
@@ -131,7 +132,7 @@ def train_base(store: Store, data_dir: Path, *, arch: str = "tiny", weights: str
         from ciss.updater.defaults import base_defaults
 
         loss = base_defaults(arch).loss
-    folder = open_folder(data_dir, exif=data.exif)
+    folder = open_folder(data_dir, exif=data.exif, shard=env_shard())
     if store.steps():
         raise CissError(f"{store.root}: already has steps; use 'ciss add-classes' to extend the "
                         "latest one, or choose a new --store")

@@ -155,3 +155,13 @@ def recipes(as_json) -> None:
         click.echo(f"  step    {s.optimizer} lr {s.lr:g} (encoder x{s.encoder_lr:g}), "
                    f"{s.iterations} steps (<= {s.max_epochs} passes, >= {s.min_iterations}), "
                    f"BN {s.bn_stats}   [{s.source}]")
+    from ciss.updater.method_table import METHODS
+
+    click.echo("add-classes methods (--method):")
+    for m in METHODS.values():
+        needs = [k for k, on in (("parent", m.teacher), ("entropy thresholds", m.thresholds),
+                                 ("stage maps", m.stage_maps),
+                                 ("classifier inputs", m.classifier_inputs),
+                                 ("sigmoid form", m.sigmoid_form)) if on]
+        click.echo(f"  {m.name:5s} {m.summary}; needs {', '.join(needs) or 'nothing'}; "
+                   f"kd {m.kd_weight:g}, init {m.init}" + (f"   [{m.source}]" if m.source else ""))

@@ -56,7 +56,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            source="Li & Hoiem, TPAMI 2017 (LwF); weight as in MiB's tables"),
     Method("ilt", "LwF + mean squared error on the encoder's features", kd_weight=100.0,
            source="Michieli & Zanuttigh, ICCVW 2019 (ILT)"),
-    Method("plop", "cross-entropy on entropy pseudo-labels + Local POD on encoder stages and logits",
+    Method("plop", "CE on entropy pseudo-labels + Local POD on encoder stages and logits",
            thresholds=True, stage_maps=True, init="mib",
            source="Douillard et al., CVPR 2021 (PLOP); options of its released VOC scripts"),
     Method("dkd", "sigmoid BCE on new classes + BCE distillation of old logits and of their "

@@ -144,3 +144,27 @@ def test_dkd_step_is_stored_with_a_zero_background_row(store_copy, split_dir):
     # the old rows changed (trained), the parent's stored weights did not
     again, _ = store.load_model(0)
     assert torch.equal(again.classifier_convs()[0].weight, parent.classifier_convs()[0].weight)
+
+
+def test_endpoint_fusion_averages_shared_weights_and_keeps_new_rows():
+    from ciss.models import fuse_endpoints
+
+    torch.manual_seed(0)
+    parent = build_model("tiny", num_classes=4).eval()
+    student = copy.deepcopy(parent)
+    grow_classifier(student, 2, init="random")
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    trained = copy.deepcopy(student.state_dict())
+    w = fuse_endpoints(student, parent, 4, 2)
+    assert w == pytest.approx((2 / 6) ** 0.5)
+    conv = student.classifier_convs()[0]
+    ref = parent.classifier_convs()[0]
+    name = next(k for k, v in student.state_dict().items()
+                if v.data_ptr() == conv.weight.data_ptr())
+    assert torch.allclose(conv.weight[:4], (1 - w) * ref.weight + w * trained[name][:4])
+    assert torch.equal(conv.weight[4:], trained[name][4:])  # new rows: as trained
+    stem = next(k for k in trained if k.startswith("stages.stem") and k.endswith("weight"))
+    assert torch.allclose(student.state_dict()[stem],
+                          (1 - w) * parent.state_dict()[stem] + w * trained[stem])

@@ -9,7 +9,8 @@ with ground truth, background included; hIoU = harmonic mean of old and new.
 
 A method name ending in ``+memory`` runs that method with the replay memory
 (``--memory N`` images, ``updater.memory``); the shared base step then keeps one too, which
-changes nothing of its weights. Outputs: results.json (every step of every method),
+changes nothing of its weights. ``+fuse`` adds EWF's endpoint fusion after every step.
+Outputs: results.json (every step of every method),
 results.csv, results.md, curves.png and results.html (old/new/all after each step, one line
 per method, joint dashed).
 """
@@ -55,14 +56,16 @@ class BenchmarkConfig:
     memory: int = 100
 
 
-MEMORY_SUFFIX = "+memory"
+ADD_ONS = ("memory", "fuse")  # NAME+memory: the replay memory; NAME+fuse: EWF's fusion
 
 
-def method_parts(name: str) -> tuple[str, bool]:
-    """(method, with memory) of a benchmark method name such as ``dkd+memory``."""
-    if name.endswith(MEMORY_SUFFIX):
-        return name[: -len(MEMORY_SUFFIX)], True
-    return name, False
+def method_parts(name: str) -> tuple[str, set[str]]:
+    """(method, add-ons) of a benchmark method name such as ``dkd+fuse+memory``."""
+    parts = name.split("+")
+    ons = set()
+    while len(parts) > 1 and parts[-1] in ADD_ONS:
+        ons.add(parts.pop())
+    return "+".join(parts), ons
 
 
 @dataclass
@@ -135,10 +138,11 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
     """Run the benchmark into ``out`` (split/, stores/, results.csv, results.md, curves.png)."""
     say = echo or (lambda _m: None)
     unknown = [m for m in cfg.methods if method_parts(m)[0] not in KNOWN
-               or method_parts(m) == ("joint", True)]
+               or (method_parts(m)[0] == "joint" and method_parts(m)[1])]
     if unknown or not cfg.methods:
         raise CissError(f"--methods: unknown {', '.join(unknown) or '(none)'}; choose from "
-                        f"{', '.join(KNOWN)}, each but joint also as NAME{MEMORY_SUFFIX}")
+                        f"{', '.join(KNOWN)}, each but joint also as NAME+"
+                        f"{' or NAME+'.join(ADD_ONS)}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise CissError(f"{out}: exists and is not empty; choose a new folder")
@@ -160,7 +164,7 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
     if incremental or cfg.control:
         say(f"base step: {cfg.arch}, {len(base_ids)} classes, {budget}")
         base = Store(out / "stores" / "base")
-        wants_memory = any(method_parts(m)[1] for m in incremental)
+        wants_memory = any("memory" in method_parts(m)[1] for m in incremental)
         rep = train_base(base, steps[0], arch=cfg.arch,
                          loop=base_loop, loss=bd.loss, data=DataConfig(scale=bd.scale),
                          progress=progress, memory=cfg.memory if wants_memory else 0)
@@ -169,7 +173,7 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
             store = Store(out / "stores" / method)
             shutil.copytree(base.root, store.root)
             rows.append(Row(method, 0, old, None, all_, None, rep.fit.seconds, per))
-            name, with_memory = method_parts(method)
+            name, ons = method_parts(method)
             loss = {"ft-control": "ft", "mib+pseudo": "mib"}.get(name, name)
             d = step_defaults(loss, cfg.arch)
             for t, step_dir in enumerate(step_dirs[1:], start=1):
@@ -178,7 +182,8 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
                                 method=MethodConfig(method=loss, kd_weight=d.kd_weight,
                                                     pseudo=name == "mib+pseudo"),
                                 update=UpdateConfig(freeze=cfg.freeze, bn_stats=d.bn_stats,
-                                                    memory=cfg.memory if with_memory else 0),
+                                                    memory=cfg.memory if "memory" in ons
+                                                    else 0, fuse="fuse" in ons),
                                 loop=d.loop(epochs=cfg.step_epochs, seed=cfg.seed,
                                             device=cfg.device),
                                 progress=progress)

@@ -55,10 +55,14 @@ from ciss.updater.method_table import BENCHMARK_METHODS, METHODS
                    "and SMP's mit encoders only the decoder's BatchNorm is concerned.")
 @click.option("--val", "val_dir", type=click.Path(path_type=Path), default=None,
               help="A fully labelled folder to score as well.")
+@click.option("--fuse", is_flag=True,
+              help="After training, average the weights with the parent's, the new ones "
+                   "weighted sqrt(new / (new + old classes)) (EWF, CVPR 2023; BENCHMARKS.md "
+                   "§11 measures it).")
 @memory_option(step=True)
 @loop_options
 def add_classes_cmd(store_path, data_dir, parent, method, pseudo, new_dice, freeze, init,
-                    kd_weight, alpha, bn_stats, memory, scale,
+                    kd_weight, alpha, bn_stats, fuse, memory, scale,
                     cache_trunk_mb, val_dir, iterations, epochs, batch_size, lr, optimizer,
                     encoder_lr, seed, device, crop_size, exif, workers, floor,
                     checkpoint_every, sync_bn, quiet) -> None:
@@ -90,7 +94,7 @@ def add_classes_cmd(store_path, data_dir, parent, method, pseudo, new_dice, free
                             else d.kd_weight, alpha=alpha, pseudo=pseudo, new_dice=new_dice),
         update=UpdateConfig(parent=parent, freeze=freeze, init=init,
                             cache_trunk_mb=cache_trunk_mb, bn_stats=bn_stats or d.bn_stats,
-                            memory=memory),
+                            memory=memory, fuse=fuse),
         loop=loop, data=DataConfig(crop_size=crop_size, scale=parse_scale(scale, d.scale),
                                    workers=workers, exif=exif),
         val_dir=val_dir, floor=floor, progress=not quiet)
@@ -113,7 +117,7 @@ def add_classes_cmd(store_path, data_dir, parent, method, pseudo, new_dice, free
               show_default=True)
 @click.option("--methods", default="ft,mib", show_default=True,
               help=f"Comma list of {', '.join(BENCHMARK_METHODS)}; NAME+memory runs a method "
-                   "with the replay memory (--memory).")
+                   "with the replay memory (--memory), NAME+fuse with EWF's fusion (--fuse).")
 @click.option("--memory", type=click.IntRange(min=1), default=100, show_default=True,
               help="Images the +memory methods keep (the literature's VOC budget: 100).")
 @click.option("--seed", type=int, default=0, show_default=True)

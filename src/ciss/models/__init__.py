@@ -2,12 +2,13 @@
 
 from ciss.models.build import ARCHS, SegmentationModel, build_model
 from ciss.models.surgery import (
-                                 freeze,
-                                 freeze_bn_stats,
-                                 frozen_stages,
-                                 grow_classifier,
-                                 sigmoid_form,
+    freeze,
+    freeze_bn_stats,
+    frozen_stages,
+    fuse_endpoints,
+    grow_classifier,
+    sigmoid_form,
 )
 
 __all__ = ["ARCHS", "SegmentationModel", "build_model", "freeze", "freeze_bn_stats",
-           "frozen_stages", "grow_classifier", "sigmoid_form"]
+           "frozen_stages", "fuse_endpoints", "grow_classifier", "sigmoid_form"]

@@ -58,6 +58,27 @@ def grow_classifier(model: SegmentationModel, n_new: int, init: str = "mib") -> 
     model.num_classes = k_old + n_new
 
 
+def fuse_endpoints(student: SegmentationModel, parent: SegmentationModel, n_old: int,
+                   n_new: int) -> float:
+    """EWF's endpoint fusion (Xiao et al., CVPR 2023, its released code), in place: every
+    weight and buffer the parent has becomes (1 - w) x the parent's + w x the student's, with
+    w = sqrt(n_new / (n_new + n_old)); the new classes' classifier rows stay as trained.
+    Returns w."""
+    w = math.sqrt(n_new / (n_new + n_old))
+    k_old = parent.num_classes
+    old = parent.state_dict()
+    with torch.no_grad():
+        for name, value in student.state_dict().items():
+            ref = old.get(name)
+            if ref is None or not value.is_floating_point():
+                continue  # counters (BatchNorm's num_batches_tracked) stay the student's
+            if ref.shape == value.shape:
+                value.copy_((1 - w) * ref + w * value)
+            elif ref.shape[1:] == value.shape[1:] and ref.shape[0] == k_old:  # a grown row set
+                value[:k_old].copy_((1 - w) * ref + w * value[:k_old])
+    return w
+
+
 def sigmoid_form(model: SegmentationModel) -> None:
     """Rewrite the classifier so that the background logit is the constant 0, in place.
 

@@ -28,6 +28,7 @@ from ciss.models import (
     freeze,
     freeze_bn_stats,
     frozen_stages,
+    fuse_endpoints,
     grow_classifier,
     sigmoid_form,
 )
@@ -83,6 +84,8 @@ class UpdateConfig:
             follow the new-class data).
         memory: replay memory budget in images (``updater.memory``): None continues the
             parent's, 0 keeps none.
+        fuse: after training, EWF's endpoint fusion of the weights with the parent's
+            (``models.surgery.fuse_endpoints``).
     """
 
     parent: int | None = None
@@ -91,6 +94,7 @@ class UpdateConfig:
     cache_trunk_mb: int = 1024
     bn_stats: str = "frozen"
     memory: int | None = None
+    fuse: bool = False
 
 
 def _new_classes(folder: DatasetFolder, parent: StepCard, data_dir: Path) -> list[str]:
@@ -229,6 +233,8 @@ def _add_classes(job: _Job, progress: bool, after_epoch) -> StepReport:
                             desc=method.method, after_epoch=after_epoch, progress=progress,
                             dist_info=info, validate=validate,
                             workers=loader_workers(folder, data.workers, device))
+    if update.fuse:  # on every rank alike: they hold the same weights after DDP
+        fuse_endpoints(student, teacher, len(parent.classes), len(new))
     written: list = []
     trained = _Trained(parent, student, classes, new, crop, cache, result)
     step = run_on_main(info, lambda: _evaluate_and_write(job, trained, written))

@@ -35,6 +35,27 @@ def test_export_onnx_records_artifact_and_parity(store_copy):
     assert out["logits"].shape == (3, 16, 41, 29) and out["logits"].dtype == np.float32
     assert out["labels"].shape == (3, 41, 29) and out["labels"].dtype == np.uint8
     assert eng.loaded == ["CPUExecutionProvider"]
+    assert card.extra["parity"]["onnx"]["device"] == "cpu"
+
+
+def test_parity_on_a_gpu_runs_in_exact_fp32():
+    """TF32 (cuDNN, matmul; ONNX Runtime's CUDA provider) is off while the gate compares, and
+    torch's flags come back as they were; serving keeps the provider's default."""
+    import torch
+
+    from ciss.engines.onnx import provider_options
+    from ciss.exporters.parity import exact_fp32
+
+    torch.backends.cudnn.allow_tf32 = True
+    with exact_fp32():
+        assert not torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cudnn.allow_tf32
+    gate = provider_options(["CUDAExecutionProvider", "CPUExecutionProvider"], tf32=False)
+    assert gate[0] == ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC",
+                                                  "use_tf32": "0"})
+    served = provider_options(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert "use_tf32" not in served[0][1] and served[1] == "CPUExecutionProvider"
 
 
 def test_export_leaves_model_in_eval_mode(tmp_path):
@@ -54,7 +75,7 @@ def test_failing_gate_keeps_nothing(store_copy, monkeypatch):
     before = (store.step_dir(0) / "card.json").read_text()
 
     class Broken:
-        def __init__(self, path, providers=None):
+        def __init__(self, path, providers=None, tf32=True):
             self.real = OnnxEngine(path)
 
         def run(self, images):

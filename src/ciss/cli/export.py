@@ -27,7 +27,11 @@ from ciss.tables import pct, table
 @click.option("--trt-precision", type=click.Choice(["fp16", "fp32", "int8"]), default="fp16",
               show_default=True,
               help="TensorRT plan precision (int8: built from the calibrated INT8 model).")
-def export(store_path, step, formats, out, triton_gpu, triton_device, trt_precision) -> None:
+@click.option("--device", default="auto", show_default=True,
+              help="Where the ONNX parity gate runs: auto (the GPU when onnxruntime-gpu and "
+                   "CUDA are here), cpu, cuda. Both sides in exact fp32 (TF32 off).")
+def export(store_path, step, formats, out, triton_gpu, triton_device, trt_precision,
+           device) -> None:
     """Compile a step to ONNX (and INT8, TensorRT, a Triton repository) behind parity gates.
 
     Example: ciss export --step 1 --format onnx --format int8
@@ -36,7 +40,7 @@ def export(store_path, step, formats, out, triton_gpu, triton_device, trt_precis
 
     results = export_step(open_store(store_path), step, list(formats), out,
                           triton_gpu=triton_gpu, triton_device=triton_device,
-                          trt_precision=trt_precision)
+                          trt_precision=trt_precision, device=device)
     rows = []
     for r in results:
         p = r.parity

@@ -21,12 +21,15 @@ class OnnxEngine:
         threads: intra-op threads (0 = ORT's default, one per physical core).
         cache_dir: where the TensorRT execution provider keeps built engines and its timing
             cache, so a restart does not rebuild them (only used with that provider).
+        tf32: let the CUDA provider use TF32 (its default, for serving); False for the
+            export's parity check, compared with torch in exact fp32.
     """
 
     path: Path
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     threads: int = 0
     cache_dir: Path | None = None
+    tf32: bool = True
 
     def __post_init__(self) -> None:
         from ciss.engines.ort import import_onnxruntime
@@ -39,7 +42,9 @@ class OnnxEngine:
             opts.intra_op_num_threads = self.threads
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts,
-                                                providers=self._with_options())
+                                                providers=provider_options(
+                                                    self.providers, self.cache_dir,
+                                                    self.tf32))
         except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
             raise CissError(f"{self.path}: ONNX Runtime cannot load it ({exc})") from exc
         # Providers silently fall back to CPU when a GPU library is missing: report what loaded.
@@ -52,22 +57,6 @@ class OnnxEngine:
         self.classes = json.loads(meta.get("classes", "[]"))
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def _with_options(self) -> list:
-        out = []
-        for name in self.providers:
-            if name == "TensorrtExecutionProvider" and self.cache_dir is not None:
-                cache = str(Path(self.cache_dir) / "trt-ep")
-                out.append((name, {"trt_engine_cache_enable": True,
-                                   "trt_engine_cache_path": cache,
-                                   "trt_timing_cache_enable": True,
-                                   "trt_timing_cache_path": cache}))
-            elif name == "CUDAExecutionProvider":
-                # Variable image sizes: exhaustive cuDNN search on every new shape is slow.
-                out.append((name, {"cudnn_conv_algo_search": "HEURISTIC"}))
-            else:
-                out.append(name)
-        return out
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 [N,3,H,W] -> {"logits": float32 [N,K,H,W], "labels": uint8 [N,H,W]}."""
@@ -82,3 +71,25 @@ class OnnxEngine:
 
     def describe(self) -> str:
         return f"onnxruntime {Path(self.path).name} on {', '.join(self.loaded)}"
+
+
+def provider_options(providers: list[str], cache_dir: Path | None = None,
+                     tf32: bool = True) -> list:
+    """ONNX Runtime's providers list with ciss's options for each."""
+    out = []
+    for name in providers:
+        if name == "TensorrtExecutionProvider" and cache_dir is not None:
+            cache = str(Path(cache_dir) / "trt-ep")
+            out.append((name, {"trt_engine_cache_enable": True,
+                               "trt_engine_cache_path": cache,
+                               "trt_timing_cache_enable": True,
+                               "trt_timing_cache_path": cache}))
+        elif name == "CUDAExecutionProvider":
+            # Variable image sizes: exhaustive cuDNN search on every new shape is slow.
+            opts = {"cudnn_conv_algo_search": "HEURISTIC"}
+            if not tf32:
+                opts["use_tf32"] = "0"
+            out.append((name, opts))
+        else:
+            out.append(name)
+    return out

@@ -18,15 +18,23 @@ from ciss.store import Store
 from ciss.store.retention import retention_sets
 
 
-def export_onnx_step(store: Store, step: int) -> ExportResult:
+def export_onnx_step(store: Store, step: int, device: str = "cpu") -> ExportResult:
     """Export ``step`` to ``model.onnx`` behind the parity gate.
+
+    ``device``: where the gate runs both sides ("auto": the GPU when ONNX Runtime has its
+    CUDA provider here), in exact fp32 (TF32 off in torch and in the CUDA provider), so
+    the tolerance means the same on a GPU as on a CPU. The file exported is the same.
 
     Raises:
         CheckFailed: the gate failed (nothing is kept).
     """
+    from ciss.engines.load import ort_providers, torch_device
     from ciss.engines.onnx import OnnxEngine
     from ciss.exporters.onnx import export_onnx
+    from ciss.exporters.parity import exact_fp32
 
+    providers = ort_providers(device)
+    on_gpu = providers[0] == "CUDAExecutionProvider"
     model, card = store.load_model(step)
     sets = retention_sets(store, step)
     tmp = staging_dir(store)
@@ -39,8 +47,10 @@ def export_onnx_step(store: Store, step: int) -> ExportResult:
             onnx.checker.check_model(str(path), full_check=True)
         except onnx.checker.ValidationError as exc:
             raise CheckFailed(f"onnx.checker rejected the export of step {step}: {exc}") from exc
-        engine = OnnxEngine(path)
-        report = check_parity(model, engine.run, "onnx", sets, ClassList(tuple(card.classes)))
+        engine = OnnxEngine(path, providers=providers, tf32=False)
+        with exact_fp32():
+            report = check_parity(model.to(torch_device(device) if on_gpu else "cpu"),
+                                  engine.run, "onnx", sets, ClassList(tuple(card.classes)))
         if not report.passed:
             raise CheckFailed(f"step {step} ONNX parity gate failed: "
                               + "; ".join(report.reasons))
@@ -61,13 +71,14 @@ def ensure_onnx(store: Store, step: int) -> Path:
 
 def export_step(store: Store, step: int | None, formats: list[str],
                 out: Path | None = None, triton_gpu: str | None = None,
-                triton_device: str = "auto", trt_precision: str = "fp16"
-                ) -> list[ExportResult]:
+                triton_device: str = "auto", trt_precision: str = "fp16",
+                device: str = "cpu") -> list[ExportResult]:
     """Export a step to each named format (see FORMATS), in a sensible order.
 
     ``triton_gpu``/``triton_device``: the GPU model a Triton repository is for and where its
     ONNX model runs (``exporters.triton.write_repository``); ``trt_precision``: fp16, fp32 or
-    int8 (from the calibrated INT8 model, exported first) for the TensorRT plan.
+    int8 (from the calibrated INT8 model, exported first) for the TensorRT plan;
+    ``device``: where the ONNX parity gate runs (``export_onnx_step``).
     """
     for f in formats:
         check_format(f)
@@ -81,7 +92,7 @@ def export_step(store: Store, step: int | None, formats: list[str],
     results = []
     for f in order:
         if f == "onnx":
-            results.append(export_onnx_step(store, step))
+            results.append(export_onnx_step(store, step, device))
         elif f == "int8":
             from ciss.exporters.quantize import export_int8_step
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -38,11 +39,25 @@ class ParityReport:
     miou_engine: float | None
     per_set: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
     shapes_checked: list[list[int]] = field(default_factory=list)
+    device: str = "cpu"  # where both sides ran (TF32 off on a GPU: see exact_fp32)
     passed: bool = False
     reasons: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """torch's fp32 without TF32 while inside (cuDNN convolutions and matmuls): on Ampere and
+    later GPUs TF32 rounds inputs to 10 mantissa bits, which alone can exceed the parity
+    gate's 1e-3 logit tolerance. Nothing changes on a CPU."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def check_parity(model: torch.nn.Module, run_engine, engine_name: str,
@@ -59,6 +74,7 @@ def check_parity(model: torch.nn.Module, run_engine, engine_name: str,
         max_side: retention images are compared at most this large (the serving resize).
     """
     model = model.eval()
+    dev = next(model.parameters()).device
     k = len(classes)
     agree = total = n_images = 0
     max_diff, scale = 0.0, 0.0
@@ -75,7 +91,7 @@ def check_parity(model: torch.nn.Module, run_engine, engine_name: str,
             # torch and ONNX Runtime at once would need ~10 GiB
             images, masks = at_most(images, masks, max_side)
             with torch.inference_mode():
-                logits_t = model(torch.from_numpy(images))
+                logits_t = model(torch.from_numpy(images).to(dev)).float().cpu()
             out = run_engine(images)
             labels_t = logits_t.argmax(1)
             labels_e = torch.from_numpy(out["labels"].astype(np.int64))
@@ -99,7 +115,7 @@ def check_parity(model: torch.nn.Module, run_engine, engine_name: str,
     for n, h, w in extra_shapes:
         x = torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8, generator=gen)
         with torch.inference_mode():
-            lt = model(x)
+            lt = model(x.to(dev)).float().cpu()
         out = run_engine(x.numpy())
         if out["labels"].shape != (n, h, w):
             raise AssertionError(f"engine returned labels {out['labels'].shape} for "
@@ -114,7 +130,7 @@ def check_parity(model: torch.nn.Module, run_engine, engine_name: str,
                           max_abs_logit_diff=max_diff if compare_logits else None,
                           logit_scale=scale, label_agreement=agree / max(1, total),
                           miou_torch=m_t, miou_engine=m_e, per_set=per_set,
-                          shapes_checked=shapes)
+                          shapes_checked=shapes, device=str(dev))
     if report.label_agreement < tol.min_agreement:
         report.reasons.append(f"label agreement {100 * report.label_agreement:.3f}% < "
                               f"{100 * tol.min_agreement:.1f}%")

@@ -185,8 +185,10 @@ def export_all(store, steps: list[int], plan: Plan, gpu: bool) -> dict:
 
     out: dict = {}
     for step in steps:
-        (res,) = export_step(store, step, ["onnx"])
+        (res,) = export_step(store, step, ["onnx"], device="auto")  # the gate on the GPU
         out[f"onnx_parity_step{step}"] = res.parity.passed
+        out[f"onnx_parity_device_step{step}"] = res.parity.device
+        out[f"onnx_parity_max_logit_diff_step{step}"] = res.parity.max_abs_logit_diff
     top = steps[-1]
     providers = ort_providers("auto")
     out["ort_providers"] = providers

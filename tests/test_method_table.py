@@ -168,3 +168,30 @@ def test_endpoint_fusion_averages_shared_weights_and_keeps_new_rows():
     stem = next(k for k in trained if k.startswith("stages.stem") and k.endswith("weight"))
     assert torch.allclose(student.state_dict()[stem],
                           (1 - w) * parent.state_dict()[stem] + w * trained[stem])
+
+
+@pytest.mark.parametrize("arch", ["lraspp_mobilenet_v3_large", "smp-unet-resnet18",
+                                  "segformer-b0"])
+def test_dkd_runs_on_every_family(arch):
+    """Summed classifiers (LRASPP), 3x3 heads (SMP) and SegFormer's decode head: the sigmoid
+    rewrite keeps predictions and every DKD term reaches the trainable weights."""
+    pytest.importorskip({"smp-unet-resnet18": "segmentation_models_pytorch",
+                         "segformer-b0": "transformers"}.get(arch, "torch"))
+    torch.manual_seed(0)
+    teacher = build_model(arch, num_classes=4).eval()
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    before = teacher(x).argmax(1)
+    sigmoid_form(teacher)
+    assert torch.equal(before, teacher(x).argmax(1))
+    student = copy.deepcopy(teacher)
+    grow_classifier(student, 2, init="random")
+    sigmoid_form(student)
+    freeze(student, "stage2")
+    student.train()
+    y = torch.randint(0, 6, (2, 64, 64))
+    y[(y > 0) & (y < 4)] = 0
+    out = IncrementalStep(student, teacher, 4, MethodConfig(method="dkd", kd_weight=5.0))(x, y)
+    assert all(float(out[k]) > 0 for k in ("bce", "kd", "pos", "neg"))
+    out["loss"].backward()
+    assert all(c.weight.grad is not None and c.weight.grad.abs().max() > 0
+               for c in student.classifier_convs())

@@ -119,14 +119,17 @@ class IncrementalStep:
                 self.student.begin(images[rows]), self.trunk))
 
     def _teacher(self, images: torch.Tensor, keys: torch.Tensor | None, shared: State | None,
-                 collect: bool) -> tuple[State, list[torch.Tensor]]:
+                 collect: bool, cacheable: bool = True
+                 ) -> tuple[State, dict[str, torch.Tensor]]:
         """The parent's outputs: from the shared trunk when there is one, else from the image.
 
         The parent is fixed and in eval mode, so its logits (and ILT's features) for one exact
         input never change: they are cached with the trunk. Local POD's per-stage maps are
-        too large to keep and are recomputed.
+        too large to keep and are recomputed; so is everything when the caller needs the run
+        itself (``cacheable`` False: DKD's hooks read the classifier's input).
         """
-        def run(rows: list[int] | None, collect: bool) -> tuple[State, list[torch.Tensor]]:
+        def run(rows: list[int] | None, collect: bool
+                ) -> tuple[State, dict[str, torch.Tensor]]:
             if shared is not None:
                 start = shared if rows is None else {k: v[rows] for k, v in shared.items()}
                 return run_collect(self.teacher, start, self.tail, collect)
@@ -136,10 +139,10 @@ class IncrementalStep:
             return state, {k: v for k, v in maps.items() if k in self.tail}  # the student's
 
         with torch.no_grad():
-            if collect or self.cache is None or keys is None:
+            if collect or not cacheable or self.cache is None or keys is None:
                 return run(None, collect)
             return self.cache.batch(keys, "teacher", lambda rows: {
-                k: v for k, v in run(rows, False)[0].items() if k in ("logits", "features")}), []
+                k: v for k, v in run(rows, False)[0].items() if k in ("logits", "features")}), {}
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor,
                  keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -155,8 +158,8 @@ class IncrementalStep:
         t_state, t_maps, t_inputs = None, {}, []
         if row.teacher:
             with capture_inputs(self.teacher, row.classifier_inputs) as t_inputs:
-                t_state, t_maps = self._teacher(images, keys, shared,
-                                                collect or row.classifier_inputs)
+                t_state, t_maps = self._teacher(images, keys, shared, collect,
+                                                cacheable=not row.classifier_inputs)
         # losses in fp32 whatever autocast chose for the network: logsumexp and softmax over
         # channels, then means over many pixels, lose too much in bf16/fp16
         if cfg.loss_at == "logits":  # the labels come down to the logits instead
@@ -295,8 +298,8 @@ def capture_inputs(model: SegmentationModel, enabled: bool) -> Iterator[list[tor
             h.remove()
 
 
-def run_collect(model: SegmentationModel, state: State, names: list[str], collect: bool
-                ) -> tuple[State, dict[str, torch.Tensor]]:
+def run_collect(model: SegmentationModel, state: State, names: tuple[str, ...] | list[str],
+                collect: bool) -> tuple[State, dict[str, torch.Tensor]]:
     """Run ``names`` stages; with ``collect``, also return what each encoder stage among them
     produced (the maps Local POD distils: PLOP distils the backbone's stages, not the
     decoder's output, which must stay free to serve the new classes)."""

@@ -5,7 +5,8 @@ Usage: python benchmarks/updater_matrix.py --base STORE --step-data DIR [--step-
 Each spec is TAG[,key=value...] with keys method, freeze, init, iterations (or epochs), lr,
 kd, cache, pseudo (0/1), pod / podl (PLOP's Local POD factors: encoder stages / logits),
 loss_at (input/logits), dice (0/1: new-class Dice), bn (update/frozen:
-BatchNorm statistics), threads (torch threads for this run; default 2).
+BatchNorm statistics), memory (replay budget; unset: the parent's), fuse (0/1: EWF's fusion),
+threads (torch threads for this run; default 2).
 Several --step-data folders are learned in order (a 15-1 sequence, say), each step on the last.
 Prints one JSON line per run: old/new mIoU on the full-label val split after the last step (old
 = the base's classes; with several steps, also old/new after each), training seconds (summed
@@ -51,7 +52,9 @@ def run(spec: str, base: Path, step_data: list[Path], source, base_ids: list[int
                                     pod_logits_weight=float(kw.get("podl", 0.0005))),
                 update=UpdateConfig(freeze=kw.get("freeze"), init=kw.get("init"),
                                     cache_trunk_mb=int(kw.get("cache", 1024)),
-                                    bn_stats=kw.get("bn", d.bn_stats)),
+                                    bn_stats=kw.get("bn", d.bn_stats),
+                                    memory=int(kw["memory"]) if "memory" in kw else None,
+                                    fuse=kw.get("fuse", "0") == "1"),
                 loop=d.loop(iterations=int(kw["iterations"]) if "iterations" in kw else None,
                             epochs=int(kw["epochs"]) if "epochs" in kw else None,
                             lr=float(kw["lr"]) if "lr" in kw else None),

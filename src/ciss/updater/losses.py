@@ -102,15 +102,6 @@ def binary_new_classes(logits: torch.Tensor, target: torch.Tensor, num_old: int,
     return binary_labelled(logits, target, num_old, logits.shape[1], target != ignore_index)
 
 
-def binary_old_labelled(logits: torch.Tensor, target: torch.Tensor, num_old: int
-                        ) -> torch.Tensor:
-    """The same for the old classes, on the pixels labelled with an old class only (replayed
-    memory images): background pixels may hide any old class and are no negatives. Zero when
-    no pixel carries an old label (no host sync needed to know), so DKD without memory is
-    unchanged."""
-    return binary_labelled(logits, target, 1, num_old, (target >= 1) & (target < num_old))
-
-
 def binary_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """BCE of the student's logits against the teacher's sigmoid, the mean over pixels per
     channel summed over channels (DKD's L_kd and L_dkd, with its reduction)."""

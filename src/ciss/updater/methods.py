@@ -259,11 +259,12 @@ def _dkd(b: Batch) -> dict[str, torch.Tensor]:
     the new classes, BCE distillation of the old classes' logits, and of the positive and
     negative parts of each old class's logit at the classifier's resolution. DKD's
     auxiliary "unknown" head and its loss are left out: here the background is the
-    constant logit 0, which no loss trains. Pixels labelled with an old class (a replayed
-    memory) also supervise the old classes' sigmoids."""
+    constant logit 0, which no loss trains. As in DKD-M, a replayed memory image teaches the
+    old classes through distillation only: supervising the old sigmoids on its old-class
+    labels made it forget (BENCHMARKS.md §11), since a softmax parent's z_c - z_0 is large
+    for several classes on any object pixel, where the background is unlikely."""
     w = b.config.kd_weight
-    new = (losses.binary_new_classes(b.logits, b.masks, b.num_old)
-           + losses.binary_old_labelled(b.logits, b.masks, b.num_old))
+    new = losses.binary_new_classes(b.logits, b.masks, b.num_old)
     kd = losses.binary_distillation(b.logits[:, 1:b.num_old], b.t_logits[:, 1:b.num_old])
     pos = neg = b.logits.new_zeros(())
     for x_s, x_t, c_s, c_t in zip(b.s_inputs, b.t_inputs, b.s_convs, b.t_convs):

@@ -34,12 +34,12 @@ def show(store_path, step, as_json) -> None:
         if not card.memory:
             continue
         path = store.step_dir(s) / MEMORY
-        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if (
-            MEMORY in card.artifacts and path.is_dir()) else 0
-        intact = MEMORY in card.artifacts and path.is_dir() and digest(path) == card.artifacts[
-            MEMORY]
+        recorded = MEMORY in card.artifacts  # not after 'memory clear'
+        present = recorded and path.is_dir()
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if present else 0
         out[str(s)] = {**card.memory, "bytes": size, "path": str(path) if size else None,
-                       "checksum_ok": intact if MEMORY in card.artifacts else None}
+                       "checksum_ok": (present and digest(path) == card.artifacts[MEMORY])
+                       if recorded else None}
     if as_json:
         click.echo(json.dumps(out))
         return

@@ -20,7 +20,8 @@ class ImageTooLarge(CissError):
 MAX_PIXELS = 64_000_000
 
 
-def _open(source: Path | bytes, what: str, max_pixels: int) -> Image.Image:
+def _open_header(source: Path | bytes, what: str, max_pixels: int) -> Image.Image:
+    """Open lazily (the header only) with the readability, size and bomb checks."""
     try:
         img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     except Image.DecompressionBombError as exc:  # PIL refuses > ~179 Mpx before we can look
@@ -35,6 +36,12 @@ def _open(source: Path | bytes, what: str, max_pixels: int) -> Image.Image:
         )
     if w < 1 or h < 1:
         raise CissError(f"{what}: empty image ({w}x{h})")
+    return img
+
+
+def _open(source: Path | bytes, what: str, max_pixels: int) -> Image.Image:
+    """Open and decode, with ``_open_header``'s checks and the truncation check."""
+    img = _open_header(source, what, max_pixels)
     try:
         img.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -84,19 +91,10 @@ def image_size(path: Path, *, exif: bool = True, max_pixels: int = MAX_PIXELS
     header (no pixel is decoded): for the images of other ranks' shards under torchrun.
 
     Raises:
-        CissError: not an image, or over ``max_pixels``.
+        CissError: not an image, empty, or over ``max_pixels``.
     """
-    try:
-        img = Image.open(path)
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"{path}: {exc}") from exc
-    except (UnidentifiedImageError, OSError) as exc:
-        raise CissError(f"{path}: not a readable image ({exc.__class__.__name__})") from exc
-    with img:
+    with _open_header(path, str(path), max_pixels) as img:
         w, h = img.size
-        if w * h > max_pixels:
-            raise ImageTooLarge(f"{path}: {w}x{h} = {w * h} pixels exceeds the limit of "
-                                f"{max_pixels} (decompression bomb protection)")
         turned = False
         if exif:
             with contextlib.suppress(Exception):  # as read_image: a broken EXIF is ignored

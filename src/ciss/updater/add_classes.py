@@ -319,12 +319,13 @@ def _evaluate_and_write(job: _Job, trained: _Trained, written: list) -> int:
                         "per_class": score_folder(predict, val_folder, stems,
                                                   classes).per_class()}
     eval_s = time.perf_counter() - t0
+    # the update settings as resolved: the method row's init, the memory budget kept
+    update = {**asdict(job.update), "init": job.update.init or method_row(job.method.method).init,
+              "memory": job.memory}
     card = StepCard(
         step=-1, parent=parent_step, classes=list(classes.names), new_classes=trained.new,
         arch=parent.arch, frozen=list(frozen_stages(student)), method=job.method.method,
-        hparams={**asdict(job.loop), **asdict(job.method), **asdict(job.update),
-                 "init": job.update.init or method_row(job.method.method).init,
-                 "memory": job.memory,
+        hparams={**asdict(job.loop), **asdict(job.method), **update,
                  **asdict(job.data), "crop_size": trained.crop, "trunk_cache": cache is not None,
                  "world_size": info.world_size,
                  "global_batch_size": job.loop.batch_size * info.world_size},
@@ -343,10 +344,8 @@ def _evaluate_and_write(job: _Job, trained: _Trained, written: list) -> int:
         model_config=parent.model_config,
         config={"loop": asdict(job.loop), "data": asdict(job.data),
                 "method": asdict(job.method),
-                "update": {**asdict(job.update),
-                           "init": job.update.init or method_row(job.method.method).init,
-                           "freeze": student.stage_names[student.frozen_upto]
-                           if student.frozen_upto >= 0 else "none", "memory": job.memory},
+                "update": {**update, "freeze": student.stage_names[student.frozen_upto]
+                           if student.frozen_upto >= 0 else "none"},
                 "recipe": recipe_of(parent.arch, "step")},
     )
     written.append(own)

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from ciss.store import Store
 from tests.conftest import free_port
 
@@ -86,6 +88,35 @@ def test_ranks_that_disagree_or_do_not_share_the_store_fail_clearly(tmp_path):
         assert (f"rank{rank}: ranks disagree about the parent step: rank 0 has 0, rank 1 has 1"
                 in out), out
         assert f"rank{rank}: " in out and "cannot see the store rank 0 writes to" in out
+
+
+TEARDOWN = """
+import os
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from ciss.updater.distributed import distributed
+
+with distributed(torch.device("cpu")) as (info, _):
+    ddp = DistributedDataParallel(torch.nn.Conv2d(3, 4, 3))
+    ddp(torch.randn(2, 3, 8, 8)).mean().backward()
+    del ddp
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(f"rank{info.rank} gloo threads left: {sum('gloo' in n for n in names)}", flush=True)
+"""
+
+
+def test_the_process_group_dies_with_the_context(tmp_path):
+    """A group DistributedDataParallel used must be freed on exit from ``distributed()``:
+    gloo threads that outlive Python abort the process at exit, after the step was written."""
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("needs Linux /proc to count threads")
+    script = tmp_path / "teardown.py"
+    script.write_text(TEARDOWN)
+    proc = torchrun(script)
+    out = finish(proc)
+    assert proc.returncode == 0, out
+    for rank in (0, 1):
+        assert f"rank{rank} gloo threads left: 0" in out, out
 
 
 def _worker_pids(parent: int) -> list[int]:

@@ -12,6 +12,7 @@ from ciss.cli import (  # noqa: F401
     export,
     inspect,
     memory,
+    prune,
     train,
     update,
 )

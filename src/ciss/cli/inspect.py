@@ -66,8 +66,9 @@ def steps(store_path, as_json) -> None:
         click.echo(f"{store_path}: no steps yet; next: ciss train --data DIR")
         return
     click.echo(table(["step", "parent", "method", "classes", "new", "old mIoU", "new mIoU",
-                      "not learned", "deployed"],
+                      "not learned", "state"],
                      [[r.step, "-" if r.parent is None else r.parent, r.method, len(r.classes),
                        len(r.new_classes), pct(r.old_miou), pct(r.new_miou),
                        ", ".join(w["name"] for w in r.warnings) or "-",
-                       "*" if r.deployed else ""] for r in rows]))
+                       "deployed" if r.deployed else ("pruned" if r.pruned else "")]
+                      for r in rows]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ciss.engines.formats import FORMATS, has_artifact
 from ciss.errors import CissError
+from ciss.store.store import WEIGHTS
 
 ENGINES = ("torch", "onnx", "int8", "tensorrt")
 
@@ -72,6 +73,8 @@ def load_engine(store, step: int, engine: str, providers: list[str] | None = Non
         CissError: unknown engine, the artifact is missing (export it first) or fails its
             checksum.
     """
+    if WEIGHTS not in store.card(step).artifacts:
+        store.verify(step, [WEIGHTS])  # raises the reason: 'ciss prune' removed the step's files
     if engine == "torch":
         from ciss.engines.torch import TorchEngine
 

@@ -21,13 +21,14 @@ class StepRow:
     deployed: bool
     artifacts: dict[str, str]
     warnings: list[dict]  # classes the step trained on and did not learn (card's "learning")
+    pruned: bool = False  # 'ciss prune' left only the card and the retention set
 
     def to_json(self) -> dict:
         return {"step": self.step, "parent": self.parent, "method": self.method,
                 "classes": self.classes, "new_classes": self.new_classes,
                 "deployed": self.deployed, "artifacts": self.artifacts,
                 "old_miou": self.old_miou, "new_miou": self.new_miou,
-                "warnings": self.warnings}
+                "warnings": self.warnings, "pruned": self.pruned}
 
 
 def retention_groups(card: StepCard, engine: str = "torch") -> tuple[float | None, float | None]:
@@ -50,7 +51,9 @@ def list_steps(store: Store) -> list[StepRow]:
         old, new = retention_groups(card)
         rows.append(StepRow(n, card.parent, card.method, card.classes, card.new_classes, old, new,
                             deployed.get("step") == n, card.artifacts,
-                            card.extra.get("learning", {}).get("warnings", [])))
+                            card.extra.get("learning", {}).get("warnings", []),
+                            pruned="weights.safetensors" in card.extra.get("pruned", {}).get(
+                                "artifacts", {})))
     return rows
 
 

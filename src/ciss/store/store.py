@@ -159,7 +159,10 @@ class Store:
             expected = card.artifacts.get(name)
             path = folder / name
             if expected is None:
-                raise CissError(f"{path}: not recorded in {folder / CARD}")
+                from ciss.store.prune import pruned_message
+
+                raise CissError(pruned_message(card, name, path)
+                                or f"{path}: not recorded in {folder / CARD}")
             if not path.exists():
                 raise CissError(f"{path}: missing (recorded in the step card)")
             if digest(path) != expected:

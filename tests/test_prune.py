@@ -107,3 +107,18 @@ def test_cli_dry_run_changes_nothing_then_prunes(story_copy):
     assert "step 1: cleared" in res.output
     res = CliRunner().invoke(main, ["prune", "--store", str(store.root), "--keep-last", "0"])
     assert res.exit_code != 0 and "--keep-last" in res.output
+
+
+def test_a_prune_interrupted_after_the_card_finishes_on_the_next_run(story_copy):
+    store = story_copy
+    plan = plan_prune(store, keep_last=1, keep_rollbacks=0)
+    onnx = store.step_dir(1) / "model.onnx"
+    kept = onnx.read_bytes()
+    prune(store, plan)
+    onnx.write_bytes(kept)  # as if the process died after the card, before this unlink
+    again = plan_prune(store, keep_last=1, keep_rollbacks=0)
+    assert again.prune == [1] and again.artifacts[1] == ["model.onnx"]
+    prune(store, again)
+    assert not onnx.exists()
+    assert set(store.card(1).extra["pruned"]["artifacts"]) >= {"weights.safetensors",
+                                                                "model.onnx"}

@@ -114,7 +114,11 @@ def plan_prune(store, keep_last: int = 3, keep_rollbacks: int = 3) -> PrunePlan:
     for s in store.steps():
         if s in keep:
             continue
-        names = [n for n in store.card(s).artifacts if n not in KEPT_ARTIFACTS]
+        card = store.card(s)
+        names = [n for n in card.artifacts if n not in KEPT_ARTIFACTS]
+        # files an interrupted prune had already unrecorded but not yet deleted
+        names += [n for n in card.extra.get("pruned", {}).get("artifacts", {})
+                  if n not in names and (store.step_dir(s) / n).exists()]
         if not names:
             continue  # pruned already
         prune.append(s)
@@ -152,10 +156,10 @@ def prune(store, plan: PrunePlan, by: str = "ciss prune") -> PrunePlan:
             card.extra["pruned"] = {"at": now, "by": by,
                                     "artifacts": {**record["artifacts"], **removed},
                                     "bytes": record["bytes"] + done.bytes[s]}
-            if any(n.startswith("memory") for n in removed) and card.memory:
+            if "memory" in removed and card.memory:  # the replay memory's artifact
                 card.memory = {**card.memory, "images": 0, "cleared": True}
             atomic_write_text(path, card.to_json())  # the card forgets first, then files go
-            for n in removed:
+            for n in done.artifacts[s]:
                 target = store.step_dir(s) / n
                 if target.is_dir():
                     shutil.rmtree(target, ignore_errors=True)

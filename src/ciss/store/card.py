@@ -24,7 +24,8 @@ class StepCard:
         retention: step -> {"engine": {class: iou}}: IoU on each retention set.
         timings: seconds per phase.
         artifacts: file name (relative to the step folder) -> sha256.
-        extra: parity results, environment and anything later tools record.
+        extra: parity results, environment and anything later tools record (``pruned``:
+            the files ``ciss prune`` removed, with their checksums, when and by whom).
         model_config: what rebuilds the module besides arch and classes (the model's
             ``config``: an imported SMP/transformers model's constructor arguments and
             preprocessing); empty for models ciss defines whole.

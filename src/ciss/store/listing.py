@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ciss.store.card import StepCard
-from ciss.store.store import Store
+from ciss.store.store import WEIGHTS, Store
 from ciss.tables import pct, table
 
 
@@ -52,8 +52,7 @@ def list_steps(store: Store) -> list[StepRow]:
         rows.append(StepRow(n, card.parent, card.method, card.classes, card.new_classes, old, new,
                             deployed.get("step") == n, card.artifacts,
                             card.extra.get("learning", {}).get("warnings", []),
-                            pruned="weights.safetensors" in card.extra.get("pruned", {}).get(
-                                "artifacts", {})))
+                            pruned=WEIGHTS in card.extra.get("pruned", {}).get("artifacts", {})))
     return rows
 
 

@@ -73,8 +73,6 @@ def load_engine(store, step: int, engine: str, providers: list[str] | None = Non
         CissError: unknown engine, the artifact is missing (export it first) or fails its
             checksum.
     """
-    if WEIGHTS not in store.card(step).artifacts:
-        store.verify(step, [WEIGHTS])  # raises the reason: 'ciss prune' removed the step's files
     if engine == "torch":
         from ciss.engines.torch import TorchEngine
 
@@ -90,6 +88,9 @@ def load_engine(store, step: int, engine: str, providers: list[str] | None = Non
 
     name = FORMATS[engine].artifact
     card = store.card(step)
+    pruned = card.pruned_message(WEIGHTS, store.step_dir(step) / WEIGHTS)
+    if pruned:  # no engine to export either: say why, not "export it first"
+        raise CissError(pruned)
     if not has_artifact(card.artifacts, engine):
         raise CissError(f"step {step} has no {name}; run 'ciss export --step {step} "
                         f"--format {engine}' first")

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ciss.errors import CheckFailed, CissError
+from ciss.store.store import WEIGHTS
 
 
 class OutOfProfile(CissError):
@@ -231,7 +232,8 @@ def load_tensorrt_engine(store, step: int, contexts: int = 1) -> TensorRTEngine:
     names = [n for n in card.artifacts if n.startswith(prefix)]
     plan = choose_stored_plan(store, step, names, prefix)
     if plan is None:
-        raise CissError(f"step {step} has no TensorRT plan for this GPU and TensorRT "
+        pruned = card.pruned_message(WEIGHTS, store.step_dir(step) / WEIGHTS)
+        raise CissError(pruned or f"step {step} has no TensorRT plan for this GPU and TensorRT "
                         f"{trt.__version__}; run 'ciss export --step {step} --format tensorrt'")
     store.verify(step, [plan])
     profile = Profile.from_key(plan[len(prefix):-len(".plan")].split("-", 1)[1])

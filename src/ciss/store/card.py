@@ -66,6 +66,17 @@ class StepCard:
         except (OSError, ValueError, TypeError) as exc:
             raise CissError(f"{path}: unreadable step card ({exc})") from exc
 
+    def pruned_message(self, name: str, path: Path) -> str | None:
+        """The error for artifact ``name`` (at ``path``) when ``ciss prune`` removed it, else
+        None."""
+        record = self.extra.get("pruned") or {}
+        if name not in record.get("artifacts", {}):
+            return None
+        return (f"{path}: removed by '{record.get('by', 'ciss prune')}' on "
+                f"{record.get('at', '?')}; step {self.step} keeps only its card and retention set "
+                "(serve, export or add classes from a step that still has its weights: see "
+                "'ciss steps')")
+
     @property
     def old_classes(self) -> list[str]:
         """Object classes the parent knew (background excluded)."""

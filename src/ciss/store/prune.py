@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ciss.errors import CissError
 from ciss.store.card import StepCard
+from ciss.store.store import CARD, atomic_write_text
 
 KEPT_ARTIFACTS = ("retention",)  # what every descendant's gate reads
 
@@ -135,8 +136,6 @@ def prune(store, plan: PrunePlan, by: str = "ciss prune") -> PrunePlan:
     The plan is made again under the store lock with the same rule, and only steps in both
     go: one deployed or written since ``plan`` was shown is left whole. Returns what was done.
     """
-    from ciss.store.store import CARD, atomic_write_text
-
     with store.lock():
         now_plan = plan_prune(store, plan.keep_last, plan.keep_rollbacks)
         deployed = store.deployed()
@@ -171,13 +170,3 @@ def prune(store, plan: PrunePlan, by: str = "ciss prune") -> PrunePlan:
         store.record_event("pruned", steps=done.prune, bytes=done.total_bytes, by=by,
                            history_dropped=done.history_dropped)
     return done
-
-
-def pruned_message(card: StepCard, name: str, path: Path) -> str | None:
-    """The error for artifact ``name`` when ``prune`` removed it, else None."""
-    record = card.extra.get("pruned") or {}
-    if name not in record.get("artifacts", {}):
-        return None
-    return (f"{path}: removed by '{record.get('by', 'ciss prune')}' on {record.get('at', '?')}; "
-            f"step {card.step} keeps only its card and retention set (serve, export or add "
-            "classes from a step that still has its weights: see 'ciss steps')")

@@ -159,9 +159,7 @@ class Store:
             expected = card.artifacts.get(name)
             path = folder / name
             if expected is None:
-                from ciss.store.prune import pruned_message
-
-                raise CissError(pruned_message(card, name, path)
+                raise CissError(card.pruned_message(name, path)
                                 or f"{path}: not recorded in {folder / CARD}")
             if not path.exists():
                 raise CissError(f"{path}: missing (recorded in the step card)")

@@ -23,6 +23,7 @@ def show(store_path, step, as_json) -> None:
 
     Example: ciss memory show
     """
+    from ciss.store.prune import disk_bytes
     from ciss.store.store import digest
     from ciss.updater.memory import MEMORY
 
@@ -36,7 +37,7 @@ def show(store_path, step, as_json) -> None:
         path = store.step_dir(s) / MEMORY
         recorded = MEMORY in card.artifacts  # not after 'memory clear'
         present = recorded and path.is_dir()
-        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if present else 0
+        size = disk_bytes(path) if present else 0
         out[str(s)] = {**card.memory, "bytes": size, "path": str(path) if size else None,
                        "checksum_ok": (present and digest(path) == card.artifacts[MEMORY])
                        if recorded else None}

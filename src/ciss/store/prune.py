@@ -69,7 +69,8 @@ class PrunePlan:
                 "total_bytes": self.total_bytes, "history_dropped": self.history_dropped}
 
 
-def _size(path: Path) -> int:
+def disk_bytes(path: Path) -> int:
+    """Bytes a file or folder takes (0 when missing)."""
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size if path.exists() else 0
@@ -124,7 +125,7 @@ def plan_prune(store, keep_last: int = 3, keep_rollbacks: int = 3) -> PrunePlan:
             continue  # pruned already
         prune.append(s)
         artifacts[s] = names
-        sizes[s] = sum(_size(store.step_dir(s) / n) for n in names)
+        sizes[s] = sum(disk_bytes(store.step_dir(s) / n) for n in names)
     history = (store.deployed() or {}).get("history", [])
     return PrunePlan(keep_last, keep_rollbacks, prune, keep, artifacts, sizes,
                      sum(1 for h in history if h.get("step") in set(prune)))

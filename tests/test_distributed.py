@@ -54,6 +54,8 @@ def test_train_and_add_classes_under_torchrun(split_dir, tmp_path):
     out = finish(proc)
     assert proc.returncode == 0, out
     assert store.steps() == [0, 1] and store.card(1).hparams["world_size"] == 2
+    # mib's default pre-tuning ran under DDP too (its importance sums all-reduced)
+    assert store.card(1).extra["pretune"]["iterations"] >= 1
     assert not list((root / ".staging").glob("*")) if (root / ".staging").exists() else True
 
 

@@ -154,7 +154,9 @@ def recipes(as_json) -> None:
                    f"[{b.source}]")
         click.echo(f"  step    {s.optimizer} lr {s.lr:g} (encoder x{s.encoder_lr:g}), "
                    f"{s.iterations} steps (<= {s.max_epochs} passes, >= {s.min_iterations}), "
-                   f"BN {s.bn_stats}   [{s.source}]")
+                   f"BN {s.bn_stats}, "
+                   + (f"pre-tune {s.pretune:.3g} of it" if s.pretune else "no pre-tuning")
+                   + f"   [{s.source}]")
     from ciss.updater.method_table import METHODS
 
     click.echo("add-classes methods (--method):")
@@ -164,4 +166,6 @@ def recipes(as_json) -> None:
                                  ("classifier inputs", m.classifier_inputs),
                                  ("sigmoid form", m.sigmoid_form)) if on]
         click.echo(f"  {m.name:5s} {m.summary}; needs {', '.join(needs) or 'nothing'}; "
-                   f"kd {m.kd_weight:g}, init {m.init}" + (f"   [{m.source}]" if m.source else ""))
+                   f"kd {m.kd_weight:g}, init {m.init}"
+                   + (", pre-tuned (the family's share)" if m.pretune else "")
+                   + (f"   [{m.source}]" if m.source else ""))

@@ -60,10 +60,15 @@ from ciss.updater.method_table import BENCHMARK_METHODS, METHODS
                    "weighted sqrt(new / (new + old classes)) (EWF, CVPR 2023). Measured on "
                    "tiny 15-1: old classes 0.98x the base but new ones 0.11x joint's "
                    "(BENCHMARKS.md §11c); off by default.")
+@click.option("--pretune", type=float, default=None, metavar="SHARE",
+              help="Spend SHARE (0-1) of the step's budget first on NeST's classifier "
+                   "pre-tuning (ECCV 2024): new rows generated from the old ones, every "
+                   "other weight frozen. Default: the family's share for mib ('ciss "
+                   "recipes'); 0 = off. Not for dkd (sigmoid form).")
 @memory_option(step=True)
 @loop_options
 def add_classes_cmd(store_path, data_dir, parent, method, pseudo, new_dice, freeze, init,
-                    kd_weight, alpha, bn_stats, fuse, memory, scale,
+                    kd_weight, alpha, bn_stats, fuse, pretune, memory, scale,
                     cache_trunk_mb, val_dir, iterations, epochs, batch_size, lr, optimizer,
                     encoder_lr, seed, device, crop_size, exif, workers, floor,
                     checkpoint_every, sync_bn, quiet) -> None:
@@ -95,7 +100,7 @@ def add_classes_cmd(store_path, data_dir, parent, method, pseudo, new_dice, free
                             else d.kd_weight, alpha=alpha, pseudo=pseudo, new_dice=new_dice),
         update=UpdateConfig(parent=parent, freeze=freeze, init=init,
                             cache_trunk_mb=cache_trunk_mb, bn_stats=bn_stats or d.bn_stats,
-                            memory=memory, fuse=fuse),
+                            memory=memory, fuse=fuse, pretune=pretune),
         loop=loop, data=DataConfig(crop_size=crop_size, scale=parse_scale(scale, d.scale),
                                    workers=workers, exif=exif),
         val_dir=val_dir, floor=floor, progress=not quiet)
@@ -105,7 +110,9 @@ def add_classes_cmd(store_path, data_dir, parent, method, pseudo, new_dice, free
     card = report.card
     click.echo(f"step {report.step} ({method}, parent {card.parent}): +{len(card.new_classes)} "
                f"classes ({', '.join(card.new_classes)}), frozen up to "
-               f"{card.frozen[-1] if card.frozen else 'none'}, {report.fit.seconds:.0f}s training")
+               f"{card.frozen[-1] if card.frozen else 'none'}, {report.fit.seconds:.0f}s training"
+               + (f" + {card.timings['pretune_s']:.0f}s pre-tuning the classifier"
+                  if card.extra.get("pretune") else ""))
     echo_warnings(report.warnings)
     echo_memory(card)
     click.echo(f"next: ciss check --step {report.step}   then   ciss deploy --step {report.step}")

@@ -56,6 +56,7 @@ from ciss.updater.memory import (
 )
 from ciss.updater.method_table import method_row
 from ciss.updater.methods import IncrementalStep, MethodConfig, TrunkCache
+from ciss.updater.pretune import PretuneResult, pretune
 from ciss.updater.train import (
     DataConfig,
     StepReport,
@@ -86,6 +87,9 @@ class UpdateConfig:
             parent's, 0 keeps none.
         fuse: after training, EWF's endpoint fusion of the weights with the parent's
             (``models.surgery.fuse_endpoints``).
+        pretune: share of the step's budget spent first on NeST's classifier pre-tuning
+            (``updater.pretune``); None: the family recipe's share for methods whose row
+            asks for it, else none; 0: none.
     """
 
     parent: int | None = None
@@ -95,6 +99,28 @@ class UpdateConfig:
     bn_stats: str = "frozen"
     memory: int | None = None
     fuse: bool = False
+    pretune: float | None = None
+
+
+def pretune_share(update: UpdateConfig, method: str, arch: str) -> float:
+    """The pre-tuning share a step runs: the user's, else the family's for the methods whose
+    row asks for it.
+
+    Raises:
+        CissError: a share outside [0, 1], or one asked of a sigmoid-form method (the
+            pre-tuning fits MiB's softmax form).
+    """
+    row = method_row(method)
+    if update.pretune is None:
+        return arch_spec(arch).family.step.pretune if row.pretune else 0.0
+    if not 0.0 <= update.pretune <= 1.0:
+        raise CissError(f"--pretune {update.pretune}: a share of the step's budget, from 0 "
+                        "(none) to 1")
+    if update.pretune and row.sigmoid_form:
+        raise CissError(f"--pretune with --method {method}: {method} scores classes with "
+                        "sigmoids against a constant background; the pre-tuning fits the "
+                        "softmax form (mib, lwf, ilt, plop, ft)")
+    return float(update.pretune)
 
 
 def _new_classes(folder: DatasetFolder, parent: StepCard, data_dir: Path) -> list[str]:
@@ -126,8 +152,9 @@ def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodCo
         CheckFailed: the loss became NaN.
     """
     method_row(method.method)  # an unknown name is refused before anything is read
-    folder = open_folder(data_dir, exif=data.exif, shard=env_shard())
     parent_step = store.resolve(update.parent)
+    share = pretune_share(update, method.method, store.card(parent_step).arch)
+    folder = open_folder(data_dir, exif=data.exif, shard=env_shard())
     with distributed(torch_device(loop.device)) as (info, device):
         require_ranks_for_sync_bn(info, loop.sync_bn)
         check_shared_store(info, store.root, store.work_dir)
@@ -137,7 +164,7 @@ def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodCo
         budget = memory_budget(update.memory, store.card(parent_step))
         replay = open_memory(store, parent_step) if budget else None
         job = _Job(store, folder, Path(data_dir), parent_step, method, update, loop, data,
-                   val_dir, info, device, floor, budget, replay)
+                   val_dir, info, device, floor, budget, replay, share)
         return _add_classes(job, progress, after_epoch)
 
 
@@ -159,6 +186,8 @@ class _Job:
     floor: float = DEFAULT_FLOOR
     memory: int = 0  # the budget this step keeps
     replay: DatasetFolder | None = None  # the parent's memory, replayed
+    pretune: float = 0.0  # the share of the budget pre-tuning the classifier
+    pretuned: PretuneResult | None = None  # what the pre-tuning did (None: it did not run)
 
 
 @dataclass
@@ -223,6 +252,11 @@ def _add_classes(job: _Job, progress: bool, after_epoch) -> StepReport:
     thresholds = (entropy_thresholds(teacher, folder, lut, device, len(parent.classes))
                   if row.thresholds or method.pseudo else None)
     step_fn = IncrementalStep(student, teacher, len(parent.classes), method, cache, thresholds)
+    workers = loader_workers(folder, data.workers, device)
+    if job.pretune > 0:
+        job.pretuned = pretune(student, teacher, len(parent.classes), dataset, folder, lut,
+                               [classes.index(n) for n in new], job.pretune, loop, info,
+                               workers=workers, progress=progress)
     key = loop.key("add", str(parent_step), parent.artifacts.get("weights.safetensors", ""),
                    folder.fingerprint(), repr(method), repr(update), repr(data),
                    str(info.world_size), replay.fingerprint() if replay else "")
@@ -231,8 +265,7 @@ def _add_classes(job: _Job, progress: bool, after_epoch) -> StepReport:
                 if loop.evals else None)
     result: FitResult = fit(student, step_fn, dataset, loop, checkpoint=ckpt, key=key,
                             desc=method.method, after_epoch=after_epoch, progress=progress,
-                            dist_info=info, validate=validate,
-                            workers=loader_workers(folder, data.workers, device))
+                            dist_info=info, validate=validate, workers=workers)
     if update.fuse:  # on every rank alike: they hold the same weights after DDP
         fuse_endpoints(student, teacher, len(parent.classes), len(new))
     written: list = []
@@ -309,6 +342,7 @@ def _evaluate_and_write(job: _Job, trained: _Trained, written: list) -> int:
              "learning": {"floor": job.floor,
                           "warnings": [w.to_json() for w in trained.warnings]},
              "validation": result.validation, "best": result.best,
+             "pretune": job.pretuned.to_json() if job.pretuned else None,
              "trunk_cache": None if cache is None else
              {"hits": cache.hits, "misses": cache.misses, "mb": round(cache.used / 2**20, 1)}}
     if val_dir is not None:
@@ -321,7 +355,8 @@ def _evaluate_and_write(job: _Job, trained: _Trained, written: list) -> int:
     eval_s = time.perf_counter() - t0
     # the update settings as resolved: the method row's init, the memory budget kept
     update = {**asdict(job.update), "init": job.update.init or method_row(job.method.method).init,
-              "memory": job.memory}
+              "memory": job.memory,
+              "pretune": job.pretune}
     card = StepCard(
         step=-1, parent=parent_step, classes=list(classes.names), new_classes=trained.new,
         arch=parent.arch, frozen=list(frozen_stages(student)), method=job.method.method,
@@ -338,6 +373,7 @@ def _evaluate_and_write(job: _Job, trained: _Trained, written: list) -> int:
         retention={**{s: {"torch": v} for s, v in retention.items()},
                    "new": {"torch": own.per_class()}},
         timings={"train_s": round(result.seconds, 2), "eval_s": round(eval_s, 2),
+                 "pretune_s": round(job.pretuned.seconds, 2) if job.pretuned else 0.0,
                  "data_wait_s": round(result.data_wait_s, 2),
                  "iterations": result.iterations},
         extra=extra,

@@ -30,6 +30,8 @@ class Method:
         kd_weight: default weight of its distillation terms (0: none).
         init: default init of the new classifier rows (``models.surgery.INITS``; random was
             measured best for mib, BENCHMARKS.md §2; PLOP's code uses MiB's init).
+        pretune: NeST's classifier pre-tuning runs by default, for the share of the step
+            that the family's recipe gives (``updater.pretune``; measured with mib only).
         source: the publication the losses follow.
     """
 
@@ -42,6 +44,7 @@ class Method:
     sigmoid_form: bool = False
     kd_weight: float = 0.0
     init: str = "random"
+    pretune: bool = False
     source: str = ""
 
     def to_json(self) -> dict:
@@ -50,7 +53,7 @@ class Method:
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("mib", "unbiased cross-entropy + unbiased distillation (the default)",
-           kd_weight=10.0, source="Cermelli et al., CVPR 2020 (MiB)"),
+           kd_weight=10.0, pretune=True, source="Cermelli et al., CVPR 2020 (MiB)"),
     Method("ft", "plain cross-entropy, no parent: the forgetting baseline", teacher=False),
     Method("lwf", "cross-entropy + distillation on the old channels", kd_weight=100.0,
            source="Li & Hoiem, TPAMI 2017 (LwF); weight as in MiB's tables"),

@@ -29,6 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine  # noqa: E402
+from ciss.models.recipes import NEST_SHARE  # noqa: E402
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -44,6 +45,9 @@ RECIPES = {
     "adamw-3e-4": ["--optimizer", "adamw", "--lr", "3e-4"],
     "adamw-1e-3": ["--optimizer", "adamw", "--lr", "1e-3"],
     "freeze-stage2": ["--freeze", "stage2"],
+    # NeST's classifier pre-tuning for 5/30 of the step (its VOC scripts' share), or none
+    "pretune": ["--pretune", str(NEST_SHARE)],
+    "nopretune": ["--pretune", "0"],
 }
 
 

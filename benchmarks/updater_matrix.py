@@ -6,6 +6,7 @@ Each spec is TAG[,key=value...] with keys method, freeze, init, iterations (or e
 kd, cache, pseudo (0/1), pod / podl (PLOP's Local POD factors: encoder stages / logits),
 loss_at (input/logits), dice (0/1: new-class Dice), bn (update/frozen:
 BatchNorm statistics), memory (replay budget; unset: the parent's), fuse (0/1: EWF's fusion),
+pretune (share of the step for NeST's classifier pre-tuning; unset: the default; 0: off),
 threads (torch threads for this run; default 2).
 Several --step-data folders are learned in order (a 15-1 sequence, say), each step on the last.
 Prints one JSON line per run: old/new mIoU on the full-label val split after the last step (old
@@ -54,14 +55,15 @@ def run(spec: str, base: Path, step_data: list[Path], source, base_ids: list[int
                                     cache_trunk_mb=int(kw.get("cache", 1024)),
                                     bn_stats=kw.get("bn", d.bn_stats),
                                     memory=int(kw["memory"]) if "memory" in kw else None,
-                                    fuse=kw.get("fuse", "0") == "1"),
+                                    fuse=kw.get("fuse", "0") == "1",
+                                    pretune=float(kw["pretune"]) if "pretune" in kw else None),
                 loop=d.loop(iterations=int(kw["iterations"]) if "iterations" in kw else None,
                             epochs=int(kw["epochs"]) if "epochs" in kw else None,
                             lr=float(kw["lr"]) if "lr" in kw else None),
                 progress=False)
             old, new, all_, _ = score_step(store, r.step, source, base_ids)
             per_step.append({"old": round(old, 3), "new": round(new, 3)})
-            train_s += r.fit.seconds
+            train_s += r.fit.seconds + r.card.timings.get("pretune_s", 0.0)
             epochs += [h["seconds"] for h in r.fit.history]
     out = {"tag": tag, **kw, "old": round(old, 3), "new": round(new, 3),
            "all": round(all_, 3), "train_s": round(train_s, 1),

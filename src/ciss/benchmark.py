@@ -10,6 +10,8 @@ with ground truth, background included; hIoU = harmonic mean of old and new.
 A method name ending in ``+memory`` runs that method with the replay memory
 (``--memory N`` images, ``updater.memory``); the shared base step then keeps one too, which
 changes nothing of its weights. ``+fuse`` adds EWF's endpoint fusion after every step.
+``+pretune`` runs NeST's classifier pre-tuning before every step (NeST's share, 5/30, where
+the family's recipe gives none); ``+nopretune`` turns off a default one.
 Outputs: results.json (every step of every method),
 results.csv, results.md, curves.png and results.html (old/new/all after each step, one line
 per method, joint dashed).
@@ -30,6 +32,7 @@ from ciss.data.classes import ClassList
 from ciss.data.folder import open_folder
 from ciss.data.scenarios import parse_scenario, write_split
 from ciss.errors import CissError
+from ciss.models.recipes import NEST_SHARE
 from ciss.store import Store
 from ciss.tables import pct, table
 from ciss.updater.add_classes import UpdateConfig, add_classes
@@ -56,7 +59,18 @@ class BenchmarkConfig:
     memory: int = 100
 
 
-ADD_ONS = ("memory", "fuse")  # NAME+memory: the replay memory; NAME+fuse: EWF's fusion
+# NAME+memory: the replay memory; NAME+fuse: EWF's fusion; NAME+pretune / NAME+nopretune:
+# NeST's classifier pre-tuning on / off
+ADD_ONS = ("memory", "fuse", "pretune", "nopretune")
+
+
+def pretune_of(ons: set[str], recipe_share: float) -> float | None:
+    """The ``UpdateConfig.pretune`` of a benchmark method's add-ons (None: the default)."""
+    if "nopretune" in ons:
+        return 0.0
+    if "pretune" in ons:
+        return recipe_share or NEST_SHARE
+    return None
 
 
 def method_parts(name: str) -> tuple[str, set[str]]:
@@ -183,12 +197,15 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
                                                     pseudo=name == "mib+pseudo"),
                                 update=UpdateConfig(freeze=cfg.freeze, bn_stats=d.bn_stats,
                                                     memory=cfg.memory if "memory" in ons
-                                                    else 0, fuse="fuse" in ons),
+                                                    else 0, fuse="fuse" in ons,
+                                                    pretune=pretune_of(ons, d.recipe.pretune)),
                                 loop=d.loop(epochs=cfg.step_epochs, seed=cfg.seed,
                                             device=cfg.device),
                                 progress=progress)
                 o, n, a, per = score_step(store, r.step, source, base_ids, cfg.device)
-                rows.append(Row(method, t, o, n, a, harmonic_iou(o, n), r.fit.seconds, per))
+                # the pre-tuning is part of what the step costs
+                seconds = r.fit.seconds + r.card.timings.get("pretune_s", 0.0)
+                rows.append(Row(method, t, o, n, a, harmonic_iou(o, n), seconds, per))
     if "joint" in cfg.methods:
         say(f"joint: all {len(source.classes) - 1} classes at once, {budget}")
         store = Store(out / "stores" / "joint")

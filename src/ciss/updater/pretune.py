@@ -44,9 +44,9 @@ STATS_IMAGES = 500  # images read for the importance start (NeST reads every one
 
 @dataclass
 class PretuneResult:
-    """What the pre-tuning did (written to the card's ``extra.pretune``)."""
+    """What the pre-tuning did (written to the card's ``extra.pretune``; its share is the
+    card's ``config.update.pretune``)."""
 
-    share: float
     iterations: int
     seconds: float
     first_loss: float
@@ -237,7 +237,7 @@ def pretune(student: SegmentationModel, teacher: SegmentationModel, k_old: int, 
         student.frozen_upto = frozen_upto
         for name, p in student.named_parameters():
             p.requires_grad_(flags[name])
-    return PretuneResult(share=share, iterations=result.iterations,
+    return PretuneResult(iterations=result.iterations,
                          seconds=time.perf_counter() - t0,
                          first_loss=result.history[0]["loss"],
                          last_loss=result.history[-1]["loss"], stats_images=len(stems))

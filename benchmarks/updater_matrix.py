@@ -7,7 +7,8 @@ kd, cache, pseudo (0/1), pod / podl (PLOP's Local POD factors: encoder stages / 
 loss_at (input/logits), dice (0/1: new-class Dice), bn (update/frozen:
 BatchNorm statistics), memory (replay budget; unset: the parent's), fuse (0/1: EWF's fusion),
 pretune (share of the step for NeST's classifier pre-tuning; unset: the default; 0: off),
-threads (torch threads for this run; default 2).
+threads (torch threads for this run; default 2), seed (the step loop's seed, as ``ciss benchmark
+--seed``; default 0).
 Several --step-data folders are learned in order (a 15-1 sequence, say), each step on the last.
 Prints one JSON line per run: old/new mIoU on the full-label val split after the last step (old
 = the base's classes; with several steps, also old/new after each), training seconds (summed
@@ -59,7 +60,8 @@ def run(spec: str, base: Path, step_data: list[Path], source, base_ids: list[int
                                     pretune=float(kw["pretune"]) if "pretune" in kw else None),
                 loop=d.loop(iterations=int(kw["iterations"]) if "iterations" in kw else None,
                             epochs=int(kw["epochs"]) if "epochs" in kw else None,
-                            lr=float(kw["lr"]) if "lr" in kw else None),
+                            lr=float(kw["lr"]) if "lr" in kw else None,
+                            seed=int(kw.get("seed", 0))),
                 progress=False)
             old, new, all_, _ = score_step(store, r.step, source, base_ids)
             per_step.append({"old": round(old, 3), "new": round(new, 3)})

@@ -64,7 +64,9 @@ from ciss.updater.method_table import BENCHMARK_METHODS, METHODS
               help="Spend SHARE (0-1) of the step's budget first on NeST's classifier "
                    "pre-tuning (ECCV 2024): new rows generated from the old ones, every "
                    "other weight frozen. Default: the family's share for mib ('ciss "
-                   "recipes'); 0 = off. Not for dkd (sigmoid form).")
+                   "recipes': tiny 1/3, families trained elsewhere none); 0 = off. Measured "
+                   "on tiny 10-1: new classes 0.60x joint's instead of 0.52x, a step 1.23x "
+                   "mib's time (BENCHMARKS.md §11j). Not for dkd (sigmoid form).")
 @memory_option(step=True)
 @loop_options
 def add_classes_cmd(store_path, data_dir, parent, method, pseudo, new_dice, freeze, init,

@@ -124,9 +124,12 @@ def story(base_store, split_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("story") / "store"
     shutil.copytree(base_store, root)
     store = Store(root)
+    # no classifier pre-tuning: at this fixture's rate (1e-2, above tiny's 3e-3) it moved the
+    # background row far enough to drop one old class 19.8 points, and the gate refused the
+    # mib step (BENCHMARKS.md §11j); the gate tests need a step that kept its old classes
     for method in ("mib", "ft"):
         add_classes(store, split_dir / "step-1", method=MethodConfig(method=method),
-                    update=UpdateConfig(parent=0, freeze="stage4"),
+                    update=UpdateConfig(parent=0, freeze="stage4", pretune=0.0),
                     loop=LoopConfig(iterations=STEP_ITERATIONS, batch_size=8, lr=1e-2, evals=0),
                     progress=False)
     for step in store.steps():

@@ -127,7 +127,9 @@ def add_classes_cmd(store_path, data_dir, parent, method, pseudo, new_dice, free
               show_default=True)
 @click.option("--methods", default="ft,mib", show_default=True,
               help=f"Comma list of {', '.join(BENCHMARK_METHODS)}; NAME+memory runs a method "
-                   "with the replay memory (--memory), NAME+fuse with EWF's fusion (--fuse).")
+                   "with the replay memory (--memory), NAME+fuse with EWF's fusion (--fuse), "
+                   "NAME+pretune / NAME+nopretune with NeST's classifier pre-tuning on / off "
+                   "(--pretune).")
 @click.option("--memory", type=click.IntRange(min=1), default=100, show_default=True,
               help="Images the +memory methods keep (the literature's VOC budget: 100).")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -103,10 +103,9 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
                           progress=not fast)
         echo(before_after_table(store, rep.step))
         numbers[f"{method}_step"] = rep.step
-        pretuned = rep.card.extra.get("pretune")
+        pretune_s = rep.card.timings.get("pretune_s", 0.0)
         echo(f"      step {rep.step} ({method}) written ({rep.fit.seconds:.0f}s of training"
-             + (f" + {pretuned['seconds']:.0f}s pre-tuning the classifier" if pretuned else "")
-             + ")")
+             + (f" + {pretune_s:.0f}s pre-tuning the classifier" if pretune_s else "") + ")")
     echo("[6/8] export every step to ONNX behind the parity gate, score on the full-label val, "
          "gate the deploys")
     rows = []

@@ -45,7 +45,7 @@ STATS_IMAGES = 500  # images read for the importance start (NeST reads every one
 @dataclass
 class PretuneResult:
     """What the pre-tuning did (written to the card's ``extra.pretune``; its share is the
-    card's ``config.update.pretune``)."""
+    card's ``config.update.pretune``, its seconds ``timings.pretune_s``)."""
 
     iterations: int
     seconds: float
@@ -54,7 +54,9 @@ class PretuneResult:
     stats_images: int
 
     def to_json(self) -> dict:
-        return {k: round(v, 5) if isinstance(v, float) else v for k, v in asdict(self).items()}
+        """The card's ``extra.pretune`` (the seconds go to the card's timings only)."""
+        return {k: round(v, 5) if isinstance(v, float) else v
+                for k, v in asdict(self).items() if k != "seconds"}
 
 
 class GeneratedRows(nn.Module):

@@ -16,14 +16,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1 || \
 		$(BIN)/python -m pip install -q torch torchvision
-	$(BIN)/python -m pip install -q -e '.[cpu,dev,smp,transformers]'
+	$(BIN)/python -m pip install -q -e '.[cpu,dev,smp,transformers,pretrained,annotate,docs]'
 	touch $(STAMP)
 
 # A CUDA-capable ONNX Runtime in the same venv: onnxruntime and onnxruntime-gpu install the
 # same module, so the CPU one goes first (pip alone cannot replace one with the other).
 gpu: $(STAMP)
 	$(BIN)/python -m pip uninstall -q -y onnxruntime onnxruntime-gpu
-	$(BIN)/python -m pip install -q -e '.[gpu,dev,smp,transformers]'
+	$(BIN)/python -m pip install -q -e '.[gpu,dev,smp,transformers,pretrained,annotate,docs]'
 	$(BIN)/python -c "import onnxruntime as o; print(o.get_available_providers())"
 
 demo: $(STAMP)

@@ -35,6 +35,16 @@ class ExportWrapper(nn.Module):
         return logits, logits.argmax(dim=1).to(torch.uint8)
 
 
+def preprocessing_note(model: nn.Module) -> str:
+    """What the graph does to its input, with the model's own mean/std (not always
+    ImageNet's: TF-ported encoders take 0.5/0.5)."""
+    p = getattr(model, "preprocessing", None)
+    if not p:
+        return "uint8 RGB [N,3,H,W], normalisation inside the graph"
+    return (f"uint8 RGB [N,3,H,W], normalisation inside the graph: (x/255 - mean) / std, "
+            f"mean {p['mean']}, std {p['std']}")
+
+
 def export_onnx(model: nn.Module, path: Path, card: StepCard, weights_sha256: str,
                 example_size: int = 64) -> Path:
     """Export ``model`` to ``path`` with self-describing metadata.
@@ -59,7 +69,7 @@ def export_onnx(model: nn.Module, path: Path, card: StepCard, weights_sha256: st
     proto = onnx.load(str(path))
     meta = {"classes": json.dumps(card.classes), "step": str(card.step),
             "weights_sha256": weights_sha256, "arch": card.arch,
-            "preprocessing": "uint8 RGB [N,3,H,W], ImageNet normalisation inside the graph",
+            "preprocessing": preprocessing_note(model),
             "ciss_version": __version__}
     del proto.metadata_props[:]
     for k, v in meta.items():

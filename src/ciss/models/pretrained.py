@@ -42,12 +42,19 @@ def is_library_folder(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / "config.json").is_file()
 
 
-def load_library_folder(folder: Path) -> Loaded:
+def load_library_folder(folder: Path, mean=None, std=None) -> Loaded:
     """Read an SMP or transformers ``save_pretrained`` folder.
+
+    Args:
+        folder: the folder (``config.json`` beside the weights).
+        mean, std: the normalisation of x/255 to use instead of the one the folder implies
+            (the user's ``--mean``/``--std``; three values each).
+
+    The model's ``config["init"]`` records the folder and its weights' sha256.
 
     Raises:
         CissError: a config that is neither library's, an unsupported model class (the
-            supported ones are named), or weights that do not load.
+            supported ones are named), weights that do not load, or a bad mean/std.
     """
     folder = Path(folder)
     path = folder / "config.json"
@@ -58,25 +65,54 @@ def load_library_folder(folder: Path) -> Loaded:
     if not isinstance(config, dict):
         raise CissError(f"{path}: not a model config (a JSON object)")
     if "_model_class" in config:
-        return _smp(folder)
-    if "model_type" in config or "architectures" in config:
-        return _transformers(folder, config)
-    raise CissError(f"{path}: neither an SMP (_model_class) nor a transformers "
-                    "(architectures, model_type) save_pretrained config; a plain state dict "
-                    "file needs --arch")
+        loaded = _smp(folder, config)
+    elif "model_type" in config or "architectures" in config:
+        loaded = _transformers(folder, config)
+    else:
+        raise CissError(f"{path}: neither an SMP (_model_class) nor a transformers "
+                        "(architectures, model_type) save_pretrained config; a plain state "
+                        "dict file needs --arch")
+    if mean is not None or std is not None:
+        p = loaded.model.preprocessing
+        try:
+            loaded.model.set_preprocessing(p["mean"] if mean is None else mean,
+                                           p["std"] if std is None else std)
+        except ValueError as exc:
+            raise CissError(f"--mean/--std: {exc}") from None
+        p = loaded.model.preprocessing
+        loaded.notes = [n for n in loaded.notes if not n.startswith("preprocessing:")]
+        loaded.notes.append(f"preprocessing: --mean/--std (x/255 - {p['mean']}) / {p['std']}")
+    loaded.model.config["init"] = _folder_record(folder, config)
+    return loaded
 
 
-def _smp(folder: Path) -> Loaded:
+def _folder_record(folder: Path, config: dict) -> dict:
+    from ciss.models.imagenet import sha256_of
+
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    record = {"weights": "imported", "source": str(folder.resolve())}
+    if files:
+        record["sha256"] = sha256_of(files[0])
+    if config.get("encoder_weights"):
+        record["encoder_weights"] = config["encoder_weights"]  # what the author started from
+    return record
+
+
+def _smp(folder: Path, config: dict) -> Loaded:
     from ciss.models.smp import SMPSegmentation, arch_name, load_saved
+    from ciss.models.smp_encoders import encoder_preprocessing
 
     module = load_saved(folder).eval()
     n = module.segmentation_head[0].out_channels
-    model = SMPSegmentation(arch_name(module), n, module=module).eval()
-    # SMP's ImageNet-pretrained encoders (resnet, efficientnet, mobilenet, mit) all take
-    # ImageNet mean/std on x/255 (their preprocessing configs; SMP fetches those from the hub,
-    # which is not needed to know them).
-    return Loaded(model, None, "smp", ["preprocessing: ImageNet mean/std on x/255 (the SMP "
-                                       "encoders' ImageNet preprocessing)"])
+    # SMP's config.json has no preprocessing: it is the encoder's (SMP's
+    # get_preprocessing_params), known offline from the encoder's name and weights variant
+    variant = config.get("encoder_weights")
+    model = SMPSegmentation(arch_name(module), n, module=module,
+                            weights=variant if isinstance(variant, str) else None).eval()
+    _, _, where = encoder_preprocessing(module.config["encoder_name"], variant)
+    p = model.preprocessing
+    return Loaded(model, None, "smp", [f"preprocessing: (x/255 - {p['mean']}) / {p['std']}, "
+                                       f"the encoder's ({where})"])
 
 
 def _transformers(folder: Path, config: dict) -> Loaded:

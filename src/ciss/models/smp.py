@@ -82,7 +82,8 @@ class SMPSegmentation(SegmentationModel):
         init = config.get("init")
         if module is None:
             module, made = _create(ctor, num_classes, weights)
-            init = init or made
+            # a card's config keeps its own record (or none, for steps older than records)
+            init = init if config else made
         saved = dict(getattr(module, "config", {}) or ctor)
         mean, std, _ = encoder_preprocessing(ctor["encoder_name"],
                                              saved.get("encoder_weights") or weights)

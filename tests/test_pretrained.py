@@ -210,3 +210,29 @@ def test_train_on_the_packaged_encoder_cards_its_init(split_dir, tmp_path):
         0.5] * 3
     model, _ = Store(store).load_model(0)  # rebuilt offline from the card, nothing fetched
     assert model.config["init"] == card.model_config["init"]
+
+
+def test_train_says_model_weights_preprocessing_first_and_takes_mean_std(split_dir, tmp_path):
+    store = tmp_path / "s"
+    res = run("train", "--store", store, "--data", split_dir / "step-0", "--iterations", 2,
+              "--batch-size", 2, "--quiet", "--mean", 0.4, 0.4, 0.4, "--std", 0.2, 0.2, 0.2)
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[0] == ("model tiny, weights random init, preprocessing "
+                                          "(x/255 - [0.4, 0.4, 0.4]) / [0.2, 0.2, 0.2]")
+    card = Store(store).card(0)
+    assert card.extra["preprocessing"] == {"mean": [0.4] * 3, "std": [0.2] * 3}
+    model, _ = Store(store).load_model(0)
+    assert model.preprocessing == card.extra["preprocessing"]
+    res = run("train", "--store", tmp_path / "t", "--data", split_dir / "step-0", "--std", 0,
+              1, 1)
+    assert res.exit_code == 2 and "--mean/--std" in res.output
+
+
+def test_import_takes_mean_std(lite_folder, split_dir, tmp_path):
+    store = tmp_path / "store"
+    res = run("import", "--store", store, "--weights", lite_folder / "unet", "--classes",
+              lite_folder / "classes.txt", "--data", split_dir / "step-0", "--mean", 0.485,
+              0.456, 0.406, "--std", 0.229, 0.224, 0.225)
+    assert res.exit_code == 0, res.output
+    assert "preprocessing: --mean/--std" in res.output
+    assert Store(store).card(0).extra["preprocessing"]["mean"] == [0.485, 0.456, 0.406]

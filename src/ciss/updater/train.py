@@ -106,8 +106,13 @@ def retention_stems(folder: DatasetFolder, class_ids: list[int]) -> list[str]:
 def train_base(store: Store, data_dir: Path, *, arch: str = "tiny", weights: str | None = None,
                loop: LoopConfig = LoopConfig(), data: DataConfig = DataConfig(),
                loss: str | None = None, floor: float = DEFAULT_FLOOR, progress: bool = True,
-               after_epoch=None, memory: int = 0) -> StepReport:
+               after_epoch=None, memory: int = 0, mean=None, std=None,
+               say=None) -> StepReport:
     """Train step 0 on ``data_dir`` and write it to ``store``.
+
+    ``mean``/``std`` override the encoder's own normalisation of x/255 (``build_model``);
+    ``say`` receives one line naming the model, its weights and preprocessing once it is
+    built (before training).
 
     ``memory`` > 0 keeps that many class-balanced training images beside the step for the
     next steps to replay (``updater.memory``; off by default).
@@ -145,7 +150,8 @@ def train_base(store: Store, data_dir: Path, *, arch: str = "tiny", weights: str
         agree(info, "the store", store.steps())
         agree(info, "the training data", folder.fingerprint())
         return _train_base(store, folder, data_dir, arch, weights, loop, data, loss, floor,
-                           progress, after_epoch, info, device, memory)
+                           progress, after_epoch, info, device, memory,
+                           {"mean": mean, "std": std}, say)
 
 
 def object_miou_validator(model, device, folder: DatasetFolder, stems: list[str],
@@ -161,10 +167,15 @@ def object_miou_validator(model, device, folder: DatasetFolder, stems: list[str]
 
 
 def _train_base(store, folder, data_dir, arch, weights, loop, data, loss, floor, progress,
-                after_epoch, info: DistInfo, device, memory: int) -> StepReport:
+                after_epoch, info: DistInfo, device, memory: int, norm: dict,
+                say) -> StepReport:
     classes = folder.classes
     torch.manual_seed(loop.seed)
-    model = build_model(arch, num_classes=len(classes), weights=weights).to(device)
+    model = build_model(arch, num_classes=len(classes), weights=weights, **norm).to(device)
+    if say is not None and info.is_main:
+        from ciss.models.build import describe_model
+
+        say(describe_model(model))
     if loop.sync_bn and info.enabled:
         model = sync_batchnorm(model, device)
     dataset = training_dataset(folder, label_lut(classes, classes), data, loop.seed)

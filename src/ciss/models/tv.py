@@ -36,6 +36,16 @@ def _backbone_weights(arch: str, weights: str | None):
     return w
 
 
+def _init_record(backbone, weights: str | None) -> dict:
+    """The card's record of the backbone's initial weights (``models.imagenet``)."""
+    from ciss.models.imagenet import init_record, sha256_of
+
+    if backbone is None:
+        return init_record(weights)
+    return {"weights": "imagenet", "source": f"torchvision: {backbone.url}",
+            "sha256": sha256_of(hub_cache_path(backbone.url))}
+
+
 def hub_cache_path(url: str) -> Path:
     """Where torchvision looks for (and downloads) the file at ``url``."""
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
@@ -92,9 +102,11 @@ class DeepLabV3(SegmentationModel):
             from torchvision.models import segmentation as seg
 
             backbone_key = "mobilenet" if "mobilenet" in arch else arch.rsplit("_", 1)[-1]
-            tv = getattr(seg, arch)(weights=None, weights_backbone=_backbone_weights(
-                backbone_key, weights), num_classes=num_classes, aux_loss=False)
+            backbone = _backbone_weights(backbone_key, weights)
+            tv = getattr(seg, arch)(weights=None, weights_backbone=backbone,
+                                    num_classes=num_classes, aux_loss=False)
             load_backbone_file(tv, weights)
+            self.config["init"] = _init_record(backbone, weights)
         body = tv.backbone
         if "mobilenet" in arch:
             # IntermediateLayerGetter keeps the feature blocks as children "0".."16".
@@ -161,10 +173,11 @@ class LRASPP(SegmentationModel):
         if tv is None:
             from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 
-            tv = lraspp_mobilenet_v3_large(
-                weights=None, weights_backbone=_backbone_weights("mobilenet", weights),
-                num_classes=num_classes)
+            backbone = _backbone_weights("mobilenet", weights)
+            tv = lraspp_mobilenet_v3_large(weights=None, weights_backbone=backbone,
+                                           num_classes=num_classes)
             load_backbone_file(tv, weights)
+            self.config["init"] = _init_record(backbone, weights)
         self.stages.update(_mobilenet_stages(nn.Sequential(*tv.backbone.children())))
         h = tv.classifier
         self.stages["head"] = LRASPPHeadPart(h.cbr, h.scale)

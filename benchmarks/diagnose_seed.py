@@ -26,21 +26,17 @@ def main() -> None:
     args = ap.parse_args()
     from ciss.analysis.diagnose import diagnose
     from ciss.store import Store
-    from ciss.updater.add_classes import UpdateConfig, add_classes
-    from ciss.updater.defaults import step_defaults
-    from ciss.updater.loop import LoopConfig
-    from ciss.updater.methods import MethodConfig
+    from ciss.updater.add_classes import add_classes
+    from ciss.updater.config import StepOptions, resolve_step
 
     root = Path(tempfile.mkdtemp()) / "store"
     shutil.copytree(args.store, root)
     store = Store(root)
     runs = {(store.card(s).method, "stage4"): s for s in store.steps() if s > 0}
     for method in ("ft", "mib"):
-        d = step_defaults(method)
-        rep = add_classes(store, args.split / "step-1",
-                          method=MethodConfig(method=method, kd_weight=d.kd_weight),
-                          update=UpdateConfig(parent=0, freeze="none"),
-                          loop=LoopConfig(epochs=d.epochs, lr=d.lr), progress=False)
+        config = resolve_step("add-classes", StepOptions(method=method, parent=0,
+                                                         freeze="none"), store)
+        rep = add_classes(store, args.split / "step-1", config=config, progress=False)
         runs[(method, "none")] = rep.step
     results = {}
     for (method, frozen), step in sorted(runs.items()):

@@ -132,36 +132,35 @@ def make_data(root: Path, plan: Plan) -> Path:
 
 
 def base_step(store, split: Path, plan: Plan, device: str) -> dict:
-    from ciss.updater.defaults import base_defaults
-    from ciss.updater.train import DataConfig, train_base
+    from dataclasses import replace
 
-    loop = base_defaults(plan.arch).loop(iterations=plan.base_iterations,
-                                         batch_size=plan.batch, device=device, evals=0)
-    rep = train_base(store, split / "step-0", arch=plan.arch, loop=loop, progress=False,
-                     data=DataConfig(crop_size=plan.size))
+    from ciss.updater.config import StepOptions, resolve_step
+    from ciss.updater.train import train_base
+
+    config = resolve_step("train", StepOptions(arch=plan.arch, iterations=plan.base_iterations,
+                                               batch_size=plan.batch, device=device,
+                                               crop_size=plan.size))
+    config = replace(config, loop=replace(config.loop, evals=0))  # timing only: no validation
+    rep = train_base(store, split / "step-0", config=config, progress=False)
     return {"step": rep.step, "train_s": rep.card.timings["train_s"]}
 
 
 def add_step(store, split: Path, plan: Plan, device: str, method: str = "mib") -> dict:
-    from ciss.updater.add_classes import UpdateConfig, add_classes
-    from ciss.updater.defaults import step_defaults
-    from ciss.updater.methods import MethodConfig
-    from ciss.updater.train import DataConfig
+    from ciss.updater.add_classes import add_classes
+    from ciss.updater.config import StepOptions, resolve_step, step_settings
 
-    d = step_defaults(method, plan.arch)
+    config = resolve_step("add-classes", StepOptions(
+        method=method, parent=0, iterations=plan.add_iterations, batch_size=plan.batch,
+        device=device, crop_size=plan.size), store)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    rep = add_classes(store, split / "step-1",
-                      method=MethodConfig(method=method, kd_weight=d.kd_weight),
-                      update=UpdateConfig(parent=0, bn_stats=d.bn_stats),
-                      loop=d.loop(iterations=plan.add_iterations, batch_size=plan.batch,
-                                  device=device),
-                      data=DataConfig(crop_size=plan.size), progress=False)
+    rep = add_classes(store, split / "step-1", config=config, progress=False)
+    settings = step_settings(rep.card)
     t = rep.card.timings
     out = {"step": rep.step, "iterations": t["iterations"], "train_s": t["train_s"],
            "images_per_s": round(t["iterations"] * plan.batch / max(t["train_s"], 1e-9), 1),
            "data_wait_share": round(t.get("data_wait_s", 0.0) / max(t["train_s"], 1e-9), 3),
-           "recipe": f"{rep.card.hparams['optimizer']} lr {rep.card.hparams['lr']}"}
+           "recipe": f"{settings['optimizer']} lr {settings['lr']}"}
     if torch.cuda.is_available():
         out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out
@@ -285,7 +284,7 @@ def torchrun_stage(store_root: Path, split: Path, plan: Plan, gpu: bool) -> dict
         raise RuntimeError(f"torchrun exited {res.returncode}: {res.stderr[-800:]}")
     card = Store(work).card(Store(work).latest())
     return {"procs": procs, "wall_s": round(wall, 1), "train_s": card.timings["train_s"],
-            "world_size": card.hparams["world_size"], "iterations_per_rank":
+            "world_size": card.extra["world_size"], "iterations_per_rank":
             card.timings["iterations"]}
 
 

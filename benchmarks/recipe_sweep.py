@@ -16,6 +16,7 @@ import argparse
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,11 +24,9 @@ import torch
 from _common import machine
 from ciss.analysis.evaluate import evaluate_step
 from ciss.store import Store
-from ciss.updater.add_classes import UpdateConfig, add_classes
-from ciss.updater.defaults import base_defaults, step_defaults
-from ciss.updater.loop import LoopConfig
-from ciss.updater.methods import MethodConfig
-from ciss.updater.train import DataConfig, train_base
+from ciss.updater.add_classes import add_classes
+from ciss.updater.config import StepConfig, StepOptions, resolve_step
+from ciss.updater.train import train_base
 
 
 def parse(run: str) -> tuple[str, dict[str, str]]:
@@ -35,17 +34,21 @@ def parse(run: str) -> tuple[str, dict[str, str]]:
     return name, dict(p.split("=", 1) for p in pairs)
 
 
-def base_config(kw: dict[str, str]):
-    arch = kw.get("arch", "tiny")
-    d = base_defaults(arch)
-    loop = LoopConfig(iterations=int(kw.get("iterations", d.iterations)),
-                      epochs=int(kw["epochs"]) if "epochs" in kw else None,
-                      lr=float(kw.get("lr", d.lr)), evals=int(kw.get("evals", d.evals)),
-                      batch_size=int(kw.get("batch", 16)),
-                      warmup=float(kw.get("warmup", d.warmup)))
-    lo, hi = (float(v) for v in kw.get("scale", ":".join(map(str, d.scale))).split(":"))
-    data = DataConfig(crop_size=int(kw["crop"]) if "crop" in kw else None, scale=(lo, hi))
-    return arch, loop, data, kw.get("loss", d.loss)
+def base_config(kw: dict[str, str]) -> StepConfig:
+    """The train recipe under the run's overrides (resolve_step), plus the loop knobs no
+    command-line option sets (evals, warmup)."""
+    scale = tuple(float(v) for v in kw["scale"].split(":")) if "scale" in kw else None
+    config = resolve_step("train", StepOptions(
+        arch=kw.get("arch", "tiny"),
+        iterations=int(kw["iterations"]) if "iterations" in kw else None,
+        epochs=int(kw["epochs"]) if "epochs" in kw else None,
+        lr=float(kw["lr"]) if "lr" in kw else None, batch_size=int(kw.get("batch", 16)),
+        crop_size=int(kw["crop"]) if "crop" in kw else None, scale=scale,
+        loss=kw.get("loss")))
+    loop = config.loop
+    return replace(config, loop=replace(
+        loop, evals=int(kw.get("evals", loop.evals)), warmup=float(kw.get("warmup",
+                                                                          loop.warmup))))
 
 
 def run_one(name: str, kw: dict[str, str], split: Path, full: Path, out: Path,
@@ -53,10 +56,8 @@ def run_one(name: str, kw: dict[str, str], split: Path, full: Path, out: Path,
     store_dir = out / name
     shutil.rmtree(store_dir, ignore_errors=True)
     store = Store(store_dir)
-    arch, loop, data, loss = base_config(kw)
     t0 = time.perf_counter()
-    rep = train_base(store, split / "step-0", arch=arch, loop=loop, data=data, loss=loss,
-                     progress=False)
+    rep = train_base(store, split / "step-0", config=base_config(kw), progress=False)
     row = {"run": name, **kw, "base_s": round(time.perf_counter() - t0, 1),
            "iterations": rep.fit.iterations, "best": rep.fit.best}
     ev = evaluate_step(store, full, step=0).to_json()
@@ -65,13 +66,12 @@ def run_one(name: str, kw: dict[str, str], split: Path, full: Path, out: Path,
                              for k, v in ev["per_class_iou"].items()}
     if add:
         method = kw.get("method", "mib")
-        sd = step_defaults(method)
-        sloop = LoopConfig(iterations=int(kw.get("step_iterations", sd.iterations)),
-                           lr=float(kw.get("step_lr", sd.lr)), evals=sd.evals)
+        config = resolve_step("add-classes", StepOptions(
+            method=method, freeze=kw.get("freeze"),
+            iterations=int(kw["step_iterations"]) if "step_iterations" in kw else None,
+            lr=float(kw["step_lr"]) if "step_lr" in kw else None), store)
         t0 = time.perf_counter()
-        add_classes(store, split / "step-1",
-                    method=MethodConfig(method=method, kd_weight=sd.kd_weight),
-                    update=UpdateConfig(freeze=kw.get("freeze")), loop=sloop, progress=False)
+        add_classes(store, split / "step-1", config=config, progress=False)
         row["step_s"] = round(time.perf_counter() - t0, 1)
         ev = evaluate_step(store, full, step=1).to_json()
         row["old"], row["new"] = round(ev["old_miou"], 4), round(ev["new_miou"], 4)

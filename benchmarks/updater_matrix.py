@@ -21,6 +21,7 @@ import argparse
 import json
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,41 +29,37 @@ import torch
 from ciss.benchmark import score_step
 from ciss.data.folder import open_folder
 from ciss.store import Store
-from ciss.updater.add_classes import UpdateConfig, add_classes
-from ciss.updater.defaults import step_defaults
-from ciss.updater.methods import MethodConfig
+from ciss.updater.add_classes import add_classes
+from ciss.updater.config import StepOptions, resolve_step
 
 
 def run(spec: str, base: Path, step_data: list[Path], source, base_ids: list[int]) -> dict:
     tag, *pairs = spec.split(",")
     kw = dict(p.split("=", 1) for p in pairs)
     method = kw.get("method", "mib")
-    d = step_defaults(method)
     per_step, train_s, epochs = [], 0.0, []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "store"
         shutil.copytree(base, root)
         store = Store(root)
         for data in step_data:
-            r = add_classes(
-                store, data,
-                method=MethodConfig(method=method, kd_weight=float(kw.get("kd", d.kd_weight)),
-                                    pseudo=kw.get("pseudo", "0") == "1",
-                                    loss_at=kw.get("loss_at", "input"),
-                                    new_dice=kw.get("dice", "0") == "1",
-                                    pod_weight=float(kw.get("pod", 0.01)),
-                                    pod_logits_weight=float(kw.get("podl", 0.0005))),
-                update=UpdateConfig(freeze=kw.get("freeze"), init=kw.get("init"),
-                                    cache_trunk_mb=int(kw.get("cache", 1024)),
-                                    bn_stats=kw.get("bn", d.bn_stats),
-                                    memory=int(kw["memory"]) if "memory" in kw else None,
-                                    fuse=kw.get("fuse", "0") == "1",
-                                    pretune=float(kw["pretune"]) if "pretune" in kw else None),
-                loop=d.loop(iterations=int(kw["iterations"]) if "iterations" in kw else None,
-                            epochs=int(kw["epochs"]) if "epochs" in kw else None,
-                            lr=float(kw["lr"]) if "lr" in kw else None,
-                            seed=int(kw.get("seed", 0))),
-                progress=False)
+            config = resolve_step("add-classes", StepOptions(
+                method=method, kd_weight=float(kw["kd"]) if "kd" in kw else None,
+                pseudo=kw.get("pseudo", "0") == "1", new_dice=kw.get("dice", "0") == "1",
+                freeze=kw.get("freeze"), init=kw.get("init"),
+                cache_trunk_mb=int(kw.get("cache", 1024)), bn_stats=kw.get("bn"),
+                memory=int(kw["memory"]) if "memory" in kw else None,
+                fuse=kw.get("fuse", "0") == "1",
+                pretune=float(kw["pretune"]) if "pretune" in kw else None,
+                iterations=int(kw["iterations"]) if "iterations" in kw else None,
+                epochs=int(kw["epochs"]) if "epochs" in kw else None,
+                lr=float(kw["lr"]) if "lr" in kw else None, seed=int(kw.get("seed", 0))), store)
+            # the research knobs no command-line option sets
+            config = replace(config, method=replace(
+                config.method, loss_at=kw.get("loss_at", "input"),
+                pod_weight=float(kw.get("pod", 0.01)),
+                pod_logits_weight=float(kw.get("podl", 0.0005))))
+            r = add_classes(store, data, config=config, progress=False)
             old, new, all_, _ = score_step(store, r.step, source, base_ids)
             per_step.append({"old": round(old, 3), "new": round(new, 3)})
             train_s += r.fit.seconds + r.card.timings.get("pretune_s", 0.0)

@@ -34,8 +34,8 @@ def test_add_classes_cli_table_and_errors(store_copy, split_dir):
         (0, None, "base"), (1, 0, "mib"), (2, 0, "ft")]
     store = Store(store_copy)
     # the recipe's BatchNorm choice when not given, the flag's when given; both on the card
-    assert store.card(1).hparams["bn_stats"] == step_defaults("mib").bn_stats
-    assert store.card(2).hparams["bn_stats"] == "update"
+    assert store.card(1).config["update"]["bn_stats"] == step_defaults("mib").bn_stats
+    assert store.card(2).config["update"]["bn_stats"] == "update"
 
 
 def test_benchmark_json_and_files(synthetic_dir, tmp_path):

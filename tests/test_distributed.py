@@ -40,7 +40,7 @@ def test_train_and_add_classes_under_torchrun(split_dir, tmp_path):
     assert store.steps() == [0]
     assert out.count("step 0: tiny") == 1  # only rank 0 reports
     card = store.card(0)
-    assert card.hparams["world_size"] == 2 and card.hparams["global_batch_size"] == 8
+    assert card.extra["run"]["world_size"] == 2 and card.extra["run"]["global_batch_size"] == 8
     history = card.extra["history"]
     assert len(history) == 2 and all(math.isfinite(h["loss"]) for h in history)
     # each rank sees half the training images, in batches of 4, for 2 epochs
@@ -53,7 +53,7 @@ def test_train_and_add_classes_under_torchrun(split_dir, tmp_path):
                     "--epochs", "1", "--batch-size", "4", "--quiet")
     out = finish(proc)
     assert proc.returncode == 0, out
-    assert store.steps() == [0, 1] and store.card(1).hparams["world_size"] == 2
+    assert store.steps() == [0, 1] and store.card(1).extra["run"]["world_size"] == 2
     # mib's default pre-tuning ran under DDP too (its importance sums all-reduced)
     assert store.card(1).extra["pretune"]["iterations"] >= 1
     assert not list((root / ".staging").glob("*")) if (root / ".staging").exists() else True

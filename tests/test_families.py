@@ -180,7 +180,7 @@ def test_smp_unet_imported_grown_exported_and_checked(saved, split_dir, tmp_path
     assert res.exit_code == 0, res.output
     child = Store(store).card(1)
     assert child.frozen == ["stem", "stage1", "stage2", "stage3"]  # the family's default
-    assert child.hparams["optimizer"] == "sgd" and child.hparams["encoder_lr"] == 0.1
+    assert child.config["loop"]["optimizer"] == "sgd" and child.config["loop"]["encoder_lr"] == 0.1
     assert child.model_config == card.model_config
     res = run("export", "--store", store, "--step", 1)
     assert res.exit_code == 0 and "pass" in res.output, res.output
@@ -284,7 +284,7 @@ def test_train_takes_the_families(split_dir, tmp_path):
               "segformer-b0", "--iterations", 2, "--batch-size", 4, "--quiet")
     assert res.exit_code == 0, res.output
     card = Store(tmp_path / "s").card(0)
-    assert card.arch == "segformer-b0" and card.hparams["encoder_lr"] == 0.1
+    assert card.arch == "segformer-b0" and card.config["loop"]["encoder_lr"] == 0.1
     assert card.model_config["transformers"]["hidden_sizes"] == [32, 64, 160, 256]
     model, _ = Store(tmp_path / "s").load_model(0)
     assert model.stage_names[0] == "stage1"

@@ -133,7 +133,7 @@ def test_dkd_step_is_stored_with_a_zero_background_row(store_copy, split_dir):
                                                                       kd_weight=5.0),
                       update=UpdateConfig(parent=0), loop=LoopConfig(epochs=1, batch_size=8),
                       progress=False)
-    assert rep.card.method == "dkd" and rep.card.hparams["kd_weight"] == 5.0
+    assert rep.card.method == "dkd" and rep.card.config["method"]["kd_weight"] == 5.0
     model, _ = store.load_model(rep.step)
     w = model.classifier_convs()[0]
     assert w.weight[0].abs().max() == 0 and w.bias[0] == 0

@@ -165,7 +165,7 @@ def test_cli_pretune_reaches_the_card_and_bad_shares_write_nothing(store_copy, s
     assert res.exit_code == 0, res.output
     assert "s pre-tuning the classifier" in res.output
     card = Store(store_copy).card(1)
-    assert card.config["update"]["pretune"] == 0.25 and card.hparams["pretune"] == 0.25
+    assert card.config["update"]["pretune"] == 0.25 and "hparams" not in card.to_json()
     assert card.extra["pretune"]["iterations"] == 5  # a quarter of the 20-step budget
     assert card.timings["pretune_s"] > 0 and "seconds" not in card.extra["pretune"]
     refused(run(*common, "--pretune", 1.5), "--pretune 1.5")

@@ -95,7 +95,7 @@ def test_plop_and_mib_pseudo_train_end_to_end(method, pseudo, store_copy, split_
     hist = rep.fit.history[-1]
     assert all(math.isfinite(v) for v in hist.values())
     assert ("pod" in hist) == (method == "plop")
-    assert rep.card.method == method and rep.card.hparams["pseudo"] == pseudo
+    assert rep.card.method == method and rep.card.config["method"]["pseudo"] == pseudo
 
 
 def test_plop_distils_encoder_stages_and_logits_not_the_decoder():

@@ -23,7 +23,7 @@ import csv
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ciss.analysis.metrics import harmonic_iou
@@ -32,14 +32,14 @@ from ciss.data.classes import ClassList
 from ciss.data.folder import open_folder
 from ciss.data.scenarios import parse_scenario, write_split
 from ciss.errors import CissError
+from ciss.models.build import arch_spec
 from ciss.models.recipes import NEST_SHARE
 from ciss.store import Store
 from ciss.tables import pct, table
-from ciss.updater.add_classes import UpdateConfig, add_classes
-from ciss.updater.defaults import base_defaults, step_defaults
+from ciss.updater.add_classes import add_classes
+from ciss.updater.config import StepOptions, resolve_step
 from ciss.updater.method_table import BENCHMARK_METHODS as KNOWN
-from ciss.updater.methods import MethodConfig
-from ciss.updater.train import DataConfig, train_base
+from ciss.updater.train import train_base
 
 
 @dataclass(frozen=True)
@@ -164,10 +164,13 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
     scenario = parse_scenario(cfg.scenario)
     steps = write_split(source, scenario, out / "split", cfg.setting)
     base_ids = scenario.steps(len(source.classes) - 1)[0]
-    bd = base_defaults(cfg.arch)
-    base_loop = bd.loop(epochs=cfg.base_epochs, seed=cfg.seed, device=cfg.device)
+    wants_memory = any("memory" in method_parts(m)[1] for m in cfg.methods if m != "joint")
+    base_options = StepOptions(arch=cfg.arch, epochs=cfg.base_epochs, seed=cfg.seed,
+                               device=cfg.device)
+    base_cfg = resolve_step("train", replace(base_options,
+                                             memory=cfg.memory if wants_memory else 0))
     budget = (f"{cfg.base_epochs} epochs" if cfg.base_epochs
-              else f"{base_loop.iterations} iterations")
+              else f"{base_cfg.loop.iterations} iterations")
     rows: list[Row] = []
     incremental = [m for m in cfg.methods if m != "joint"]
     runs = [(m, steps) for m in incremental]
@@ -178,10 +181,7 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
     if incremental or cfg.control:
         say(f"base step: {cfg.arch}, {len(base_ids)} classes, {budget}")
         base = Store(out / "stores" / "base")
-        wants_memory = any("memory" in method_parts(m)[1] for m in incremental)
-        rep = train_base(base, steps[0], arch=cfg.arch,
-                         loop=base_loop, loss=bd.loss, data=DataConfig(scale=bd.scale),
-                         progress=progress, memory=cfg.memory if wants_memory else 0)
+        rep = train_base(base, steps[0], config=base_cfg, progress=progress)
         old, new, all_, per = score_step(base, 0, source, base_ids, cfg.device)
         for method, step_dirs in runs:
             store = Store(out / "stores" / method)
@@ -189,18 +189,15 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
             rows.append(Row(method, 0, old, None, all_, None, rep.fit.seconds, per))
             name, ons = method_parts(method)
             loss = {"ft-control": "ft", "mib+pseudo": "mib"}.get(name, name)
-            d = step_defaults(loss, cfg.arch)
+            options = StepOptions(
+                method=loss, pseudo=name == "mib+pseudo", freeze=cfg.freeze,
+                memory=cfg.memory if "memory" in ons else 0, fuse="fuse" in ons,
+                pretune=pretune_of(ons, arch_spec(cfg.arch).family.step.pretune),
+                epochs=cfg.step_epochs, seed=cfg.seed, device=cfg.device)
             for t, step_dir in enumerate(step_dirs[1:], start=1):
                 say(f"{method}: step {t}/{len(step_dirs) - 1}")
-                r = add_classes(store, step_dir,
-                                method=MethodConfig(method=loss, kd_weight=d.kd_weight,
-                                                    pseudo=name == "mib+pseudo"),
-                                update=UpdateConfig(freeze=cfg.freeze, bn_stats=d.bn_stats,
-                                                    memory=cfg.memory if "memory" in ons
-                                                    else 0, fuse="fuse" in ons,
-                                                    pretune=pretune_of(ons, d.recipe.pretune)),
-                                loop=d.loop(epochs=cfg.step_epochs, seed=cfg.seed,
-                                            device=cfg.device),
+                r = add_classes(store, step_dir, config=resolve_step("add-classes", options,
+                                                                     store),
                                 progress=progress)
                 o, n, a, per = score_step(store, r.step, source, base_ids, cfg.device)
                 # the pre-tuning is part of what the step costs
@@ -209,8 +206,7 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
     if "joint" in cfg.methods:
         say(f"joint: all {len(source.classes) - 1} classes at once, {budget}")
         store = Store(out / "stores" / "joint")
-        rep = train_base(store, data_dir, arch=cfg.arch,
-                         loop=base_loop, loss=bd.loss, data=DataConfig(scale=bd.scale),
+        rep = train_base(store, data_dir, config=resolve_step("train", base_options),
                          progress=progress)
         o, n, a, per = score_step(store, 0, source, base_ids, cfg.device)
         rows.append(Row("joint", len(steps) - 1, o, n, a, harmonic_iou(o, n), rep.fit.seconds,

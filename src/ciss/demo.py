@@ -67,10 +67,9 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
     from ciss.exporters.export import export_step
     from ciss.store import Store
     from ciss.store.listing import before_after_table
-    from ciss.updater.add_classes import UpdateConfig, add_classes
-    from ciss.updater.defaults import base_defaults, step_defaults
-    from ciss.updater.methods import MethodConfig
-    from ciss.updater.train import DataConfig, train_base
+    from ciss.updater.add_classes import add_classes
+    from ciss.updater.config import StepOptions, resolve_step
+    from ciss.updater.train import train_base
 
     plan = FAST if fast else FULL
     out = Path(out)
@@ -82,25 +81,20 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
     echo("[2/8] split 15-5 (overlap): step-0 learns 15 classes, step-1 adds 5 dotted shapes "
          "labelled alone (old objects in those images are 'background')")
     steps = write_split(open_folder(data_dir), parse_scenario("15-5"), split_dir)
-    bd = base_defaults("tiny")
-    base_loop = bd.loop(iterations=plan.base_iterations)
-    echo(f"[3/8] base training of tiny on {steps[0]} ({base_loop.iterations} iterations)")
-    base = train_base(store, steps[0], loop=base_loop, loss=bd.loss,
-                      data=DataConfig(scale=bd.scale), progress=not fast)
+    base_cfg = resolve_step("train", StepOptions(arch="tiny", iterations=plan.base_iterations))
+    echo(f"[3/8] base training of tiny on {steps[0]} ({base_cfg.loop.iterations} iterations)")
+    base = train_base(store, steps[0], config=base_cfg, progress=not fast)
     echo(f"      step {base.step} written ({base.fit.seconds:.0f}s of training)")
     for w in base.warnings:
         echo(f"      {w.line()}")
     numbers = {"base_step": base.step}
     for method in ("mib", "ft"):
-        d = step_defaults(method)
-        step_loop = d.loop(iterations=plan.step_iterations)
+        step_cfg = resolve_step("add-classes", StepOptions(
+            method=method, parent=base.step, iterations=plan.step_iterations), store)
         echo(f"[{4 if method == 'mib' else 5}/8] add-classes --method {method} --from 0 "
-             f"({step_loop.iterations} iterations, the stem frozen and shared with the teacher)")
-        rep = add_classes(store, steps[1], method=MethodConfig(method=method,
-                                                               kd_weight=d.kd_weight),
-                          update=UpdateConfig(parent=base.step, bn_stats=d.bn_stats),
-                          loop=step_loop,
-                          progress=not fast)
+             f"({step_cfg.loop.iterations} iterations, the stem frozen and shared with the "
+             "teacher)")
+        rep = add_classes(store, steps[1], config=step_cfg, progress=not fast)
         echo(before_after_table(store, rep.step))
         numbers[f"{method}_step"] = rep.step
         pretune_s = rep.card.timings.get("pretune_s", 0.0)

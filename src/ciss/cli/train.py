@@ -51,9 +51,7 @@ def preprocessing_options(f):
 @memory_option(step=False)
 @preprocessing_options
 @loop_options
-def train(store_path, data_dir, arch, weights, loss, memory, mean, std, iterations, epochs,
-          batch_size, lr, optimizer, encoder_lr, seed, device, crop_size, scale, exif, workers,
-          floor, checkpoint_every, sync_bn, quiet) -> None:
+def train(store_path, data_dir, quiet, **options) -> None:
     """Train step 0 on a dataset folder and write it to the store.
 
     An interrupted run resumes from its last epoch when the same command is repeated.
@@ -65,19 +63,18 @@ def train(store_path, data_dir, arch, weights, loss, memory, mean, std, iteratio
 
     Example: ciss train --data data/15-5/step-0 --iterations 2000
     """
-    from ciss.updater.defaults import base_defaults
-    from ciss.updater.train import DataConfig, train_base
+    from ciss.updater.config import StepOptions, resolve_step
+    from ciss.updater.train import train_base
 
-    d = base_defaults(arch)
-    loop = d.loop(iterations=iterations, epochs=epochs, batch_size=batch_size, lr=lr,
-                  optimizer=optimizer, encoder_lr=encoder_lr, seed=seed, device=device,
-                  sync_bn=sync_bn, checkpoint_every_s=checkpoint_every)
-    report = train_base(open_store(store_path), data_dir, arch=arch, weights=weights, loop=loop,
-                        data=DataConfig(crop_size=crop_size, scale=parse_scale(scale, d.scale),
-                                        workers=workers, exif=exif),
-                        loss=loss or d.loss, floor=floor, progress=not quiet, memory=memory,
-                        mean=mean, std=std, say=click.echo)
+    config = resolve_step("train", StepOptions.of({**options,
+                                                   "scale": parse_scale(options["scale"], None)}))
+    arch = config.base.arch
+    report = train_base(open_store(store_path), data_dir, config=config, progress=not quiet,
+                        say=click.echo)
     if report.rank != 0:  # under torchrun only rank 0 reports
+        return
+    if report.written_before:
+        click.echo(report.nothing_to_do())
         return
     s = report.scores
     ids = list(range(1, len(report.card.classes)))
@@ -124,11 +121,17 @@ def import_cmd(store_path, arch, weights, classes_file, data_dir, floor, mean, s
       ciss import --arch deeplabv3_resnet50 --weights model.pth --classes classes.txt \\
           --data my-val-folder
     """
+    from ciss.updater.config import StepOptions, resolve_step
     from ciss.updater.importer import import_model
 
-    report = import_model(open_store(store_path), data_dir, arch=arch, weights=weights,
-                          classes_file=classes_file, floor=floor, say=click.echo, exif=exif,
-                          device=device, mean=mean, std=std)
+    config = resolve_step("import", StepOptions(arch=arch, weights=weights,
+                                                classes_file=classes_file, floor=floor,
+                                                exif=exif, device=device, mean=mean,
+                                                std=std))
+    report = import_model(open_store(store_path), data_dir, config=config, say=click.echo)
+    if report.written_before:
+        click.echo(report.nothing_to_do())
+        return
     s = report.scores
     ids = list(range(1, len(report.card.classes)))
     click.echo(f"step {report.step}: imported {report.card.arch} ({len(ids)} classes) from "

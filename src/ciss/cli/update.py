@@ -69,49 +69,36 @@ from ciss.updater.method_table import BENCHMARK_METHODS, METHODS
                    "mib's time (BENCHMARKS.md §11j). Not for dkd (sigmoid form).")
 @memory_option(step=True)
 @loop_options
-def add_classes_cmd(store_path, data_dir, parent, method, pseudo, new_dice, freeze, init,
-                    kd_weight, alpha, bn_stats, fuse, pretune, memory, scale,
-                    cache_trunk_mb, val_dir, iterations, epochs, batch_size, lr, optimizer,
-                    encoder_lr, seed, device, crop_size, exif, workers, floor,
-                    checkpoint_every, sync_bn, quiet) -> None:
+def add_classes_cmd(store_path, data_dir, quiet, **options) -> None:
     """Learn the folder's new classes on top of a stored step without forgetting the old.
 
     Runs unchanged under torchrun (DDP; --batch-size is per process; rank 0 writes).
 
     Example: ciss add-classes --data data/15-5/step-1
     """
-    from ciss.updater.add_classes import UpdateConfig, add_classes
-    from ciss.updater.defaults import step_defaults
-    from ciss.updater.methods import MethodConfig
-    from ciss.updater.train import DataConfig
+    from ciss.updater.add_classes import add_classes
+    from ciss.updater.config import StepOptions, resolve_step
 
     store = open_store(store_path)
-    parent_card = store.card(store.resolve(parent))
-    d = step_defaults(method, parent_card.arch)
-    loop = d.loop(iterations=iterations, epochs=epochs, batch_size=batch_size, lr=lr,
-                  optimizer=optimizer, encoder_lr=encoder_lr, seed=seed, device=device,
-                  sync_bn=sync_bn, checkpoint_every_s=checkpoint_every)
+    # every option in one object, merged with the parent's family recipe once
+    config = resolve_step("add-classes", StepOptions.of(
+        {**options, "scale": parse_scale(options["scale"], None)}), store)
+    parent_card = store.card(store.resolve(config.update.parent))
     parent_warnings = parent_card.extra.get("learning", {}).get("warnings", [])
     if parent_warnings:
         click.echo(f"warning: the parent step has classes it never learned "
                    f"({', '.join(w['name'] for w in parent_warnings)}); their retention "
                    "cannot be measured. Retrain it first if they matter.", err=True)
-    report = add_classes(
-        store, data_dir,
-        method=MethodConfig(method=method, kd_weight=kd_weight if kd_weight is not None
-                            else d.kd_weight, alpha=alpha, pseudo=pseudo, new_dice=new_dice),
-        update=UpdateConfig(parent=parent, freeze=freeze, init=init,
-                            cache_trunk_mb=cache_trunk_mb, bn_stats=bn_stats or d.bn_stats,
-                            memory=memory, fuse=fuse, pretune=pretune),
-        loop=loop, data=DataConfig(crop_size=crop_size, scale=parse_scale(scale, d.scale),
-                                   workers=workers, exif=exif),
-        val_dir=val_dir, floor=floor, progress=not quiet)
+    report = add_classes(store, data_dir, config=config, progress=not quiet)
     if report.rank != 0:  # under torchrun only rank 0 reports
+        return
+    if report.written_before:
+        click.echo(report.nothing_to_do())
         return
     click.echo(before_after_table(store, report.step))
     card = report.card
-    click.echo(f"step {report.step} ({method}, parent {card.parent}): +{len(card.new_classes)} "
-               f"classes ({', '.join(card.new_classes)}), frozen up to "
+    click.echo(f"step {report.step} ({card.method}, parent {card.parent}): "
+               f"+{len(card.new_classes)} classes ({', '.join(card.new_classes)}), frozen up to "
                f"{card.frozen[-1] if card.frozen else 'none'}, {report.fit.seconds:.0f}s training"
                + (f" + {card.timings['pretune_s']:.0f}s pre-tuning the classifier"
                   if card.extra.get("pretune") else ""))

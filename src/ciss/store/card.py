@@ -19,7 +19,9 @@ class StepCard:
         classes: the model's class names, background first; new_classes: added by this step.
         arch: ARCHS name; frozen: stages frozen while training this step.
         method: "base", "mib", "ft", "lwf", "ilt".
-        hparams: every training hyper-parameter.
+        hparams: cards written before the configuration was stored once (#29) hold every
+            training setting here, flat; newer cards leave it empty and do not write it
+            (``config`` holds them: ``updater.config.step_settings`` reads either).
         data: fingerprint, folder and sample counts of the training data.
         retention: step -> {"engine": {class: iou}}: IoU on each retention set.
         timings: seconds per phase.
@@ -32,7 +34,8 @@ class StepCard:
         config: the whole configuration the step was trained with, one object per part
             (``loop``, ``data``, and for add-classes ``method`` and ``update``), after the
             family's recipe and the user's options were merged, plus the ``recipe`` (family
-            and its source) they started from; ``hparams`` holds the same values flat.
+            and its source) they started from, and the ``request`` key of the command that
+            wrote it (``updater.job``).
         memory: the replay memory kept beside the step (``updater.memory``): budget, images
             per class, where they came from; empty when it keeps none.
     """
@@ -44,8 +47,8 @@ class StepCard:
     arch: str
     frozen: list[str]
     method: str
-    hparams: dict[str, Any]
-    data: dict[str, Any]
+    hparams: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
     retention: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
@@ -56,7 +59,10 @@ class StepCard:
     config: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+        doc = asdict(self)
+        if not doc["hparams"]:  # stored once, in config (#29); old cards keep theirs
+            del doc["hparams"]
+        return json.dumps(doc, indent=2, sort_keys=False) + "\n"
 
     @classmethod
     def from_file(cls, path: Path) -> StepCard:

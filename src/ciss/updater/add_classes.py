@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import copy
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,6 @@ from ciss.data.classes import ClassList
 from ciss.data.dataset import JoinedDataset, SegmentationDataset, label_lut
 from ciss.data.folder import DatasetFolder, open_folder
 from ciss.data.transforms import TrainTransform, auto_crop_size
-from ciss.engines.load import torch_device
 from ciss.errors import CissError
 from ciss.models import (
     freeze,
@@ -35,17 +33,16 @@ from ciss.models import (
 from ciss.models.build import arch_spec
 from ciss.store import StepCard, Store
 from ciss.store.retention import retention_sets, retention_writer
-from ciss.updater.defaults import recipe_of
-from ciss.updater.distributed import (
-    DistInfo,
-    agree,
-    check_shared_store,
-    distributed,
-    env_shard,
-    require_ranks_for_sync_bn,
-    run_on_main,
-    sync_batchnorm,
+from ciss.updater.config import (
+    BN_STATS,
+    DataConfig,
+    StepConfig,
+    UpdateConfig,
+    pretune_share,
 )
+from ciss.updater.defaults import recipe_of
+from ciss.updater.distributed import agree, env_shard, sync_batchnorm
+from ciss.updater.job import JobContext, Outcome, StepJob, StepReport, run_job
 from ciss.updater.loop import FitResult, LoopConfig, fit
 from ciss.updater.memory import (
     MEMORY,
@@ -57,71 +54,10 @@ from ciss.updater.memory import (
 from ciss.updater.method_table import method_row
 from ciss.updater.methods import IncrementalStep, MethodConfig, TrunkCache
 from ciss.updater.pretune import PretuneResult, pretune
-from ciss.updater.train import (
-    DataConfig,
-    StepReport,
-    loader_workers,
-    retention_stems,
-    validation_stems,
-)
+from ciss.updater.train import loader_workers, retention_stems, validation_stems
 
-BN_STATS = ("update", "frozen")
-
-
-@dataclass(frozen=True)
-class UpdateConfig:
-    """What add-classes does beyond the optimiser settings.
-
-    Attributes:
-        parent: step to start from (None: the latest).
-        freeze: last frozen stage, "none", or None for the architecture's default.
-        init: classifier init for new classes: mib, background or random (None: the
-            method's row, ``method_table``).
-        cache_trunk_mb: memory for caching, per exact training input, the frozen trunk's
-            outputs and the parent's logits across epochs (used only when augmentation is
-            flip-only); 0 disables it.
-        bn_stats: "frozen" (every BatchNorm keeps the parent's running statistics: the
-            measured default, BENCHMARKS.md §2) or "update" (those of the trainable stages
-            follow the new-class data).
-        memory: replay memory budget in images (``updater.memory``): None continues the
-            parent's, 0 keeps none.
-        fuse: after training, EWF's endpoint fusion of the weights with the parent's
-            (``models.surgery.fuse_endpoints``).
-        pretune: share of the step's budget spent first on NeST's classifier pre-tuning
-            (``updater.pretune``); None: the family recipe's share for methods whose row
-            asks for it, else none; 0: none.
-    """
-
-    parent: int | None = None
-    freeze: str | None = None
-    init: str | None = None
-    cache_trunk_mb: int = 1024
-    bn_stats: str = "frozen"
-    memory: int | None = None
-    fuse: bool = False
-    pretune: float | None = None
-
-
-def pretune_share(update: UpdateConfig, method: str, arch: str) -> float:
-    """The pre-tuning share a step runs: the user's, else the family's for the methods whose
-    row asks for it.
-
-    Raises:
-        CissError: a share outside [0, 1], or one asked of a sigmoid-form method (the
-            pre-tuning fits MiB's softmax form).
-    """
-    row = method_row(method)
-    if update.pretune is None:
-        return arch_spec(arch).family.step.pretune if row.pretune else 0.0
-    if not 0.0 <= update.pretune <= 1.0:
-        raise CissError(f"--pretune {update.pretune}: a share of the step's budget, from 0 "
-                        "(none) to 1")
-    if update.pretune and row.sigmoid_form:
-        raise CissError(f"--pretune with --method {method}: {method} scores classes with "
-                        "sigmoids against a constant background; the pre-tuning fits the "
-                        "softmax form (mib, lwf, ilt, plop, ft)")
-    return float(update.pretune)
-
+__all__ = ["AddJob", "UpdateConfig", "add_classes", "pretune_share"]  # UpdateConfig,
+# pretune_share: their home is updater.config; imported from here by older callers
 
 def _new_classes(folder: DatasetFolder, parent: StepCard, data_dir: Path) -> list[str]:
     new = [n for n in folder.classes.objects if n not in parent.classes]
@@ -140,54 +76,27 @@ def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodCo
                 update: UpdateConfig = UpdateConfig(), loop: LoopConfig = LoopConfig(),
                 data: DataConfig = DataConfig(scale=(1.0, 1.0)), val_dir: Path | None = None,
                 floor: float = DEFAULT_FLOOR, progress: bool = True,
-                after_epoch=None) -> StepReport:
+                after_epoch=None, config: StepConfig | None = None) -> StepReport:
     """Train a new step that adds ``data_dir``'s unknown classes to the parent step.
 
-    Names already known keep their ids and supervise normally; unknown names become new
-    classes appended in the folder's order. Every other pixel is background, which may hide
-    old classes: that is what the mib losses are for.
+    ``config`` (``config.resolve_step("add-classes", ...)``) says everything; without it, the
+    keyword arguments do. Names already known keep their ids and supervise normally; unknown
+    names become new classes appended in the folder's order. Every other pixel is background,
+    which may hide old classes: that is what the mib losses are for. A repeat of a request
+    whose step was written writes nothing (``StepReport.written_before``).
 
     Raises:
         CissError: bad data, unknown method or stage, missing or corrupt parent (nothing written).
         CheckFailed: the loss became NaN.
     """
-    method_row(method.method)  # an unknown name is refused before anything is read
-    parent_step = store.resolve(update.parent)
-    share = pretune_share(update, method.method, store.card(parent_step).arch)
-    folder = open_folder(data_dir, exif=data.exif, shard=env_shard())
-    with distributed(torch_device(loop.device)) as (info, device):
-        require_ranks_for_sync_bn(info, loop.sync_bn)
-        check_shared_store(info, store.root, store.work_dir)
-        agree(info, "the parent step", [parent_step, store.card(parent_step).artifacts.get(
-            "weights.safetensors")])
-        agree(info, "the training data", folder.fingerprint())
-        budget = memory_budget(update.memory, store.card(parent_step))
-        replay = open_memory(store, parent_step) if budget else None
-        job = _Job(store, folder, Path(data_dir), parent_step, method, update, loop, data,
-                   val_dir, info, device, floor, budget, replay, share)
-        return _add_classes(job, progress, after_epoch)
-
-
-@dataclass
-class _Job:
-    """One add-classes request, validated, on this rank."""
-
-    store: Store
-    folder: DatasetFolder
-    data_dir: Path
-    parent_step: int
-    method: MethodConfig
-    update: UpdateConfig
-    loop: LoopConfig
-    data: DataConfig
-    val_dir: Path | None
-    info: DistInfo
-    device: torch.device
-    floor: float = DEFAULT_FLOOR
-    memory: int = 0  # the budget this step keeps
-    replay: DatasetFolder | None = None  # the parent's memory, replayed
-    pretune: float = 0.0  # the share of the budget pre-tuning the classifier
-    pretuned: PretuneResult | None = None  # what the pre-tuning did (None: it did not run)
+    if config is None:
+        method_row(method.method)  # an unknown name is refused before anything is read
+        arch = store.card(store.resolve(update.parent)).arch
+        config = StepConfig(command="add-classes", loop=loop, data=data,
+                            recipe=recipe_of(arch, "step"), floor=floor, method=method,
+                            update=update, val_dir=val_dir)
+    return run_job(store, AddJob(store, data_dir, config), progress=progress,
+                   after_epoch=after_epoch)
 
 
 @dataclass
@@ -196,85 +105,119 @@ class _Trained:
 
     parent: StepCard
     student: torch.nn.Module
+    teacher: torch.nn.Module
     classes: ClassList
     new: list[str]
     crop: int
     cache: TrunkCache | None
-    fit: FitResult
     warnings: list[ClassWarning] = field(default_factory=list)
 
 
-def _add_classes(job: _Job, progress: bool, after_epoch) -> StepReport:
-    store, folder, data_dir, parent_step = job.store, job.folder, job.data_dir, job.parent_step
-    method, update, loop, data, info, device = (job.method, job.update, job.loop, job.data,
-                                                job.info, job.device)
-    row = method_row(method.method)
-    teacher, parent = store.load_model(parent_step, device=str(device))
-    new = _new_classes(folder, parent, Path(data_dir))
-    classes = ClassList(tuple(parent.classes)).extended(new)
-    if row.sigmoid_form:  # exact: the parent's predictions do not change (models.surgery)
-        sigmoid_form(teacher)
-    student = copy.deepcopy(teacher)
-    torch.manual_seed(loop.seed)  # the new rows' random init must not depend on what ran before
-    grow_classifier(student, len(new), init=update.init or row.init)
-    if row.sigmoid_form:  # the mib init shifts the background bias: back to the constant 0
-        sigmoid_form(student)
-    stage = update.freeze or arch_spec(parent.arch).default_freeze
-    freeze(student, stage)
-    if update.bn_stats not in BN_STATS:
-        raise CissError(f"--bn-stats {update.bn_stats}: choose from {', '.join(BN_STATS)}")
-    freeze_bn_stats(student, update.bn_stats == "frozen")
-    if loop.sync_bn and info.enabled:
-        student = sync_batchnorm(student, device)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    torch.manual_seed(loop.seed)
+class AddJob(StepJob):
+    """``ciss add-classes``: a folder's new classes on top of a stored step."""
 
-    lut = label_lut(folder.classes, classes)
-    # every training image's size is known from validation: the cache is safe only when no
-    # image is ever randomly cropped or rescaled (a key is an image and its flip, nothing else)
-    replay = job.replay
-    shapes = [folder.shapes[s] for s in folder.train]
-    crop = data.crop_size or auto_crop_size(shapes)
-    if replay is not None:
-        shapes += [replay.shapes[s] for s in replay.train]
-    transform = TrainTransform(crop, scale=data.scale)
-    cacheable = (update.cache_trunk_mb > 0
-                 and (student.frozen_upto >= 0 or row.teacher)
-                 and transform.fixed_geometry(max(max(s) for s in shapes)))
-    dataset = SegmentationDataset(folder, folder.train, lut, transform, seed=loop.seed,
-                                  keys=cacheable)
-    if replay is not None:  # the memory's labels are the parent's ids: a prefix of ours
-        dataset = JoinedDataset([dataset, SegmentationDataset(
-            replay, replay.train, label_lut(replay.classes, classes), transform,
-            seed=loop.seed, keys=cacheable)])
-    cache = TrunkCache(update.cache_trunk_mb << 20) if cacheable else None
-    thresholds = (entropy_thresholds(teacher, folder, lut, device, len(parent.classes))
-                  if row.thresholds or method.pseudo else None)
-    step_fn = IncrementalStep(student, teacher, len(parent.classes), method, cache, thresholds)
-    workers = loader_workers(folder, data.workers, device)
-    if job.pretune > 0:
-        job.pretuned = pretune(student, teacher, len(parent.classes), dataset, folder, lut,
-                               [classes.index(n) for n in new], job.pretune, loop, info,
-                               workers=workers, progress=progress)
-    key = loop.key("add", str(parent_step), parent.artifacts.get("weights.safetensors", ""),
-                   folder.fingerprint(), repr(method), repr(update), repr(data),
-                   str(info.world_size), replay.fingerprint() if replay else "")
-    ckpt = store.work_dir / f"add-{key}"
-    validate = (step_validator(store, parent_step, student, device, folder, classes, new)
-                if loop.evals else None)
-    result: FitResult = fit(student, step_fn, dataset, loop, checkpoint=ckpt, key=key,
-                            desc=method.method, after_epoch=after_epoch, progress=progress,
-                            dist_info=info, validate=validate, workers=workers)
-    if update.fuse:  # on every rank alike: they hold the same weights after DDP
-        fuse_endpoints(student, teacher, len(parent.classes), len(new))
-    written: list = []
-    trained = _Trained(parent, student, classes, new, crop, cache, result)
-    step = run_on_main(info, lambda: _evaluate_and_write(job, trained, written))
-    if info.is_main:
-        shutil.rmtree(ckpt, ignore_errors=True)
-    return StepReport(step=step, card=store.card(step), scores=written[0] if written else None,
-                      fit=result, rank=info.rank, warnings=trained.warnings)
+    prefix = "add"
+
+    def __init__(self, store: Store, data_dir: Path, config: StepConfig) -> None:
+        update, name = config.update, config.method.method
+        row = method_row(name)  # an unknown name is refused before anything is read
+        self.parent_step = store.resolve(update.parent)
+        parent = store.card(self.parent_step)
+        self.pretune = pretune_share(update, name, parent.arch)
+        self.folder = open_folder(data_dir, exif=config.data.exif, shard=env_shard())
+        self.data_dir = Path(data_dir)
+        self.memory = memory_budget(update.memory, parent)  # the budget this step keeps
+        # the configuration as it runs: the method row's init, the family's stage, the
+        # parent's memory budget, the pre-tuning share; the card stores this
+        self.config = replace(config, update=replace(
+            update, init=update.init or row.init, memory=self.memory, pretune=self.pretune,
+            freeze=update.freeze or arch_spec(parent.arch).default_freeze))
+        self.replay = None  # the parent's memory, replayed (opened in agree)
+        self.pretuned: PretuneResult | None = None  # what the pre-tuning did
+        self.trained: _Trained | None = None
+
+    def fingerprint(self) -> str:
+        # the folder only: the parent (when not named) and its memory are "the latest", which
+        # the step this request writes becomes; the checkpoint's key names them exactly
+        return self.folder.fingerprint()
+
+    def agree(self, ctx: JobContext) -> None:
+        store, info = ctx.store, ctx.info
+        agree(info, "the parent step", [self.parent_step, store.card(self.parent_step)
+                                        .artifacts.get("weights.safetensors")])
+        agree(info, "the training data", self.folder.fingerprint())
+        self.replay = open_memory(store, self.parent_step) if self.memory else None
+
+    def train(self, ctx: JobContext) -> FitResult:
+        store, folder, parent_step = ctx.store, self.folder, self.parent_step
+        cfg, info, device = self.config, ctx.info, ctx.device
+        method, update, loop, data = cfg.method, cfg.update, cfg.loop, cfg.data
+        row = method_row(method.method)
+        teacher, parent = store.load_model(parent_step, device=str(device))
+        new = _new_classes(folder, parent, self.data_dir)
+        classes = ClassList(tuple(parent.classes)).extended(new)
+        if row.sigmoid_form:  # exact: the parent's predictions do not change (models.surgery)
+            sigmoid_form(teacher)
+        student = copy.deepcopy(teacher)
+        torch.manual_seed(loop.seed)  # the new rows' random init must not depend on what ran
+        grow_classifier(student, len(new), init=update.init or row.init)
+        if row.sigmoid_form:  # the mib init shifts the background bias: back to the constant 0
+            sigmoid_form(student)
+        stage = update.freeze or arch_spec(parent.arch).default_freeze
+        freeze(student, stage)
+        if update.bn_stats not in BN_STATS:
+            raise CissError(f"--bn-stats {update.bn_stats}: choose from {', '.join(BN_STATS)}")
+        freeze_bn_stats(student, update.bn_stats == "frozen")
+        if loop.sync_bn and info.enabled:
+            student = sync_batchnorm(student, device)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        torch.manual_seed(loop.seed)
+
+        lut = label_lut(folder.classes, classes)
+        # every training image's size is known from validation: the cache is safe only when
+        # no image is ever randomly cropped or rescaled (a key is an image and its flip)
+        replay = self.replay
+        shapes = [folder.shapes[s] for s in folder.train]
+        crop = data.crop_size or auto_crop_size(shapes)
+        if replay is not None:
+            shapes += [replay.shapes[s] for s in replay.train]
+        transform = TrainTransform(crop, scale=data.scale)
+        cacheable = (update.cache_trunk_mb > 0
+                     and (student.frozen_upto >= 0 or row.teacher)
+                     and transform.fixed_geometry(max(max(s) for s in shapes)))
+        dataset = SegmentationDataset(folder, folder.train, lut, transform, seed=loop.seed,
+                                      keys=cacheable)
+        if replay is not None:  # the memory's labels are the parent's ids: a prefix of ours
+            dataset = JoinedDataset([dataset, SegmentationDataset(
+                replay, replay.train, label_lut(replay.classes, classes), transform,
+                seed=loop.seed, keys=cacheable)])
+        cache = TrunkCache(update.cache_trunk_mb << 20) if cacheable else None
+        thresholds = (entropy_thresholds(teacher, folder, lut, device, len(parent.classes))
+                      if row.thresholds or method.pseudo else None)
+        step_fn = IncrementalStep(student, teacher, len(parent.classes), method, cache,
+                                  thresholds)
+        workers = loader_workers(folder, data.workers, device)
+        if self.pretune > 0:
+            self.pretuned = pretune(student, teacher, len(parent.classes), dataset, folder,
+                                    lut, [classes.index(n) for n in new], self.pretune, loop,
+                                    info, workers=workers, progress=ctx.progress)
+        # the checkpoint resumes only what these exact settings started from this parent
+        key = loop.key("add", str(parent_step), parent.artifacts.get("weights.safetensors", ""),
+                       folder.fingerprint(), repr(method), repr(update), repr(data),
+                       str(info.world_size), replay.fingerprint() if replay else "")
+        validate = (step_validator(store, parent_step, student, device, folder, classes, new)
+                    if loop.evals else None)
+        result = fit(student, step_fn, dataset, loop, checkpoint=ctx.work, key=key,
+                     desc=method.method, after_epoch=ctx.after_epoch, progress=ctx.progress,
+                     dist_info=info, validate=validate, workers=workers)
+        if update.fuse:  # on every rank alike: they hold the same weights after DDP
+            fuse_endpoints(student, teacher, len(parent.classes), len(new))
+        self.trained = _Trained(parent, student, teacher, classes, new, crop, cache)
+        return result
+
+    def outcome(self, ctx: JobContext, fit: FitResult) -> Outcome:
+        return _outcome(self, ctx, self.trained, fit)
 
 
 def entropy_thresholds(teacher, folder: DatasetFolder, lut: np.ndarray, device, k_old: int,
@@ -317,12 +260,12 @@ def step_validator(store: Store, parent_step: int, student, device, folder: Data
     return validate
 
 
-def _evaluate_and_write(job: _Job, trained: _Trained, written: list) -> int:
-    """Rank 0's part after training: score, build the card, write the step."""
-    store, folder, data_dir, parent_step = job.store, job.folder, job.data_dir, job.parent_step
-    val_dir, info, device = job.val_dir, job.info, job.device
-    parent, student, classes, cache, result = (trained.parent, trained.student, trained.classes,
-                                               trained.cache, trained.fit)
+def _outcome(job: AddJob, ctx: JobContext, trained: _Trained, result: FitResult) -> Outcome:
+    """Rank 0's part after training: score, build the card and the artifacts' writers."""
+    store, folder, data_dir, parent_step = ctx.store, job.folder, job.data_dir, job.parent_step
+    cfg, info, device = job.config, ctx.info, ctx.device
+    parent, student, classes, cache = (trained.parent, trained.student, trained.classes,
+                                       trained.cache)
     t0 = time.perf_counter()
     student.eval()
     predict = torch_predictor(student, device)
@@ -336,34 +279,26 @@ def _evaluate_and_write(job: _Job, trained: _Trained, written: list) -> int:
     trained.warnings.extend(learning_warnings(
         list(classes.names), new_ids, own.iou, own.cm,
         model_pixels(folder, folder.train, classes),
-        floor=job.floor, validation=result.validation, loss=None))
+        floor=cfg.floor, validation=result.validation, loss=None))
     extra = {"history": result.history, "resumed_from": result.resumed_from,
              "device": str(device), "torch": torch.__version__, "world_size": info.world_size,
-             "learning": {"floor": job.floor,
+             "learning": {"floor": cfg.floor,
                           "warnings": [w.to_json() for w in trained.warnings]},
              "validation": result.validation, "best": result.best,
              "pretune": job.pretuned.to_json() if job.pretuned else None,
              "trunk_cache": None if cache is None else
              {"hits": cache.hits, "misses": cache.misses, "mb": round(cache.used / 2**20, 1)}}
-    if val_dir is not None:
-        val_folder = open_folder(val_dir, require_train=False)
+    if cfg.val_dir is not None:
+        val_folder = open_folder(cfg.val_dir, require_train=False)
         stems = val_folder.val if val_folder.has_val_list and val_folder.val else sorted(
             val_folder.images)
-        extra["val"] = {"folder": str(Path(val_dir).resolve()),
+        extra["val"] = {"folder": str(Path(cfg.val_dir).resolve()),
                         "per_class": score_folder(predict, val_folder, stems,
                                                   classes).per_class()}
     eval_s = time.perf_counter() - t0
-    # the update settings as resolved: the method row's init, the memory budget kept
-    update = {**asdict(job.update), "init": job.update.init or method_row(job.method.method).init,
-              "memory": job.memory,
-              "pretune": job.pretune}
     card = StepCard(
         step=-1, parent=parent_step, classes=list(classes.names), new_classes=trained.new,
-        arch=parent.arch, frozen=list(frozen_stages(student)), method=job.method.method,
-        hparams={**asdict(job.loop), **asdict(job.method), **update,
-                 **asdict(job.data), "crop_size": trained.crop, "trunk_cache": cache is not None,
-                 "world_size": info.world_size,
-                 "global_batch_size": job.loop.batch_size * info.world_size},
+        arch=parent.arch, frozen=list(frozen_stages(student)), method=cfg.method.method,
         data={"folder": str(Path(data_dir).resolve()), "fingerprint": folder.fingerprint(),
               "train_images": len(folder.train), "val_images": len(folder.val),
               "retention_images": len(keep),
@@ -378,19 +313,15 @@ def _evaluate_and_write(job: _Job, trained: _Trained, written: list) -> int:
                  "iterations": result.iterations},
         extra=extra,
         model_config=parent.model_config,
-        config={"loop": asdict(job.loop), "data": asdict(job.data),
-                "method": asdict(job.method),
-                "update": {**update, "freeze": student.stage_names[student.frozen_upto]
-                           if student.frozen_upto >= 0 else "none"},
-                "recipe": recipe_of(parent.arch, "step")},
     )
-    written.append(own)
     writers = {"retention": retention_writer(folder, keep)}
     if job.memory:
         chosen, card.memory = choose_memory(folder, job.replay, classes, job.memory,
-                                            job.loop.seed)
+                                            cfg.loop.seed)
         writers[MEMORY] = memory_writer(chosen, classes)
     if job.replay is not None:
         card.data["replayed_images"] = len(job.replay.train)
-    return store.write_step(card, student.cpu(), writers)
-
+    return Outcome(card, student.cpu(), writers, own, trained.warnings,
+                   run={"crop_size": trained.crop, "trunk_cache": cache is not None,
+                        "world_size": info.world_size,
+                        "global_batch_size": cfg.loop.batch_size * info.world_size})

@@ -27,8 +27,10 @@ from ciss.models.staged import SegmentationModel
 from ciss.store import StepCard, Store
 from ciss.store.retention import retention_writer
 from ciss.store.store import sha256_file
+from ciss.updater.config import ImportConfig, StepConfig
+from ciss.updater.job import JobContext, Outcome, StepJob, StepReport, run_job
 from ciss.updater.loop import FitResult
-from ciss.updater.train import StepReport, retention_stems
+from ciss.updater.train import retention_stems
 
 AUX_PREFIX = "aux_classifier."
 
@@ -180,11 +182,15 @@ def _from_folder(arch: str | None, folder: Path, classes_file: Path | None, say,
                                   sha, loaded.names)
 
 
-def import_model(store: Store, data_dir: Path, *, weights: str, arch: str | None = None,
+def import_model(store: Store, data_dir: Path, *, weights: str = "", arch: str | None = None,
                  classes_file: Path | None = None, floor: float = DEFAULT_FLOOR,
                  say=lambda _m: None, exif: str | None = None,
-                 device: str = "auto", mean=None, std=None) -> StepReport:
+                 device: str = "auto", mean=None, std=None,
+                 config: StepConfig | None = None) -> StepReport:
     """Write an existing model as step 0 of ``store``.
+
+    ``config`` (``config.resolve_step("import", ...)``) says everything; without it, the
+    keyword arguments do.
 
     Args:
         data_dir: a labelled folder; its val split becomes the step's retention set and the
@@ -204,60 +210,85 @@ def import_model(store: Store, data_dir: Path, *, weights: str, arch: str | None
         CissError: the store has steps, an unknown or unsupported model, a checkpoint that
             does not fit, class names that do not match its outputs (nothing is written).
     """
-    from ciss.models.pretrained import is_library_folder
+    if config is None:
+        config = StepConfig(command="import", floor=floor,
+                            source=ImportConfig(weights=str(weights), arch=arch,
+                                                classes_file=classes_file, device=device,
+                                                exif=exif, mean=mean, std=std))
+    return run_job(store, ImportJob(data_dir, config, say))
 
-    if store.steps():
-        raise CissError(f"{store.root}: already has steps; import into a new --store")
-    if is_library_folder(Path(weights)):
-        model, classes, source = _from_folder(arch, Path(weights), classes_file, say,
-                                              {"mean": mean, "std": std})
-    else:
-        model, classes, source = _from_file(arch, weights, classes_file, say)
-        if mean is not None or std is not None:
-            p = model.preprocessing
-            try:
-                model.set_preprocessing(p["mean"] if mean is None else mean,
-                                        p["std"] if std is None else std)
-            except ValueError as exc:
-                raise CissError(f"--mean/--std: {exc}") from None
-    arch = model.arch
-    model = model.eval()
-    folder = open_folder(data_dir, require_train=False, exif=exif)
-    known = [classes.index(n) for n in folder.classes.objects if n in classes]
-    if not known:
-        raise CissError(f"{data_dir}: labels none of the model's classes "
-                        f"({', '.join(classes.objects[:5])}...); classes are matched by name")
-    folder_ids = [folder.classes.index(n) for n in folder.classes.objects if n in classes]
-    keep = retention_stems(folder, folder_ids)
-    if not keep:
-        raise CissError(f"{data_dir}: no val image shows a class of the model; the step needs "
-                        "a retention set (add val images or a val.txt)")
-    t0 = time.perf_counter()
-    from ciss.engines.load import torch_device
 
-    dev = torch_device(device)
-    scores = score_folder(torch_predictor(model.to(dev), dev), folder, keep, classes)
-    model = model.cpu()
-    warnings = learning_warnings(list(classes.names), known, scores.iou, scores.cm,
-                                 model_pixels(folder, folder.train + folder.val, classes),
-                                 floor=floor)
-    card = StepCard(
-        step=0, parent=None, classes=list(classes.names), new_classes=list(classes.objects),
-        arch=arch, frozen=[], method="imported",
-        hparams={"weights": str(weights)},
-        data={"folder": str(Path(data_dir).resolve()), "fingerprint": folder.fingerprint(),
-              "val_images": len(folder.val), "retention_images": len(keep),
-              "retention_max_side": max(max(folder.shapes[k]) for k in keep),
-              "layout": folder.layout},
-        retention={"0": {"torch": scores.per_class()}},
-        timings={"eval_s": round(time.perf_counter() - t0, 2)},
-        extra={"origin": "imported", "source": source.description,
-               "source_sha256": source.sha256, "dropped_keys": source.dropped,
-               "preprocessing": model.preprocessing,
-               "learning": {"floor": floor, "warnings": [w.to_json() for w in warnings]},
-               "torch": torch.__version__, "device": str(dev)},
-        model_config=model.config)
-    step = store.write_step(card, model, {"retention": retention_writer(folder, keep)})
-    return StepReport(step=step, card=store.card(step), scores=scores, fit=FitResult(),
-                      warnings=warnings)
+class ImportJob(StepJob):
+    """``ciss import``: a model trained elsewhere becomes step 0, scored and carded."""
 
+    prefix = "import"
+    trains = False
+
+    def __init__(self, data_dir: Path, config: StepConfig, say=lambda _m: None) -> None:
+        self.config, self.data_dir, self.say = config, Path(data_dir), say
+        self.folder = None
+
+    def fingerprint(self) -> str:
+        # the weights are named in the configuration; what they are scored on is the folder
+        self.folder = open_folder(self.data_dir, require_train=False,
+                                  exif=self.config.source.exif)
+        return self.folder.fingerprint()
+
+    def check(self, store: Store) -> None:
+        if store.steps():
+            raise CissError(f"{store.root}: already has steps; import into a new --store")
+
+    def outcome(self, ctx: JobContext, fit: FitResult) -> Outcome:
+        from ciss.models.pretrained import is_library_folder
+
+        src, say = self.config.source, self.say
+        if is_library_folder(Path(src.weights)):
+            model, classes, source = _from_folder(src.arch, Path(src.weights),
+                                                  src.classes_file, say,
+                                                  {"mean": src.mean, "std": src.std})
+        else:
+            model, classes, source = _from_file(src.arch, src.weights, src.classes_file, say)
+            if src.mean is not None or src.std is not None:
+                p = model.preprocessing
+                try:
+                    model.set_preprocessing(p["mean"] if src.mean is None else src.mean,
+                                            p["std"] if src.std is None else src.std)
+                except ValueError as exc:
+                    raise CissError(f"--mean/--std: {exc}") from None
+        model = model.eval()
+        folder, data_dir = self.folder, self.data_dir
+        known = [classes.index(n) for n in folder.classes.objects if n in classes]
+        if not known:
+            raise CissError(f"{data_dir}: labels none of the model's classes "
+                            f"({', '.join(classes.objects[:5])}...); classes are matched by "
+                            "name")
+        folder_ids = [folder.classes.index(n) for n in folder.classes.objects if n in classes]
+        keep = retention_stems(folder, folder_ids)
+        if not keep:
+            raise CissError(f"{data_dir}: no val image shows a class of the model; the step "
+                            "needs a retention set (add val images or a val.txt)")
+        t0 = time.perf_counter()
+        dev = ctx.device
+        scores = score_folder(torch_predictor(model.to(dev), dev), folder, keep, classes)
+        model = model.cpu()
+        floor = self.config.floor
+        warnings = learning_warnings(list(classes.names), known, scores.iou, scores.cm,
+                                     model_pixels(folder, folder.train + folder.val, classes),
+                                     floor=floor)
+        card = StepCard(
+            step=0, parent=None, classes=list(classes.names),
+            new_classes=list(classes.objects), arch=model.arch, frozen=[], method="imported",
+            data={"folder": str(data_dir.resolve()), "fingerprint": folder.fingerprint(),
+                  "val_images": len(folder.val), "retention_images": len(keep),
+                  "retention_max_side": max(max(folder.shapes[k]) for k in keep),
+                  "layout": folder.layout},
+            retention={"0": {"torch": scores.per_class()}},
+            timings={"eval_s": round(time.perf_counter() - t0, 2)},
+            extra={"origin": "imported", "source": source.description,
+                   "source_sha256": source.sha256, "dropped_keys": source.dropped,
+                   "preprocessing": model.preprocessing,
+                   "learning": {"floor": floor, "warnings": [w.to_json() for w in warnings]},
+                   "torch": torch.__version__, "device": str(dev)},
+            model_config=model.config)
+        return Outcome(card, model, {"retention": retention_writer(folder, keep)}, scores,
+                       warnings)

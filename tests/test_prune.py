@@ -54,7 +54,9 @@ def test_prune_strips_to_card_and_retention_and_later_gates_still_run(story_copy
     store = story_copy
     done = prune(store, plan_prune(store, keep_last=1, keep_rollbacks=0))
     assert done.prune == [1]
-    assert sorted(p.name for p in store.step_dir(1).iterdir()) == ["card.json", "retention"]
+    assert sorted(p.name for p in store.step_dir(1).iterdir()) == ["card.json",
+                                                                    "manifest.json",
+                                                                    "retention"]
     card = store.verify(1)  # every artifact the card names is there and intact
     assert set(card.artifacts) == {"retention"}
     assert set(card.extra["pruned"]["artifacts"]) == {"weights.safetensors", "model.onnx",
@@ -122,3 +124,35 @@ def test_a_prune_interrupted_after_the_card_finishes_on_the_next_run(story_copy)
     assert not onnx.exists()
     assert set(store.card(1).extra["pruned"]["artifacts"]) >= {"weights.safetensors",
                                                                 "model.onnx"}
+
+
+def test_a_step_a_running_job_leases_is_never_pruned(story_copy):
+    store = story_copy
+    plan = plan_prune(store, keep_last=1, keep_rollbacks=0)
+    assert plan.prune == [1]
+    with store.lease(store.work_dir / "add-x", steps=[1]):
+        assert "running job" in plan_prune(store, keep_last=1, keep_rollbacks=0).keep[1]
+        assert prune(store, plan).prune == []  # planned before the job started: still spared
+    store.verify(1)
+    assert prune(store, plan).prune == [1]  # the job is gone
+
+
+def test_deploy_rechecks_the_step_under_the_lock_before_the_pointer_moves(story_copy,
+                                                                          monkeypatch):
+    """Defect 3: a prune (or any removal) between the gate and the pointer used to leave the
+    pointer on a step whose files were gone."""
+    import ciss.runtime.deploy as deploy_mod
+
+    store = story_copy
+    real = deploy_mod.failpoint
+
+    def prune_meanwhile(name, path=None):
+        if name == "deploy.gated":
+            (store.step_dir(0) / "model.onnx").unlink()
+        real(name, path)
+
+    monkeypatch.setattr(deploy_mod, "failpoint", prune_meanwhile)
+    before = store.deployed()
+    with pytest.raises(CissError, match="model.onnx: missing"):
+        deploy(store, 0, "onnx")
+    assert store.deployed() == before

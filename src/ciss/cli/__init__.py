@@ -13,6 +13,7 @@ from ciss.cli import (  # noqa: F401
     inspect,
     memory,
     prune,
+    store,
     train,
     update,
 )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ciss.errors import CheckFailed, CissError
+from ciss.errors import CheckFailed, CissError, DiskFull
 
 ENGINE_CHOICE = click.Choice(["torch", "onnx", "int8", "tensorrt"])
 
@@ -28,11 +28,15 @@ def device_option(f):
 
 
 class CissGroup(click.Group):
-    """Maps CissError to exit 2 and CheckFailed to exit 1, one line each, no traceback."""
+    """Maps CissError to exit 2 and CheckFailed to exit 1, one line each, no traceback.
+
+    A full disk (``OSError`` ENOSPC/EDQUOT, or safetensors' error wrapping one) raised by a
+    writer that did not name its size is also one line and exit 2; other I/O errors keep
+    their traceback (a bug or a broken disk must not hide behind a tidy line)."""
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            return self._invoke_full_disk_as_error(ctx)
         except CissError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
@@ -42,6 +46,16 @@ class CissGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted; run the same command again to resume", err=True)
             sys.exit(130)
+
+    def _invoke_full_disk_as_error(self, ctx: click.Context):
+        from ciss.store.files import is_no_space
+
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:  # noqa: BLE001 - re-raised unless a full disk
+            if isinstance(exc, CissError | CheckFailed) or not is_no_space(exc):
+                raise
+            raise DiskFull(getattr(exc, "filename", None)) from exc
 
 
 def store_option(f):

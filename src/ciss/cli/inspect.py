@@ -57,8 +57,10 @@ def evaluate(store_path, data_dir, step, engine, device, exif, as_json) -> None:
 def steps(store_path, as_json) -> None:
     """List the store's steps: parent, classes, old/new mIoU, deployed."""
     from ciss.store.listing import list_steps
+    from ciss.store.verify import leftover_note
 
-    rows = list_steps(open_store(store_path))
+    store = open_store(store_path)
+    rows = list_steps(store)
     if as_json:
         click.echo(json.dumps([r.to_json() for r in rows]))
         return
@@ -70,5 +72,10 @@ def steps(store_path, as_json) -> None:
                      [[r.step, "-" if r.parent is None else r.parent, r.method, len(r.classes),
                        len(r.new_classes), pct(r.old_miou), pct(r.new_miou),
                        ", ".join(w["name"] for w in r.warnings) or "-",
-                       "deployed" if r.deployed else ("pruned" if r.pruned else "")]
+                       ("CARD EDITED " if r.card_state in ("edited", "bad-signature")
+                        else "") + ("deployed" if r.deployed else
+                                    ("pruned" if r.pruned else ""))]
                       for r in rows]))
+    note = leftover_note(store)
+    if note:
+        click.echo(note, err=True)

@@ -24,13 +24,19 @@ def prune(store_path, keep_last, keep_rollbacks, dry_run, yes, as_json) -> None:
 
     Every later step's gate still scores the retention sets of its whole line, so those stay.
     Always kept whole: the latest --keep-last steps, the deployed step, the last
-    --keep-rollbacks rollback targets, and the parent of each (its gate's reference).
+    --keep-rollbacks rollback targets, any step a running job needs (its lease), and the
+    parent of each (its gate's reference). Leftovers of interrupted commands are not steps:
+    'ciss store verify --repair' removes them (prune mentions them above 50 MB).
     Example: ciss prune --keep-last 4 --dry-run
     """
     from ciss.store.prune import plan_prune
     from ciss.store.prune import prune as run_prune
+    from ciss.store.verify import leftover_note
 
     store = open_store(store_path)
+    note = leftover_note(store)  # prune frees steps; leftovers of killed commands are apart
+    if note and not as_json:
+        click.echo(note)
     plan = plan_prune(store, keep_last, keep_rollbacks)
     if as_json and (dry_run or not plan.prune):
         click.echo(json.dumps({**plan.to_json(), "done": False}))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +18,9 @@ class ExportResult:
 
 
 def staging_dir(store: Store) -> Path:
-    path = store.root / ".staging" / f"export-{uuid.uuid4().hex[:8]}"
-    path.mkdir(parents=True)
-    return path
+    """A scratch folder in the store's ``.staging``, leased while this process lives (so no
+    clean-up mistakes it for a dead writer's leftover); ``store.drop_staging`` removes it."""
+    return store.staging_folder("export")
 
 
 def record_engine(report: ParityReport, fmt: str):

@@ -57,7 +57,7 @@ def export_onnx_step(store: Store, step: int, device: str = "cpu") -> ExportResu
         final = store.add_artifact(step, "model.onnx", lambda p: shutil.move(path, p),
                                    record_engine(report, "onnx"))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        store.drop_staging(tmp)
     return ExportResult("onnx", final, report)
 
 

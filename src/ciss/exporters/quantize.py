@@ -113,7 +113,7 @@ def export_int8_step(store: Store, step: int) -> ExportResult:
         final = store.add_artifact(step, "model.int8.onnx", lambda p: shutil.move(path, p),
                                    with_speed)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        store.drop_staging(tmp)
     note = (f"INT8 {speed['speedup']:.2f}x vs fp32 ({speed['int8_ms']:.1f} vs "
             f"{speed['fp32_ms']:.1f} ms, batch {speed['batch']})")
     if speed["speedup"] < 1.0:

@@ -165,7 +165,7 @@ def export_tensorrt_step(store, step: int, precision: str = "fp16",
 
         final = store.add_artifact(step, name, lambda p: shutil.move(plan, p), update)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        store.drop_staging(tmp)
     note = (f"TensorRT {precision} plan for {built['gpu']} (cc {built['compute_capability']}, "
             f"TensorRT {trt.__version__}) built in {build_s:.0f}s; timing cache {cache_status}"
             + (" (TensorRT would not take it; built without)" if cache_status == "rejected"

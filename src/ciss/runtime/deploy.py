@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ciss.analysis.tolerances import GateThresholds
 from ciss.data.transforms import SERVE_MAX_SIDE
 from ciss.errors import CheckFailed, CissError
+from ciss.failpoints import failpoint
 from ciss.runtime.gate import GateResult, gate_fingerprint, run_gate, where_it_runs
 from ciss.store import Store
 
@@ -43,34 +44,43 @@ def deploy(store: Store, step: int | None = None, engine: str = "onnx", force: b
     if engine not in ("onnx", "int8", "tensorrt", "torch"):
         raise CissError(f"--engine {engine}: choose onnx, int8, tensorrt or torch")
     step = store.resolve(step)
-    ensure_engine(store, step, engine)
-    store.verify(step)
-    gate = run_gate(store, step, engine=engine, thresholds=thresholds, device=device)
-    fingerprint = gate_fingerprint(store, step, engine, where_it_runs(engine, device),
-                                   thresholds=thresholds, max_side=SERVE_MAX_SIDE)
-    summary = {"step": step, "engine": engine, "mean_old_drop": gate.mean_old_drop,
-               "reasons": gate.reasons, "by": "ciss deploy"}
-    if not gate.passed and not force:
-        store.record_event("refused", **summary)
-        shown = gate.reasons[:3]
-        more = len(gate.reasons) - len(shown)
-        raise CheckFailed(f"step {step} refused: " + "; ".join(shown)
-                          + (f"; and {more} more (see 'ciss check --step {step}')" if more else "")
-                          + "; use --force to deploy anyway (it is recorded)")
-    with store.lock():
-        current = store.deployed() or {}
-        history = list(current.get("history", []))
-        if current.get("step") is not None:
-            history.append({k: current[k] for k in ("step", "engine", "since", "forced", "gate")
-                            if k in current})
-        record = {"step": step, "engine": engine, "since": _now(), "forced": bool(force
-                                                                              and not gate.passed),
-                  "gate": {"passed": gate.passed, "mean_old_drop": gate.mean_old_drop,
-                           "reasons": gate.reasons, "fingerprint": fingerprint,
-                           "result": gate.to_json()},
-                  "history": history[-HISTORY:]}
-        store.write_deployed(record)
-    store.record_event("forced" if record["forced"] else "deployed", **summary)
+    # the lease keeps 'ciss prune' off this step while it is exported and gated
+    with store.lease(None, steps=[step]):
+        ensure_engine(store, step, engine)
+        store.verify(step)
+        gate = run_gate(store, step, engine=engine, thresholds=thresholds, device=device)
+        fingerprint = gate_fingerprint(store, step, engine, where_it_runs(engine, device),
+                                       thresholds=thresholds, max_side=SERVE_MAX_SIDE)
+        summary = {"step": step, "engine": engine, "mean_old_drop": gate.mean_old_drop,
+                   "reasons": gate.reasons, "by": "ciss deploy"}
+        if not gate.passed and not force:
+            store.record_event("refused", **summary)
+            shown = gate.reasons[:3]
+            more = len(gate.reasons) - len(shown)
+            raise CheckFailed(f"step {step} refused: " + "; ".join(shown)
+                              + (f"; and {more} more (see 'ciss check --step {step}')"
+                                 if more else "")
+                              + "; use --force to deploy anyway (it is recorded)")
+        failpoint("deploy.gated", store.root)
+        with store.lock():
+            # Recovery rule: the gate ran outside the lock, so the step is checked again
+            # under it (every file present and matching its card, the card matching its
+            # manifest) before the pointer moves; the pointer and its event are one change
+            # (Store.move_pointer: the event is recovered from the pointer after a kill).
+            store.verify(step)
+            failpoint("deploy.rechecked", store.root)
+            current = store.deployed() or {}
+            history = list(current.get("history", []))
+            if current.get("step") is not None:
+                history.append({k: current[k] for k in
+                                ("step", "engine", "since", "forced", "gate") if k in current})
+            forced = bool(force and not gate.passed)
+            record = {"step": step, "engine": engine, "since": _now(), "forced": forced,
+                      "gate": {"passed": gate.passed, "mean_old_drop": gate.mean_old_drop,
+                               "reasons": gate.reasons, "fingerprint": fingerprint,
+                               "result": gate.to_json()},
+                      "history": history[-HISTORY:]}
+            record = store.move_pointer(record, "forced" if forced else "deployed", **summary)
     return DeployResult(record, gate)
 
 
@@ -86,6 +96,7 @@ def rollback(store: Store, *, by: str = "ciss rollback", reason: str = "") -> di
         history = list(current["history"])
         previous = history.pop()
         store.verify(previous["step"])
+        failpoint("rollback.verified", store.root)
         # the restored deployment keeps what it was: a forced one stays forced, so a server
         # without --accept-forced still refuses it after a rollback
         record = {"step": previous["step"], "engine": previous["engine"], "since": _now(),
@@ -95,7 +106,8 @@ def rollback(store: Store, *, by: str = "ciss rollback", reason: str = "") -> di
             record["reason"] = reason
         if "gate" in previous:
             record["gate"] = previous["gate"]
-        store.write_deployed(record)
-    store.record_event("rolled_back", step=record["step"], engine=record["engine"],
-                       rolled_back_from=record["rolled_back_from"], by=by, reason=reason)
+        record = store.move_pointer(record, "rolled_back", step=record["step"],
+                                    engine=record["engine"],
+                                    rolled_back_from=record["rolled_back_from"], by=by,
+                                    reason=reason)
     return record

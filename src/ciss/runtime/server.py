@@ -234,7 +234,10 @@ def create_app(config: ServeConfig):
 
     def on_alarm(reason: str) -> None:
         """The shadow watch's alarm: record it, and roll back when asked to."""
-        store.record_event("alarm", step=slot.current.step, reason=reason, by="ciss serve")
+        try:
+            store.record_event("alarm", step=slot.current.step, reason=reason, by="ciss serve")
+        except (CissError, OSError) as exc:  # a full disk must not stop the serving
+            log.warning("could not record the alarm in %s (%s)", store.root, exc)
         if not config.shadow.auto_rollback:
             return
         from ciss.runtime.deploy import rollback

@@ -162,7 +162,8 @@ class ModelSlot:
             raise CissError(f"{self.store.root / DEPLOYED}: 'step' must be an integer")
         engine_name = self._engine_for(record)
         step = self.store.resolve(step)
-        card = self.store.verify(step)  # every artifact's checksum, not only the engine's
+        self.store.require_signed(step)  # with CISS_STORE_KEY: a card signed with that key
+        card = self.store.verify(step)  # the card, then every artifact's checksum
         engine = load_engine(self.store, step, engine_name, self.policy.ort_providers(),
                              contexts=self.concurrency, device=self.policy.device)
         segmenter = Segmenter(MeteredEngine(engine, self.concurrency, self.metrics),
@@ -328,8 +329,8 @@ class ModelSlot:
         try:  # the overview page shows the server's refusals beside the CLI's
             self.store.record_event("refused", step=step if isinstance(step, int) else None,
                                     reasons=[reason], by="ciss serve")
-        except CissError:
-            log.warning("could not record the refusal in %s", self.store.root)
+        except (CissError, OSError) as exc:  # a full disk must not stop the serving
+            log.warning("could not record the refusal in %s (%s)", self.store.root, exc)
         return SwapOutcome("refused", step if isinstance(step, int) else None, reason)
 
     def watch(self, stop: threading.Event, interval_s: float) -> None:

@@ -22,13 +22,15 @@ class StepRow:
     artifacts: dict[str, str]
     warnings: list[dict]  # classes the step trained on and did not learn (card's "learning")
     pruned: bool = False  # 'ciss prune' left only the card and the retention set
+    card_state: str = "ok"  # integrity.CardState.status: "edited" cards are listed, not used
 
     def to_json(self) -> dict:
         return {"step": self.step, "parent": self.parent, "method": self.method,
                 "classes": self.classes, "new_classes": self.new_classes,
                 "deployed": self.deployed, "artifacts": self.artifacts,
                 "old_miou": self.old_miou, "new_miou": self.new_miou,
-                "warnings": self.warnings, "pruned": self.pruned}
+                "warnings": self.warnings, "pruned": self.pruned,
+                "card_state": self.card_state}
 
 
 def retention_groups(card: StepCard, engine: str = "torch") -> tuple[float | None, float | None]:
@@ -47,12 +49,13 @@ def list_steps(store: Store) -> list[StepRow]:
     deployed = store.deployed() or {}
     rows = []
     for n in store.steps():
-        card = store.card(n)
+        card = store.card(n, verify=False)  # a listing shows an edited card, flagged
         old, new = retention_groups(card)
         rows.append(StepRow(n, card.parent, card.method, card.classes, card.new_classes, old, new,
                             deployed.get("step") == n, card.artifacts,
                             card.extra.get("learning", {}).get("warnings", []),
-                            pruned=WEIGHTS in card.extra.get("pruned", {}).get("artifacts", {})))
+                            pruned=WEIGHTS in card.extra.get("pruned", {}).get("artifacts", {}),
+                            card_state=store.card_state(n).status))
     return rows
 
 

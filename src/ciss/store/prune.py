@@ -9,22 +9,24 @@ would read. Kept whole: the latest steps, the deployed step, the last rollback t
 ``deployed.json``, and the parent of each (the reference its gate and the server's shadow
 score it against).
 
-Order of writes, as for ``ciss memory clear``: each card first forgets its removed artifacts
-(atomically, recording what they were), then the files go, so no card ever names a missing
-file; ``deployed.json``'s history drops the entries that point at pruned steps before any
-file is deleted, so ``ciss rollback`` never lands on one.
+Never pruned: a step a running job holds a lease on (``store.lease``: the parent of an
+add-classes in flight), whatever the rule says.
+
+Recovery rule, as for ``ciss memory clear``: ``deployed.json``'s history drops the entries
+that point at pruned steps before any file is deleted, so ``ciss rollback`` never lands on
+one; then each step goes through ``Store.remove_artifacts`` (a pending record, the card
+forgets its artifacts recording what they were, the files go, the record goes), so no card
+ever names a missing file and a kill leaves a record the next command finishes.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ciss.errors import CissError
-from ciss.store.card import StepCard
-from ciss.store.store import CARD, atomic_write_text
+from ciss.failpoints import failpoint
+from ciss.store.files import disk_bytes
 
 KEPT_ARTIFACTS = ("retention",)  # what every descendant's gate reads
 
@@ -69,13 +71,6 @@ class PrunePlan:
                 "total_bytes": self.total_bytes, "history_dropped": self.history_dropped}
 
 
-def disk_bytes(path: Path) -> int:
-    """Bytes a file or folder takes (0 when missing)."""
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size if path.exists() else 0
-
-
 def _protected(store, keep_last: int, keep_rollbacks: int) -> dict[int, str]:
     """Step -> why it stays whole: the latest steps, the deployed one, the rollback targets,
     and each one's parent (the reference its gate, its export's check and the server's
@@ -89,6 +84,9 @@ def _protected(store, keep_last: int, keep_rollbacks: int) -> dict[int, str]:
     targets = [h["step"] for h in history[::-1] if h.get("step") in steps]
     for s in list(dict.fromkeys(targets))[:keep_rollbacks]:
         keep.setdefault(s, "a rollback target")
+    for s, why in store.leased_steps().items():
+        if s in steps:
+            keep.setdefault(s, why)
     for s in list(keep):
         parent = store.card(s).parent
         if parent is not None:
@@ -147,27 +145,25 @@ def prune(store, plan: PrunePlan, by: str = "ciss prune") -> PrunePlan:
             deployed["history"] = [h for h in deployed.get("history", [])
                                    if h.get("step") not in gone]
             store.write_deployed(deployed)
+            failpoint("prune.history_dropped", store.root / "deployed.json")
         for s in done.prune:
-            path = store.step_dir(s) / CARD
-            card = StepCard.from_file(path)
-            removed = {n: card.artifacts.pop(n) for n in done.artifacts[s]
-                       if n in card.artifacts}
-            record = card.extra.get("pruned", {"artifacts": {}, "bytes": 0})
-            card.extra["pruned"] = {"at": now, "by": by,
-                                    "artifacts": {**record["artifacts"], **removed},
-                                    "bytes": record["bytes"] + done.bytes[s]}
-            if "memory" in removed and card.memory:  # the replay memory's artifact
-                card.memory = {**card.memory, "images": 0, "cleared": True}
-            atomic_write_text(path, card.to_json())  # the card forgets first, then files go
-            for n in done.artifacts[s]:
-                target = store.step_dir(s) / n
-                if target.is_dir():
-                    shutil.rmtree(target, ignore_errors=True)
-                else:
-                    target.unlink(missing_ok=True)
-                    if target.parent != store.step_dir(s) and not any(target.parent.iterdir()):
-                        target.parent.rmdir()  # engines/ once its last plan is gone
+            store.remove_artifacts(s, done.artifacts[s], _record_pruned(
+                s, done, now, by), why=by)
     if done.prune:
         store.record_event("pruned", steps=done.prune, bytes=done.total_bytes, by=by,
                            history_dropped=done.history_dropped)
     return done
+
+
+def _record_pruned(step: int, done: PrunePlan, now: str, by: str):
+    """The card update of a pruned step: what went, with its checksums, when and by whom."""
+
+    def update(card, removed: dict[str, str]) -> None:
+        record = card.extra.get("pruned", {"artifacts": {}, "bytes": 0})
+        card.extra["pruned"] = {"at": now, "by": by,
+                                "artifacts": {**record["artifacts"], **removed},
+                                "bytes": record["bytes"] + done.bytes[step]}
+        if "memory" in removed and card.memory:  # the replay memory's artifact
+            card.memory = {**card.memory, "images": 0, "cleared": True}
+
+    return update

@@ -1,12 +1,15 @@
 """A folder of numbered steps, written atomically, verified on every load.
 
-Layout::
+Layout (docs/store.md)::
 
-    <root>/steps/0000/ weights.safetensors card.json retention/ model.onnx ...
-    <root>/deployed.json   <root>/.lock   <root>/.staging/ (in-flight writes)   <root>/.work/
+    <root>/steps/0000/ weights.safetensors card.json manifest.json retention/ model.onnx ...
+    <root>/deployed.json  events.json  .lock  .leases/  .pending/  .staging/  .work/
 
-A step is assembled in ``.staging`` and renamed into ``steps/`` in one ``os.rename``; a crash
-leaves at worst an orphan in ``.staging`` that readers never look at. Writers hold ``.lock``.
+A step is assembled in ``.staging`` and renamed into ``steps/`` in one ``os.rename``
+(``write_step``, the one commit of a new step); a crash leaves at worst an orphan in
+``.staging`` that readers never look at. Writers hold ``.lock``; long jobs hold a lease
+(``store.lease``) so that others tell a live writer from a dead one. The card's own sha256
+lives in ``manifest.json`` (``store.integrity``), and every card read checks it.
 """
 
 from __future__ import annotations
@@ -14,24 +17,41 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import ciss.store.events as ev
+import ciss.store.integrity as integrity
+import ciss.store.lease as leases
+import ciss.store.pending as pend
 from ciss.errors import CissError
+from ciss.failpoints import failpoint
 from ciss.store.card import StepCard
+from ciss.store.files import (  # noqa: F401 - re-exported: other modules import them here
+    atomic_write_text,
+    digest,
+    disk_bytes,
+    fsync_tree,
+    raise_if_no_space,
+    sha256_file,
+    sha256_tree,
+)
+from ciss.store.integrity import CARD, MANIFEST
 
 WEIGHTS = "weights.safetensors"
-CARD = "card.json"
 RETENTION = "retention"
 DEPLOYED = "deployed.json"
-EVENTS = "events.json"  # gate results, refusals, forced deployments, rollbacks, diagnoses
-EVENTS_KEPT = 1000
+EVENTS = ev.EVENTS
+EVENTS_KEPT = ev.EVENTS_KEPT
+STAGING = ".staging"
+
+_held = threading.local()  # root -> depth of this thread's store lock (re-entrant)
 
 
 def default_store_path() -> Path:
@@ -39,42 +59,8 @@ def default_store_path() -> Path:
     return Path(os.environ.get("CISS_STORE", "ciss-store"))
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_tree(folder: Path) -> str:
-    """One digest over every file below ``folder`` (relative path and content)."""
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(folder)).encode() + b"\0" + sha256_file(p).encode())
-    return h.hexdigest()
-
-
-def digest(path: Path) -> str:
-    return sha256_tree(path) if path.is_dir() else sha256_file(path)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 class Store:
@@ -121,10 +107,22 @@ class Store:
                             f"{', '.join(map(str, steps))})")
         return step
 
-    # -- locking -----------------------------------------------------------------------------
+    # -- locking and leases ------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, timeout: float = 600.0) -> Iterator[None]:
-        """Exclusive writer lock (``fcntl.flock`` on ``<root>/.lock``)."""
+        """Exclusive writer lock (``fcntl.flock`` on ``<root>/.lock``), re-entrant within a
+        thread. The outermost acquisition first finishes what killed writers left pending
+        (``finish_pending``), so every command starts from a store with no half-done
+        change."""
+        key = str(self.root.resolve())
+        depths = _held.__dict__.setdefault("depths", {})
+        if depths.get(key):
+            depths[key] += 1
+            try:
+                yield
+            finally:
+                depths[key] -= 1
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / ".lock", "a+") as f:
             deadline = time.monotonic() + timeout
@@ -137,18 +135,80 @@ class Store:
                         raise CissError(f"{self.root / '.lock'}: another ciss process holds "
                                         "the store lock") from exc
                     time.sleep(0.1)
+            depths[key] = 1
             try:
+                self.finish_pending()
                 yield
             finally:
+                depths[key] = 0
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
+    @contextlib.contextmanager
+    def lease(self, path: Path | None = None, steps: list[int] | tuple = ()
+              ) -> Iterator[leases.Lease]:
+        """Hold a live-writer lease on the folder ``path`` (a job's work folder) and the
+        ``steps`` it needs (its parent), for the ``with`` block (``store.lease``).
+
+        Raises:
+            CissError: another live process holds a lease on ``path``.
+        """
+        with leases.held(self.root, Path(path) if path is not None else None,
+                         [s for s in steps if s is not None]) as held:
+            yield held
+
+    def leases(self) -> list[leases.LeaseInfo]:
+        return leases.leases(self.root)
+
+    def leased_steps(self) -> dict[int, str]:
+        """Step -> who needs it, for every step a live lease names."""
+        out: dict[int, str] = {}
+        for info in self.leases():
+            if info.live:
+                for s in info.steps:
+                    out.setdefault(s, f"needed by a running job ({info.describe()})")
+        return out
+
+    def staging_folder(self, prefix: str) -> Path:
+        """A fresh folder in ``.staging`` leased for this process's lifetime (an export's
+        scratch space); ``drop_staging`` removes it and its lease."""
+        path = self.root / STAGING / f"{prefix}-{uuid.uuid4().hex[:8]}"
+        path.mkdir(parents=True)
+        leases.hold_for_process(self.root, path)
+        return path
+
+    def drop_staging(self, path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+        leases.drop_process_lease(path)
+
     # -- reading -----------------------------------------------------------------------------
-    def card(self, step: int) -> StepCard:
+    def card(self, step: int, *, verify: bool = True) -> StepCard:
+        """The step's card, checked against its manifest (``verify=False``: for listings and
+        ``store verify`` only, which report an edited card rather than refuse it).
+
+        Raises:
+            CissError: an unknown step, an unreadable card, or one edited outside ciss.
+        """
         path = self.step_dir(self.resolve(step)) / CARD
+        if verify:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise CissError(f"{path}: unreadable step card ({exc})") from exc
+            integrity.check_card(path.parent, data)
         return StepCard.from_file(path)
 
+    def card_state(self, step: int) -> integrity.CardState:
+        return integrity.card_state(self.step_dir(step))
+
+    def require_signed(self, step: int) -> None:
+        """With ``CISS_STORE_KEY`` set, refuse a step whose card is not signed with it (the
+        server calls this before it loads a step); without the key, nothing to check."""
+        if integrity.store_key() is not None:
+            folder = self.step_dir(self.resolve(step))
+            integrity.check_card(folder, (folder / CARD).read_bytes(), require_signed=True)
+
     def verify(self, step: int, names: list[str] | None = None) -> StepCard:
-        """Check the sha256 of the step's artifacts (all, or ``names``) against its card.
+        """Check the card, then the sha256 of the step's artifacts (all, or ``names``).
 
         Raises:
             CissError: naming the file that is missing or does not match.
@@ -186,23 +246,42 @@ class Store:
             raise CissError(f"{path}: cannot load weights ({exc})") from exc
         return model.to(device).eval(), card
 
+    def step_for_work(self, name: str) -> int | None:
+        """The step a job with work folder ``name`` already committed (``write_step``'s
+        ``work``), or None: a rerun after a kill just past the commit finds it here."""
+        for s in reversed(self.steps()):
+            if self.card(s, verify=False).extra.get("work") == name:
+                return s
+        return None
+
     # -- writing -----------------------------------------------------------------------------
     def write_step(self, card: StepCard, model,
-                   extra_writers: dict[str, Callable[[Path], None]] | None = None) -> int:
-        """Write a new step atomically and return its number.
+                   extra_writers: dict[str, Callable[[Path], None]] | None = None, *,
+                   work: Path | leases.Lease | None = None) -> int:
+        """Write a new step atomically and return its number: the one commit of a step.
 
         The step number is allocated under the lock; ``card.step`` is overwritten with it.
         ``extra_writers`` maps an artifact name to a function that writes it at a given path.
+        ``work``: the job's work folder (or its lease). Its name goes on the card
+        (``extra.work``) in the same rename as the step, and the folder is removed after it.
+
+        Recovery rule: everything is written in ``.staging/NNNN-<hex>`` and fsynced, then
+        one ``os.rename`` publishes it. Killed before the rename: the staging folder is a
+        leftover (removed by the next ``write_step`` or ``store verify --repair``: only a
+        writer holding the lock stages here, so any other is dead). Killed after it: the
+        step is complete, and its work folder is spent (the card names it; a rerun finds
+        the step with ``step_for_work`` and ``store verify --repair`` removes the folder).
         """
         from safetensors.torch import save_file
 
+        work_path = work.path if isinstance(work, leases.Lease) else work
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         with self.lock():
             self._clean_staging()
             step = (self.latest() + 1) if self.steps() else 0
-            staging = self.root / ".staging" / f"{step:04d}-{uuid.uuid4().hex[:8]}"
+            staging = self.root / STAGING / f"{step:04d}-{uuid.uuid4().hex[:8]}"
             staging.mkdir(parents=True)
             try:
-                state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
                 save_file(state, str(staging / WEIGHTS),
                           metadata={"arch": card.arch, "num_classes": str(len(card.classes))})
                 for name, writer in (extra_writers or {}).items():
@@ -210,69 +289,157 @@ class Store:
                 card.step = step
                 if "new" in card.retention:  # scores of the retention set this step brings
                     card.retention[str(step)] = card.retention.pop("new")
-                card.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+                card.created = _now()
+                if work_path is not None:
+                    card.extra["work"] = Path(work_path).name
                 card.artifacts = {p.name: digest(p) for p in sorted(staging.iterdir())}
-                (staging / CARD).write_text(card.to_json(), encoding="utf-8")
-                _fsync_tree(staging)
+                text = card.to_json()
+                (staging / CARD).write_text(text, encoding="utf-8")
+                (staging / MANIFEST).write_text(integrity.manifest_text(text.encode()))
+                fsync_tree(staging)
+                failpoint("store.step.staged", staging)
                 self.steps_dir.mkdir(parents=True, exist_ok=True)
                 os.rename(staging, self.step_dir(step))
-            except BaseException:
+            except BaseException as exc:
+                needed = disk_bytes(staging) + sum(v.numel() * v.element_size()
+                                                   for v in state.values())
                 shutil.rmtree(staging, ignore_errors=True)
+                raise_if_no_space(exc, staging, needed)
                 raise
+            failpoint("store.step.committed", self.step_dir(step))
+            if work_path is not None:
+                shutil.rmtree(work_path, ignore_errors=True)  # the step landed: work is spent
         return step
+
+    def write_card(self, step: int, card: StepCard) -> None:
+        """Replace a step's card and its manifest as a pair (``integrity.write_card_pair``);
+        the one way a card changes after its commit."""
+        with self.lock():
+            integrity.write_card_pair(self.step_dir(step), card.to_json())
 
     def add_artifact(self, step: int, name: str, writer: Callable[[Path], None],
                      card_update: Callable[[StepCard], None] | None = None) -> Path:
         """Add (or replace) one artifact of an existing step, then record it in the card.
 
-        The file is written under a temporary name and renamed into place; the card is
-        replaced atomically afterwards, so a crash leaves either the old or the new pair.
+        Recovery rule: the file is written under ``.<name>.<hex>.tmp`` (a kill leaves a
+        leftover ``store verify --repair`` deletes), a pending ``add`` record names its sum,
+        it is renamed into place, and card and manifest are rewritten as a pair. A kill
+        after the rename leaves the record, finished by the next command (``store.pending``:
+        a new file is deleted, a replacement is rolled forward into the card).
         """
         with self.lock():
             folder = self.step_dir(self.resolve(step))
+            card = self.card(step)
             final = folder / name
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
             try:
                 writer(tmp)
                 if tmp.is_dir():
-                    _fsync_tree(tmp)
-                    if final.exists():
-                        shutil.rmtree(final)
+                    fsync_tree(tmp)
+                sha = digest(tmp)
+                failpoint("store.artifact.written", tmp)
+                record = pend.record(self, {"step": card.step, "add": name, "sha256": sha,
+                                               "replaces": name in card.artifacts})
+                if tmp.is_dir() and final.exists():
+                    shutil.rmtree(final)
                 os.replace(tmp, final)
-            except BaseException:
+            except BaseException as exc:
+                needed = disk_bytes(tmp)
                 if tmp.is_dir():
                     shutil.rmtree(tmp, ignore_errors=True)
                 else:
                     tmp.unlink(missing_ok=True)
+                raise_if_no_space(exc, final, needed)
                 raise
-            card = StepCard.from_file(folder / CARD)
-            card.artifacts[name] = digest(final)
+            failpoint("store.artifact.renamed", final)
+            card.artifacts[name] = sha
             if card_update is not None:
                 card_update(card)
-            atomic_write_text(folder / CARD, card.to_json())
+            self.write_card(step, card)
+            record.unlink()
         return final
 
     def update_card(self, step: int, update: Callable[[StepCard], None]) -> StepCard:
-        """Apply ``update`` to a step's card and replace the card atomically."""
+        """Apply ``update`` to a step's (verified) card and rewrite card and manifest."""
         with self.lock():
-            path = self.step_dir(self.resolve(step)) / CARD
-            card = StepCard.from_file(path)
+            card = self.card(step)
             update(card)
-            atomic_write_text(path, card.to_json())
+            self.write_card(card.step, card)
         return card
 
-    def _clean_staging(self, max_age_s: float = 24 * 3600) -> None:
-        """Remove staging leftovers of crashed writers. Only old ones: an export in another
-        process stages without holding the lock, and its folder must survive."""
-        staging = self.root / ".staging"
-        if staging.is_dir():
-            now = time.time()
-            for p in staging.iterdir():
-                if now - p.stat().st_mtime > max_age_s:
-                    shutil.rmtree(p, ignore_errors=True)
+    def remove_artifacts(self, step: int, names: list[str],
+                         update: Callable[[StepCard, dict[str, str]], None] | None = None,
+                         why: str = "") -> StepCard:
+        """Delete artifacts of a step: the card forgets them, then the files go.
+        ``update(card, removed)`` may record more on the card (removed: name -> sha256).
 
-    # -- deploy pointer ----------------------------------------------------------------------
+        Recovery rule (``store.pending``): a ``remove`` record names the files first; the
+        card forgets them; the files are deleted; the record goes. A kill anywhere leaves a
+        record that the next command to take the lock finishes: files the card no longer
+        names are deleted; if the card still names them (killed before it forgot) the
+        record is dropped and nothing is lost.
+        """
+        with self.lock():
+            card = self.card(step)
+            record = pend.record(self, {"step": card.step, "remove": list(names),
+                                           "why": why})
+            failpoint("store.pending.recorded", record)
+            removed = {n: card.artifacts.pop(n) for n in names if n in card.artifacts}
+            if update is not None:
+                update(card, removed)
+            self.write_card(card.step, card)
+            failpoint("store.pending.card_done", record)
+            pend.finish(self, record, {"step": card.step, "remove": list(names)})
+        return card
+
+    def pending(self) -> list[tuple[Path, dict]]:
+        return pend.records(self)
+
+    def finish_pending(self) -> list[dict]:
+        """Finish every pending record (callers hold the lock): interrupted artifact
+        changes (``store.pending``), card rewrites (``integrity.finish_pending``) and a
+        pointer without its event (``events``). Returns the records finished."""
+        done = []
+        for path, entry in pend.records(self):
+            pend.finish(self, path, entry)
+            done.append(entry)
+        for s in self.steps():
+            with contextlib.suppress(CissError, OSError):
+                integrity.finish_pending(self.step_dir(s))
+        ev.recover_pointer_event(self)
+        return done
+
+    def accept(self, step: int) -> integrity.CardState:
+        """Record the step's card as it is now (a deliberate edit, or a legacy step's first
+        manifest), signed when ``CISS_STORE_KEY`` is set. Returns the state it had."""
+        with self.lock():
+            folder = self.step_dir(self.resolve(step))
+            data = (folder / CARD).read_bytes()
+            try:
+                json.loads(data)
+                StepCard.from_file(folder / CARD)
+            except (ValueError, CissError) as exc:
+                raise CissError(f"{folder / CARD}: not a valid step card, not accepted "
+                                f"({exc})") from exc
+            state = integrity.card_state(folder, data)
+            integrity.write_manifest(folder, data)
+            self.record_event("accepted", step=step, was=state.status)
+        return state
+
+    def _clean_staging(self) -> None:
+        """Remove staging leftovers of dead writers (callers hold the lock). A step's
+        staging is written under the lock, so any other is dead; an export stages under a
+        lease, and its folder stays while the lease is live, whatever its age."""
+        staging = self.root / STAGING
+        if not staging.is_dir():
+            return
+        live = {str(i.path) for i in self.leases() if i.live and i.path is not None}
+        for p in staging.iterdir():
+            if os.path.abspath(p) not in live:
+                shutil.rmtree(p, ignore_errors=True)
+
+    # -- deploy pointer and events -----------------------------------------------------------
     def deployed(self) -> dict | None:
         path = self.root / DEPLOYED
         if not path.exists():
@@ -287,23 +454,15 @@ class Store:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.root / DEPLOYED, json.dumps(record, indent=2) + "\n")
 
+    def move_pointer(self, record: dict, kind: str, **fields) -> dict:
+        """Write ``deployed.json`` and its event as one change (``events.move_pointer``)."""
+        return ev.move_pointer(self, record, kind, **fields)
+
     def events(self) -> list[dict]:
-        """The store's event log, oldest first (see :meth:`record_event`)."""
-        path = self.root / EVENTS
-        try:
-            return json.loads(path.read_text())
-        except FileNotFoundError:
-            return []
-        except (OSError, ValueError) as exc:
-            raise CissError(f"{path}: unreadable event log ({exc})") from exc
+        """The store's event log, oldest first (with a pointer's missing event recovered)."""
+        return ev.read_events(self)
 
     def record_event(self, kind: str, **fields) -> None:
         """Append one event (``deployed``, ``refused``, ``forced``, ``rolled_back``,
-        ``diagnosed``...) with a UTC timestamp. The log is rewritten atomically under the
-        store lock and keeps the last EVENTS_KEPT events: the overview page reads it."""
-        event = {"kind": kind, "at": dt.datetime.now(dt.timezone.utc).isoformat(
-            timespec="seconds"), **fields}
-        with self.lock():
-            log = (self.events() + [event])[-EVENTS_KEPT:]
-            self.root.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.root / EVENTS, json.dumps(log, indent=1) + "\n")
+        ``diagnosed``...) with a UTC timestamp (``events.record_event``)."""
+        ev.record_event(self, kind, **fields)

@@ -29,6 +29,7 @@ from ciss.data.dataset import label_lut
 from ciss.data.folder import DatasetFolder, open_folder
 from ciss.data.imageio import read_image, write_mask
 from ciss.errors import CissError
+from ciss.failpoints import failpoint
 
 MEMORY = "memory"
 HOW = ("class-balanced: classes in turn, rarest first, each takes one random image showing "
@@ -163,16 +164,22 @@ def memory_budget(asked: int | None, parent_card) -> int:
 
 
 def clear_memory(store, step: int) -> bool:
-    """Delete a step's memory: the card forgets it first (atomically), then the files go, so
-    no card ever names a missing artifact. Returns whether there was one."""
-    card = store.card(step)
-    if MEMORY not in card.artifacts:
-        return False
+    """Delete a step's memory. Returns whether there was one to delete.
 
-    def forget(c) -> None:
-        c.artifacts.pop(MEMORY, None)
-        c.memory = {**c.memory, "images": 0, "cleared": True}
+    Recovery rule: ``Store.remove_artifacts`` records the removal as pending, the card
+    forgets the memory (atomically, with its manifest), then the files go and the record
+    goes. Killed after the card and before the files, the record is still there and the
+    next command that takes the store lock (any write, or this one again, or ``ciss store
+    verify --repair``) deletes the images: they are never orphaned for good.
+    """
+    with store.lock():  # finishes an interrupted clear before we look
+        card = store.card(step)
+        if MEMORY not in card.artifacts:
+            return False
 
-    store.update_card(step, forget)
-    shutil.rmtree(store.step_dir(step) / MEMORY, ignore_errors=True)
+        def forget(c, removed) -> None:
+            c.memory = {**c.memory, "images": 0, "cleared": True}
+            failpoint("memory.clear.pending", store.step_dir(step) / MEMORY)
+
+        store.remove_artifacts(step, [MEMORY], forget, why="ciss memory clear")
     return True

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ciss-installed
 DEMO_OUT ?= demo-out
 
-.PHONY: venv gpu demo test test-all lint bench clean
+.PHONY: venv gpu demo test test-all test-slow lint bench clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	CISS_SLOW=1 $(BIN)/python -m pytest -q
+
+# the store under faults: every failpoint of every command, killed and out of space (#29)
+test-slow: $(STAMP)
+	CISS_SLOW=1 $(BIN)/python -m pytest -q -s tests/test_failpoints.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks docs/examples

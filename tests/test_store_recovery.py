@@ -324,3 +324,38 @@ def test_a_full_disk_is_one_line_and_exit_2(tiny, monkeypatch):
     assert res.exit_code == 0  # accept writes the manifest alone
     tiny.verify(0)
     assert "memory" in tiny.card(0).artifacts
+
+
+def test_an_edited_card_is_refused_by_check_deploy_and_serve_in_one_line(story, tmp_path,
+                                                                         monkeypatch):
+    from click.testing import CliRunner
+
+    from ciss.cli import main
+    from ciss.runtime.deploy import deploy
+    from ciss.runtime.metrics import ServerMetrics
+    from ciss.runtime.slot import ModelSlot, SwapPolicy
+
+    root = tmp_path / "s"
+    shutil.copytree(story, root)
+    store = Store(root)
+    deploy(store, 0, "torch", force=True)
+    slot = ModelSlot(store, SwapPolicy(), ServerMetrics.create())
+    assert slot.start().step == 0
+    # the defect: raising the ft step's stored scores by hand turned a FAIL into a PASS
+    _edit(store, 2, '"method": "ft"', '"method": "mib"')
+    for args in (["check", "--step", "2"], ["deploy", "--step", "2", "--engine", "torch"]):
+        res = CliRunner().invoke(main, [*args, "--store", str(root)])
+        assert res.exit_code == 2, res.output
+        errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "0002/card.json: edited since ciss wrote it" in errors[0]
+    (root / "deployed.json").write_text(json.dumps({"step": 2, "engine": "torch"}))
+    outcome = slot.refresh()
+    assert outcome.outcome == "refused" and "edited" in outcome.reason
+    assert slot.current.step == 0  # still serving
+    # signed stores: the server refuses an unsigned step before it loads it
+    monkeypatch.setenv("CISS_STORE_KEY", "secret")
+    (root / "deployed.json").write_text(json.dumps({"step": 1, "engine": "torch"}))
+    outcome = slot.refresh()
+    assert outcome.outcome == "refused" and "not signed" in outcome.reason
+    store.accept(1)
+    assert slot.refresh().step == 1

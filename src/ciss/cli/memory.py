@@ -79,7 +79,8 @@ def clear(store_path, step, every, yes) -> None:
         raise CissError("memory clear: give --step N or --all")
     store = open_store(store_path)
     steps = store.steps() if every else [store.resolve(step)]
-    held = [s for s in steps if MEMORY in store.card(s).artifacts]
+    with store.lock():  # finishes a clear a kill interrupted: its images go now
+        held = [s for s in steps if MEMORY in store.card(s).artifacts]
     if not held:
         click.echo("no memory to clear")
         return

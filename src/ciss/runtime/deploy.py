@@ -62,26 +62,34 @@ def deploy(store: Store, step: int | None = None, engine: str = "onnx", force: b
                                  if more else "")
                               + "; use --force to deploy anyway (it is recorded)")
         failpoint("deploy.gated", store.root)
-        with store.lock():
-            # Recovery rule: the gate ran outside the lock, so the step is checked again
-            # under it (every file present and matching its card, the card matching its
-            # manifest) before the pointer moves; the pointer and its event are one change
-            # (Store.move_pointer: the event is recovered from the pointer after a kill).
-            store.verify(step)
-            failpoint("deploy.rechecked", store.root)
-            current = store.deployed() or {}
-            history = list(current.get("history", []))
-            if current.get("step") is not None:
-                history.append({k: current[k] for k in
-                                ("step", "engine", "since", "forced", "gate") if k in current})
-            forced = bool(force and not gate.passed)
-            record = {"step": step, "engine": engine, "since": _now(), "forced": forced,
-                      "gate": {"passed": gate.passed, "mean_old_drop": gate.mean_old_drop,
-                               "reasons": gate.reasons, "fingerprint": fingerprint,
-                               "result": gate.to_json()},
-                      "history": history[-HISTORY:]}
-            record = store.move_pointer(record, "forced" if forced else "deployed", **summary)
+        record = _point_at(store, step, engine, gate, fingerprint, force, summary)
     return DeployResult(record, gate)
+
+
+def _point_at(store: Store, step: int, engine: str, gate: GateResult, fingerprint: str,
+              force: bool, summary: dict) -> dict:
+    """Move ``deployed.json`` to ``step`` with its event; returns the record written.
+
+    Recovery rule: the gate ran outside the lock, so the step is checked again under it
+    (every file present and matching its card, the card matching its manifest) before the
+    pointer moves; the pointer and its event are one change (``Store.move_pointer``: the
+    event is recovered from the pointer after a kill).
+    """
+    with store.lock():
+        store.verify(step)
+        failpoint("deploy.rechecked", store.root)
+        current = store.deployed() or {}
+        history = list(current.get("history", []))
+        if current.get("step") is not None:
+            history.append({k: current[k] for k in ("step", "engine", "since", "forced", "gate")
+                            if k in current})
+        forced = bool(force and not gate.passed)
+        record = {"step": step, "engine": engine, "since": _now(), "forced": forced,
+                  "gate": {"passed": gate.passed, "mean_old_drop": gate.mean_old_drop,
+                           "reasons": gate.reasons, "fingerprint": fingerprint,
+                           "result": gate.to_json()},
+                  "history": history[-HISTORY:]}
+        return store.move_pointer(record, "forced" if forced else "deployed", **summary)
 
 
 def rollback(store: Store, *, by: str = "ciss rollback", reason: str = "") -> dict:

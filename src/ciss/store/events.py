@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sys
 import uuid
 
 from ciss.errors import CissError
@@ -89,6 +90,10 @@ def move_pointer(store, record: dict, kind: str, **fields) -> dict:
     record = {**record, "event": event}
     with store.lock():
         store.write_deployed(record)
-        failpoint("store.pointer.written", store.root / "deployed.json")
-        _append(store, {**event, "at": record.get("since", _now())})
+        try:
+            failpoint("store.pointer.written", store.root / "deployed.json")
+            _append(store, {**event, "at": record.get("since", _now())})
+        except OSError as exc:  # the pointer moved: the event is recovered from it later
+            print(f"note: {store.root / EVENTS} could not be written ({exc}); the "
+                  f"'{kind}' event is recovered from deployed.json", file=sys.stderr)
     return record

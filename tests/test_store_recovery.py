@@ -171,11 +171,12 @@ def test_a_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path, fail_at):
 
 # -- defect 7: the pointer's event is recovered from the pointer -----------------------------
 def test_a_pointer_written_without_its_event_is_recovered(tiny, fail_at):
-    fail_at("store.pointer.written")
-    with pytest.raises(OSError), tiny.lock():
+    fail_at("store.pointer.written")  # the event's write fails (a kill is in test_failpoints)
+    with tiny.lock():  # the pointer moved: the deploy happened, the error is a note
         tiny.move_pointer({"step": 0, "engine": "torch", "since": "2026-01-01T00:00:00"},
                           "deployed", step=0, engine="torch")
     failpoints.configure("")
+    assert not (tiny.root / "events.json").exists()
     assert tiny.deployed()["step"] == 0
     seen = tiny.events()  # readers see it at once
     assert seen[-1]["kind"] == "deployed" and seen[-1]["recovered"]
@@ -358,4 +359,4 @@ def test_an_edited_card_is_refused_by_check_deploy_and_serve_in_one_line(story, 
     outcome = slot.refresh()
     assert outcome.outcome == "refused" and "not signed" in outcome.reason
     store.accept(1)
-    assert slot.refresh().step == 1
+    assert slot.refresh(force=True).step == 1  # same deployed.json, looked at again

@@ -247,10 +247,15 @@ class Store:
         return model.to(device).eval(), card
 
     def step_for_work(self, name: str) -> int | None:
-        """The step a job with work folder ``name`` already committed (``write_step``'s
-        ``work``), or None: a rerun after a kill just past the commit finds it here."""
+        """The step a job with work folder ``name`` already committed, or None: the card
+        names the folder (``write_step``'s ``work``) or the job's request key (the folder is
+        ``<prefix>-<request>``, ``updater.job``). A rerun after a kill just past the commit
+        finds its step here, and ``store verify --repair`` knows the folder is spent."""
+        request = name.split("-", 1)[1] if "-" in name else None
         for s in reversed(self.steps()):
-            if self.card(s, verify=False).extra.get("work") == name:
+            card = self.card(s, verify=False)
+            if card.extra.get("work") == name or (
+                    request and (card.config or {}).get("request") == request):
                 return s
         return None
 

@@ -162,7 +162,9 @@ def _leftovers(store, discard_work: bool, out: list[Problem]) -> None:
         if os.path.abspath(p) not in live:
             out.append(Problem(p, "staging folder of a dead writer", disk_bytes(p),
                                "deletes it", leftover=True))
-    for p in sorted(store.root.glob(".*.tmp")):
+    tmps = [p for d in (store.root, store.root / ".pending", store.root / ".leases")
+            if d.is_dir() for p in d.glob(".*.tmp")]
+    for p in sorted(tmps):
         out.append(Problem(p, "temporary file of an interrupted write", disk_bytes(p),
                            "deletes it", leftover=True))
     work = store.work_dir

@@ -360,3 +360,25 @@ def test_an_edited_card_is_refused_by_check_deploy_and_serve_in_one_line(story, 
     assert outcome.outcome == "refused" and "not signed" in outcome.reason
     store.accept(1)
     assert slot.refresh(force=True).step == 1  # same deployed.json, looked at again
+
+
+def test_a_raw_full_disk_error_anywhere_is_one_line_and_exit_2(tiny):
+    """CissGroup maps an ENOSPC no writer converted (here: injected before rollback's
+    pointer write) to the same one line; the pointer stays where it was."""
+    from click.testing import CliRunner
+
+    from ciss.cli import main
+
+    with tiny.lock():
+        tiny.move_pointer({"step": 0, "engine": "torch", "since": "t0"}, "deployed", step=0)
+        tiny.move_pointer({"step": 0, "engine": "onnx", "since": "t1",
+                           "history": [{"step": 0, "engine": "torch"}]}, "deployed", step=0)
+    failpoints.configure("rollback.verified:enospc")
+    try:
+        res = CliRunner().invoke(main, ["rollback", "--store", str(tiny.root)])
+    finally:
+        failpoints.configure("")
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: no space left on device while writing ")
+    assert len(res.output.strip().splitlines()) == 1 and "MB free" in res.output
+    assert tiny.deployed()["engine"] == "onnx"

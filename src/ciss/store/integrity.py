@@ -188,3 +188,28 @@ def finish_pending(folder: Path) -> bool:
         write_manifest(folder, data)
         return True
     return False
+
+
+def accept(store, step: int) -> CardState:
+    """Record the step's card as it is now: a deliberate edit, or a legacy step's first
+    manifest (signed when ``CISS_STORE_KEY`` is set); the event log keeps what it was.
+    Returns the state it had.
+
+    Raises:
+        CissError: the card is not a valid step card.
+    """
+    from ciss.store.card import StepCard
+
+    with store.lock():
+        folder = store.step_dir(store.resolve(step))
+        data = (folder / CARD).read_bytes()
+        try:
+            json.loads(data)
+            StepCard.from_file(folder / CARD)
+        except (ValueError, CissError) as exc:
+            raise CissError(f"{folder / CARD}: not a valid step card, not accepted "
+                            f"({exc})") from exc
+        state = card_state(folder, data)
+        write_manifest(folder, data)
+        store.record_event("accepted", step=step, was=state.status)
+    return state

@@ -23,7 +23,9 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,3 +199,41 @@ def leases(root: Path) -> list[LeaseInfo]:
                              info.get("host", "?"), info.get("started", "?"),
                              info.get("argv", []), is_live(file)))
     return out
+
+
+_held = threading.local()  # root -> depth of this thread's store lock (re-entrant)
+
+
+@contextlib.contextmanager
+def store_lock(root: Path, on_acquire: Callable[[], object], timeout: float = 600.0
+               ) -> Iterator[None]:
+    """The store's writer lock (``Store.lock``): an flock on ``<root>/.lock``, re-entrant
+    within a thread; ``on_acquire`` runs once the outermost acquisition holds it."""
+    key = str(Path(root).resolve())
+    depths = _held.__dict__.setdefault("depths", {})
+    if depths.get(key):
+        depths[key] += 1
+        try:
+            yield
+        finally:
+            depths[key] -= 1
+        return
+    Path(root).mkdir(parents=True, exist_ok=True)
+    with open(Path(root) / ".lock", "a+") as f:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError as exc:
+                if time.monotonic() > deadline:
+                    raise CissError(f"{Path(root) / '.lock'}: another ciss process holds "
+                                    "the store lock") from exc
+                time.sleep(0.1)
+        depths[key] = 1
+        try:
+            on_acquire()
+            yield
+        finally:
+            depths[key] = 0
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

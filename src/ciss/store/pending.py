@@ -15,12 +15,16 @@ readers trust):
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import shutil
 import uuid
 from pathlib import Path
 
+import ciss.store.events as events
+import ciss.store.integrity as integrity
+from ciss.errors import CissError
 from ciss.failpoints import failpoint
 from ciss.store.files import atomic_write_text, digest
 from ciss.store.integrity import CARD
@@ -82,3 +86,18 @@ def finish(store, path: Path, entry: dict) -> None:
                     _delete(folder, target)
     failpoint("store.pending.files_removed", path)
     path.unlink(missing_ok=True)
+
+
+def finish_all(store) -> list[dict]:
+    """Finish every pending record, interrupted card rewrites (``integrity.finish_pending``)
+    and a pointer without its event (``events.recover_pointer_event``); callers hold the
+    lock. Returns the records finished."""
+    done = []
+    for path, entry in records(store):
+        finish(store, path, entry)
+        done.append(entry)
+    for s in store.steps():
+        with contextlib.suppress(CissError, OSError):
+            integrity.finish_pending(store.step_dir(s))
+    events.recover_pointer_event(store)
+    return done

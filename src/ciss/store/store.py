@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import os
 import shutil
-import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,9 +47,6 @@ DEPLOYED = "deployed.json"
 EVENTS = ev.EVENTS
 EVENTS_KEPT = ev.EVENTS_KEPT
 STAGING = ".staging"
-
-_held = threading.local()  # root -> depth of this thread's store lock (re-entrant)
-
 
 def default_store_path() -> Path:
     """``$CISS_STORE`` or ``./ciss-store``."""
@@ -108,40 +102,12 @@ class Store:
         return step
 
     # -- locking and leases ------------------------------------------------------------------
-    @contextlib.contextmanager
-    def lock(self, timeout: float = 600.0) -> Iterator[None]:
+    def lock(self, timeout: float = 600.0) -> contextlib.AbstractContextManager[None]:
         """Exclusive writer lock (``fcntl.flock`` on ``<root>/.lock``), re-entrant within a
         thread. The outermost acquisition first finishes what killed writers left pending
         (``finish_pending``), so every command starts from a store with no half-done
         change."""
-        key = str(self.root.resolve())
-        depths = _held.__dict__.setdefault("depths", {})
-        if depths.get(key):
-            depths[key] += 1
-            try:
-                yield
-            finally:
-                depths[key] -= 1
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+") as f:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError as exc:
-                    if time.monotonic() > deadline:
-                        raise CissError(f"{self.root / '.lock'}: another ciss process holds "
-                                        "the store lock") from exc
-                    time.sleep(0.1)
-            depths[key] = 1
-            try:
-                self.finish_pending()
-                yield
-            finally:
-                depths[key] = 0
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return leases.store_lock(self.root, self.finish_pending, timeout)
 
     @contextlib.contextmanager
     def lease(self, path: Path | None = None, steps: list[int] | tuple = ()
@@ -402,35 +368,12 @@ class Store:
         return pend.records(self)
 
     def finish_pending(self) -> list[dict]:
-        """Finish every pending record (callers hold the lock): interrupted artifact
-        changes (``store.pending``), card rewrites (``integrity.finish_pending``) and a
-        pointer without its event (``events``). Returns the records finished."""
-        done = []
-        for path, entry in pend.records(self):
-            pend.finish(self, path, entry)
-            done.append(entry)
-        for s in self.steps():
-            with contextlib.suppress(CissError, OSError):
-                integrity.finish_pending(self.step_dir(s))
-        ev.recover_pointer_event(self)
-        return done
+        """Finish what killed writers left (callers hold the lock; ``pending.finish_all``)."""
+        return pend.finish_all(self)
 
     def accept(self, step: int) -> integrity.CardState:
-        """Record the step's card as it is now (a deliberate edit, or a legacy step's first
-        manifest), signed when ``CISS_STORE_KEY`` is set. Returns the state it had."""
-        with self.lock():
-            folder = self.step_dir(self.resolve(step))
-            data = (folder / CARD).read_bytes()
-            try:
-                json.loads(data)
-                StepCard.from_file(folder / CARD)
-            except (ValueError, CissError) as exc:
-                raise CissError(f"{folder / CARD}: not a valid step card, not accepted "
-                                f"({exc})") from exc
-            state = integrity.card_state(folder, data)
-            integrity.write_manifest(folder, data)
-            self.record_event("accepted", step=step, was=state.status)
-        return state
+        """Record the step's card as it is now (``ciss store accept``; ``integrity.accept``)."""
+        return integrity.accept(self, step)
 
     def _clean_staging(self) -> None:
         """Remove staging leftovers of dead writers (callers hold the lock). A step's

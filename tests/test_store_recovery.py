@@ -104,17 +104,31 @@ def test_a_card_rewrite_killed_midway_leaves_a_matching_pair(tiny, fail_at, poin
 
 
 # -- defect 2: memory clear is a pending record the next command finishes -------------------
-def test_an_interrupted_memory_clear_is_finished_by_the_next_command(tiny, fail_at):
+def test_an_interrupted_memory_clear_is_finished_by_the_next_command(tiny):
+    from ciss.store import pending
     from ciss.updater.memory import clear_memory
 
-    fail_at("store.pending.card_done")
-    with pytest.raises(OSError):
-        clear_memory(tiny, 0)
-    failpoints.configure("")
-    assert "memory" not in tiny.card(0).artifacts
+    # what a kill after the card forgot leaves (a real kill: tests/test_failpoints.py): the
+    # pending record, a card without the memory, and the images still on disk
+    with tiny.lock():
+        pending.record(tiny, {"step": 0, "remove": ["memory"], "why": "ciss memory clear"})
+        card = tiny.card(0)
+        card.artifacts.pop("memory")
+        tiny.write_card(0, card)
     assert (tiny.step_dir(0) / "memory").exists() and tiny.pending()
     assert clear_memory(tiny, 0) is False  # nothing left to clear, and the images are gone
     assert not (tiny.step_dir(0) / "memory").exists() and not tiny.pending()
+
+
+def test_a_memory_clear_on_a_full_disk_leaves_the_step_as_it_was(tiny, fail_at):
+    from ciss.updater.memory import clear_memory
+
+    fail_at("store.card.intent:enospc")
+    with pytest.raises(OSError, match="No space left"):  # the CLI's one line: test above
+        clear_memory(tiny, 0)
+    failpoints.configure("")
+    assert tiny.verify(0).artifacts["memory"] and not tiny.pending()
+    assert tiny.card_state(0).status == "ok"
 
 
 def test_a_memory_clear_killed_before_the_card_loses_nothing(tiny, fail_at):

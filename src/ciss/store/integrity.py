@@ -24,6 +24,7 @@ refuses a step that carries none. Without the key the HMAC is kept but not check
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -168,11 +169,18 @@ def write_card_pair(folder: Path, text: str) -> None:
         old = (folder / CARD).read_bytes()
     except FileNotFoundError:
         old = None
-    if old is not None and read_manifest(folder) is not None:
+    intent = old is not None and read_manifest(folder) is not None
+    if intent:
         # step 1 keeps the current hash: a legacy card gets no manifest until step 3
         atomic_write_text(folder / MANIFEST, manifest_text(old, next_data=new))
-    failpoint("store.card.intent", folder / CARD)
-    atomic_write_text(folder / CARD, text)
+    try:
+        failpoint("store.card.intent", folder / CARD)
+        atomic_write_text(folder / CARD, text)
+    except BaseException:
+        if intent:  # the card was not replaced: take the intent back (best effort)
+            with contextlib.suppress(OSError):
+                write_manifest(folder, old)
+        raise
     failpoint("store.card.replaced", folder / MANIFEST)
     write_manifest(folder, new)
 

@@ -21,6 +21,7 @@ ever names a missing file and a kill leaves a record the next command finishes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from dataclasses import dataclass, field
 
@@ -140,15 +141,24 @@ def prune(store, plan: PrunePlan, by: str = "ciss prune") -> PrunePlan:
         deployed = store.deployed()
         done = now_plan.only(set(plan.prune), (deployed or {}).get("history", []))
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        history = list((deployed or {}).get("history", []))
         if deployed and done.history_dropped:
             gone = set(done.prune)
-            deployed["history"] = [h for h in deployed.get("history", [])
-                                   if h.get("step") not in gone]
-            store.write_deployed(deployed)
+            store.write_deployed({**deployed, "history": [h for h in history
+                                                          if h.get("step") not in gone]})
+        stripped: list[int] = []
+        try:
             failpoint("prune.history_dropped", store.root / "deployed.json")
-        for s in done.prune:
-            store.remove_artifacts(s, done.artifacts[s], _record_pruned(
-                s, done, now, by), why=by)
+            for s in done.prune:
+                store.remove_artifacts(s, done.artifacts[s], _record_pruned(
+                    s, done, now, by), why=by)
+                stripped.append(s)
+        except BaseException:  # a full disk: the history of the steps still whole comes back
+            if deployed and done.history_dropped:
+                with contextlib.suppress(OSError):
+                    store.write_deployed({**deployed, "history": [
+                        h for h in history if h.get("step") not in set(stripped)]})
+            raise
     if done.prune:
         store.record_event("pruned", steps=done.prune, bytes=done.total_bytes, by=by,
                            history_dropped=done.history_dropped)

@@ -323,11 +323,16 @@ class Store:
                     tmp.unlink(missing_ok=True)
                 raise_if_no_space(exc, final, needed)
                 raise
-            failpoint("store.artifact.renamed", final)
-            card.artifacts[name] = sha
-            if card_update is not None:
-                card_update(card)
-            self.write_card(step, card)
+            try:
+                failpoint("store.artifact.renamed", final)
+                card.artifacts[name] = sha
+                if card_update is not None:
+                    card_update(card)
+                self.write_card(step, card)
+            except BaseException:  # a full disk: the record's rule, now (best effort)
+                with contextlib.suppress(Exception):
+                    pend.finish(self, record, json.loads(record.read_text()))
+                raise
             record.unlink()
         return final
 
@@ -355,13 +360,19 @@ class Store:
             card = self.card(step)
             record = pend.record(self, {"step": card.step, "remove": list(names),
                                            "why": why})
-            failpoint("store.pending.recorded", record)
-            removed = {n: card.artifacts.pop(n) for n in names if n in card.artifacts}
-            if update is not None:
-                update(card, removed)
-            self.write_card(card.step, card)
-            failpoint("store.pending.card_done", record)
-            pend.finish(self, record, {"step": card.step, "remove": list(names)})
+            entry = {"step": card.step, "remove": list(names)}
+            try:
+                failpoint("store.pending.recorded", record)
+                removed = {n: card.artifacts.pop(n) for n in names if n in card.artifacts}
+                if update is not None:
+                    update(card, removed)
+                self.write_card(card.step, card)
+                failpoint("store.pending.card_done", record)
+            except BaseException:  # a full disk: the record's rule, now (best effort)
+                with contextlib.suppress(Exception):
+                    pend.finish(self, record, entry)
+                raise
+            pend.finish(self, record, entry)
         return card
 
     def pending(self) -> list[tuple[Path, dict]]:

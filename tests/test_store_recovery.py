@@ -396,3 +396,21 @@ def test_a_raw_full_disk_error_anywhere_is_one_line_and_exit_2(tiny):
     assert res.output.startswith("error: no space left on device while writing ")
     assert len(res.output.strip().splitlines()) == 1 and "MB free" in res.output
     assert tiny.deployed()["engine"] == "onnx"
+
+
+def test_steps_and_prune_mention_leftovers_over_50_mb(tiny):
+    from click.testing import CliRunner
+
+    from ciss.cli import main
+
+    dead = tiny.root / ".staging" / "export-0badc0de"
+    dead.mkdir(parents=True)
+    with open(dead / "model.onnx", "wb") as f:  # sparse: 51 MB by size, none on disk
+        f.truncate(51 * 2**20)
+    for args in (["steps"], ["prune", "--dry-run"]):
+        res = CliRunner().invoke(main, [*args, "--store", str(tiny.root)])
+        assert res.exit_code == 0, res.output
+        assert "51 MB in leftovers" in res.output and "ciss store verify" in res.output
+    (dead / "model.onnx").unlink()
+    res = CliRunner().invoke(main, ["steps", "--store", str(tiny.root)])
+    assert "leftovers" not in res.output

@@ -291,3 +291,42 @@ def test_the_stores_the_commands_left_verify_clean(world):
         if path.exists():
             code, out = _verify(path, repair=False)
             assert code == 0, (name, out)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 10 MB tmpfs (needs the right to mount: root on Linux; skipped elsewhere)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({res.stderr.strip() or 'not root'})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_real_full_disk_is_one_line_and_leaves_the_store_as_it_was(world, small_disk):
+    """Not injected: a store on a file system with about 1.5 MB free, then an export (whose
+    writer, torch.onnx, names no file) and an add-classes (the step's commit)."""
+    store = small_disk / "store"
+    shutil.copytree(world["stores"]["C"], store)
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:  # leave about 1.5 MB: less than an engine or a step
+        f.write(b"\0" * max(0, shutil.disk_usage(small_disk).free - 3 * 2**19))
+    before = _files(store)
+    for args in (["export", "--step", "1", "--format", "onnx"],
+                 ["add-classes", "--data", str(world["data"] / "new"), "--from", "0",
+                  "--epochs", "2", "--batch-size", "2", "--checkpoint-every", "100000",
+                  "--quiet", "--device", "cpu", "--crop-size", "32"]):
+        res = _ciss(store, args)
+        lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+        assert res.returncode == 2 and len(lines) == 1, (args, res.stderr)
+        assert f"no space left on device while writing {store}" in lines[0], lines[0]
+        assert "MB needed" in lines[0] and "MB free" in lines[0], lines[0]
+        assert "Traceback" not in res.stderr
+        assert _files(store) == before
+    code, out = _verify(store, repair=False)
+    assert code == 0, out

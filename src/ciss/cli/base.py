@@ -55,7 +55,11 @@ class CissGroup(click.Group):
         except Exception as exc:  # noqa: BLE001 - re-raised unless a full disk
             if isinstance(exc, CissError | CheckFailed) or not is_no_space(exc):
                 raise
-            raise DiskFull(getattr(exc, "filename", None)) from exc
+            from ciss.store.files import current_write
+
+            path, needed = current_write()
+            named = getattr(exc, "filename", None)
+            raise DiskFull(named or path, None if named else needed) from exc
 
 
 def store_option(f):

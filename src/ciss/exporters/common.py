@@ -17,10 +17,13 @@ class ExportResult:
     note: str = ""
 
 
-def staging_dir(store: Store) -> Path:
+def staging_dir(store: Store, step: int, source: str = "weights.safetensors") -> Path:
     """A scratch folder in the store's ``.staging``, leased while this process lives (so no
-    clean-up mistakes it for a dead writer's leftover); ``store.drop_staging`` removes it."""
-    return store.staging_folder("export")
+    clean-up mistakes it for a dead writer's leftover); ``store.drop_staging`` removes it.
+    An engine is about the size of the step's ``source`` file: a full disk says so."""
+    from ciss.store.files import disk_bytes
+
+    return store.staging_folder("export", needed=disk_bytes(store.step_dir(step) / source))
 
 
 def record_engine(report: ParityReport, fmt: str):

@@ -37,7 +37,7 @@ def export_onnx_step(store: Store, step: int, device: str = "cpu") -> ExportResu
     on_gpu = providers[0] == "CUDAExecutionProvider"
     model, card = store.load_model(step)
     sets = retention_sets(store, step)
-    tmp = staging_dir(store)
+    tmp = staging_dir(store, step)
     try:
         path = export_onnx(model, tmp / "model.onnx", card,
                            card.artifacts["weights.safetensors"])

@@ -87,7 +87,7 @@ def export_int8_step(store: Store, step: int) -> ExportResult:
 
     model, card = store.load_model(step)
     sets = retention_sets(store, step)
-    tmp = staging_dir(store)
+    tmp = staging_dir(store, step, "model.onnx")
     try:
         path = quantize(store.step_dir(step) / "model.onnx", tmp / "model.int8.onnx",
                         RetentionReader(sets), tmp)

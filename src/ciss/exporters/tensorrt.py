@@ -124,7 +124,7 @@ def export_tensorrt_step(store, step: int, precision: str = "fp16",
         store.verify(step, [name])
         return ExportResult("tensorrt", store.step_dir(step) / name, None, "cached plan reused")
     sets = retention_sets(store, step)
-    tmp = staging_dir(store)
+    tmp = staging_dir(store, step, "model.onnx")
     try:
         import time
 

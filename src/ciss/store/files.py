@@ -67,6 +67,19 @@ def is_no_space(exc: BaseException) -> bool:
         "No space left" in text or "StorageFull" in text or "code: 28" in text)
 
 
+_writing: list = [None, None]  # (path, bytes needed) of the big write under way, if any
+
+
+def writing(path: Path | None, needed: int | None = None) -> None:
+    """Note the big write under way (an export's staging): a full disk raised by code that
+    does not name its file (torch.onnx, ONNX Runtime) is then reported against it."""
+    _writing[:] = [path, needed]
+
+
+def current_write() -> tuple[Path | None, int | None]:
+    return _writing[0], _writing[1]
+
+
 def raise_if_no_space(exc: BaseException, path: Path, needed: int | None) -> None:
     """Re-raise a full-disk error as ``DiskFull`` naming ``path`` and the bytes needed."""
     if is_no_space(exc):

@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,6 +39,7 @@ from ciss.store.files import (  # noqa: F401 - re-exported: other modules import
     raise_if_no_space,
     sha256_file,
     sha256_tree,
+    writing,
 )
 from ciss.store.integrity import CARD, MANIFEST
 
@@ -134,17 +136,21 @@ class Store:
                     out.setdefault(s, f"needed by a running job ({info.describe()})")
         return out
 
-    def staging_folder(self, prefix: str) -> Path:
+    def staging_folder(self, prefix: str, needed: int | None = None) -> Path:
         """A fresh folder in ``.staging`` leased for this process's lifetime (an export's
-        scratch space); ``drop_staging`` removes it and its lease."""
+        scratch space); ``drop_staging`` removes it and its lease. ``needed``: about how
+        many bytes will be written there (what a full disk's message says)."""
         path = self.root / STAGING / f"{prefix}-{uuid.uuid4().hex[:8]}"
         path.mkdir(parents=True)
         leases.hold_for_process(self.root, path)
+        writing(path, needed)
         return path
 
     def drop_staging(self, path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
         leases.drop_process_lease(path)
+        if sys.exc_info()[0] is None:  # an error on its way up may still need the place
+            writing(None)
 
     # -- reading -----------------------------------------------------------------------------
     def card(self, step: int, *, verify: bool = True) -> StepCard:

@@ -34,9 +34,12 @@ def verify(store_path, repair, discard_work, quick, as_json) -> None:
     Example: ciss store verify            # read-only
              ciss store verify --repair   # then fix what is safe to fix
     """
+    from ciss.errors import CissError
     from ciss.store.verify import verify_store
 
     store = open_store(store_path)
+    if not store.root.is_dir():
+        raise CissError(f"{store.root}: no store here (--store or CISS_STORE)")
     report = verify_store(store, hashes=not quick, repair=repair, discard_work=discard_work)
     if as_json:
         click.echo(json.dumps(report.to_json()))

@@ -31,6 +31,12 @@ JOB_PREFIXES = ("train-", "add-", "import-")  # work folders of the job runner
 LEFTOVER_NOTE_BYTES = 50 * 2**20  # ``ciss prune`` and ``ciss steps`` mention more than this
 
 
+def _size(n: int) -> str:
+    if n < 2**10:
+        return f"{n} bytes"
+    return f"{n / 2**10:.0f} KB" if n < 2**20 else f"{n / 2**20:.1f} MB"
+
+
 @dataclass
 class Problem:
     """One finding. ``repair``: what ``--repair`` does about it ("" = nothing: a person must
@@ -44,9 +50,9 @@ class Problem:
     repaired: bool = False
 
     def line(self) -> str:
-        size = f" ({self.bytes / 2**20:.1f} MB)" if self.bytes else ""
+        size = f" ({_size(self.bytes)})" if self.bytes else ""
         fix = f"; --repair {self.repair}" if self.repair and not self.repaired else ""
-        done = f"; repaired: {self.repair}" if self.repaired else ""
+        done = "; repaired" if self.repaired else ""
         return f"{self.path}: {self.what}{size}{fix}{done}"
 
     def to_json(self) -> dict:

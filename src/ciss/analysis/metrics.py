@@ -8,15 +8,31 @@ import numpy as np
 import torch
 
 from ciss.data.classes import IGNORE_INDEX
+from ciss.errors import CissError
 
 
 def confusion_matrix(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray,
                      num_classes: int) -> np.ndarray:
-    """K x K matrix, rows = ground truth, columns = prediction; 255 targets are skipped."""
+    """K x K matrix, rows = ground truth, columns = prediction.
+
+    Target pixels outside 0..K-1 (255, the ignore label, and any id the scored class list does
+    not have) are skipped. A prediction outside 0..K-1 is refused: it means the model and the
+    class list it is scored against do not match, and counting it as some other class (as a
+    clamp would) would hide that behind a plausible score (docs/decisions.md).
+
+    Raises:
+        CissError: a prediction outside 0..K-1 on a scored pixel.
+    """
     pred = torch.as_tensor(pred).reshape(-1).long()
     target = torch.as_tensor(target).reshape(-1).long()
     keep = (target >= 0) & (target < num_classes) & (target != IGNORE_INDEX)
-    idx = num_classes * target[keep] + pred[keep].clamp_(0, num_classes - 1)
+    scored = pred[keep]
+    bad = (scored < 0) | (scored >= num_classes)
+    if bool(bad.any()):
+        raise CissError(f"{int(bad.sum())} scored pixels are predicted as class ids outside "
+                        f"0..{num_classes - 1} (e.g. {int(scored[bad][0])}): the model's "
+                        f"outputs and the {num_classes} classes scored do not match")
+    idx = num_classes * target[keep] + scored
     counts = torch.bincount(idx, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes).cpu().numpy().astype(np.int64)
 

@@ -83,13 +83,8 @@ def add_classes_cmd(store_path, data_dir, quiet, **options) -> None:
     # every option in one object, merged with the parent's family recipe once
     config = resolve_step("add-classes", StepOptions.of(
         {**options, "scale": parse_scale(options["scale"], None)}), store)
-    parent_card = store.card(store.resolve(config.update.parent))
-    parent_warnings = parent_card.extra.get("learning", {}).get("warnings", [])
-    if parent_warnings:
-        click.echo(f"warning: the parent step has classes it never learned "
-                   f"({', '.join(w['name'] for w in parent_warnings)}); their retention "
-                   "cannot be measured. Retrain it first if they matter.", err=True)
-    report = add_classes(store, data_dir, config=config, progress=not quiet)
+    report = add_classes(store, data_dir, config=config, progress=not quiet,
+                         warn=lambda line: click.echo(line, err=True))
     if report.rank != 0:  # under torchrun only rank 0 reports
         return
     if report.written_before:

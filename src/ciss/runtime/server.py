@@ -346,7 +346,7 @@ def create_app(config: ServeConfig):
                         "not_found")
 
     @app.post("/v1/segment")
-    async def segmentendpoint_label(request: Request, format: str = "png"):
+    async def segment_image(request: Request, format: str = "png"):
         if format not in ("png", "json"):
             raise HttpError(400, f"format={format!r}: choose png or json")
         ctype = _content_type(request)

@@ -76,14 +76,16 @@ def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodCo
                 update: UpdateConfig = UpdateConfig(), loop: LoopConfig = LoopConfig(),
                 data: DataConfig = DataConfig(scale=(1.0, 1.0)), val_dir: Path | None = None,
                 floor: float = DEFAULT_FLOOR, progress: bool = True,
-                after_epoch=None, config: StepConfig | None = None) -> StepReport:
+                after_epoch=None, config: StepConfig | None = None,
+                warn=None) -> StepReport:
     """Train a new step that adds ``data_dir``'s unknown classes to the parent step.
 
     ``config`` (``config.resolve_step("add-classes", ...)``) says everything; without it, the
     keyword arguments do. Names already known keep their ids and supervise normally; unknown
     names become new classes appended in the folder's order. Every other pixel is background,
     which may hide old classes: that is what the mib losses are for. A repeat of a request
-    whose step was written writes nothing (``StepReport.written_before``).
+    whose step was written writes nothing (``StepReport.written_before``). ``warn`` receives
+    a line before training when the parent has classes it never learned.
 
     Raises:
         CissError: bad data, unknown method or stage, missing or corrupt parent (nothing written).
@@ -95,7 +97,7 @@ def add_classes(store: Store, data_dir: Path, *, method: MethodConfig = MethodCo
         config = StepConfig(command="add-classes", loop=loop, data=data,
                             recipe=recipe_of(arch, "step"), floor=floor, method=method,
                             update=update, val_dir=val_dir)
-    return run_job(store, AddJob(store, data_dir, config), progress=progress,
+    return run_job(store, AddJob(store, data_dir, config, warn), progress=progress,
                    after_epoch=after_epoch)
 
 
@@ -118,7 +120,8 @@ class AddJob(StepJob):
 
     prefix = "add"
 
-    def __init__(self, store: Store, data_dir: Path, config: StepConfig) -> None:
+    def __init__(self, store: Store, data_dir: Path, config: StepConfig, warn=None) -> None:
+        self.warn = warn
         update, name = config.update, config.method.method
         row = method_row(name)  # an unknown name is refused before anything is read
         self.parent_step = store.resolve(update.parent)
@@ -154,6 +157,11 @@ class AddJob(StepJob):
         method, update, loop, data = cfg.method, cfg.update, cfg.loop, cfg.data
         row = method_row(method.method)
         teacher, parent = store.load_model(parent_step, device=str(device))
+        unlearned = parent.extra.get("learning", {}).get("warnings", [])
+        if unlearned and self.warn is not None and info.is_main:
+            self.warn(f"warning: the parent step has classes it never learned "
+                      f"({', '.join(w['name'] for w in unlearned)}); their retention cannot "
+                      "be measured. Retrain it first if they matter.")
         new = _new_classes(folder, parent, self.data_dir)
         classes = ClassList(tuple(parent.classes)).extended(new)
         if row.sigmoid_form:  # exact: the parent's predictions do not change (models.surgery)

@@ -142,3 +142,28 @@ def test_interrupted_add_classes_resumes_to_the_same_weights(base_store, split_d
     for (name, x), y in zip(wa.state_dict().items(), wb.state_dict().values()):
         assert torch.equal(x, y), name
     assert not list(stores[1].work_dir.glob("add-*"))  # spent once the step landed
+
+
+def test_add_classes_killed_just_after_the_commit(store_copy, split_dir):
+    """The real kill (SIGKILL at the store's failpoint past the rename): the rerun of the same
+    command says the step exists in one line, and the checkpoint it left is gone."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    cmd = [sys.executable, "-m", "ciss", "add-classes", "--store", str(store_copy), "--data",
+           str(split_dir / "step-1"), "--epochs", "2", "--batch-size", "8",
+           "--checkpoint-every", "0", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    killed = subprocess.run(cmd, env={**env, "CISS_FAILPOINT": "store.step.committed:kill"},
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    store = Store(store_copy)
+    assert store.steps() == [0, 1] and list(store.work_dir.glob("add-*"))  # the leftover
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == (f"step 1 was written at {store.card(1).created}; "
+                                    "nothing to do")
+    assert not list(store.work_dir.glob("add-*")) and store.steps() == [0, 1]

@@ -139,6 +139,9 @@ class AddJob(StepJob):
         self.pretuned: PretuneResult | None = None  # what the pre-tuning did
         self.trained: _Trained | None = None
 
+    def needs(self) -> list[int]:
+        return [self.parent_step]
+
     def fingerprint(self) -> str:
         # the folder only: the parent (when not named) and its memory are "the latest", which
         # the step this request writes becomes; the checkpoint's key names them exactly

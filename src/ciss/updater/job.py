@@ -16,12 +16,16 @@ the request, so the same command finds it again whatever happened to the store m
 - one whose checkpoint is of another key (the parent moved, the data changed): overwritten
   by the first new checkpoint;
 - one whose request already produced a step (killed after the commit, before the clean-up):
-  removed, and the command says ``step N was written at <time>; nothing to do``;
+  removed, and the command says ``step N was written at <time>; nothing to do`` (the card
+  names the request, written in the same rename as the step: ``store.step_for_work``);
+- one another live process works in: refused in one line (its lease, ``store.lease``; a dead
+  job's lease is free, so a rerun after a kill takes it over);
 - the checkpoint's own ``.old`` folder: ``updater.checkpoint``'s rule.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -100,6 +104,10 @@ class StepJob:
     def check(self, store: Store) -> None:
         """Refusals that need the store (e.g. a base step into a store that has steps)."""
 
+    def needs(self) -> list[int]:
+        """The stored steps the job reads while it runs (prune spares them meanwhile)."""
+        return []
+
     def agree(self, ctx: JobContext) -> None:
         """Under torchrun: refuse unless every rank holds the same inputs."""
 
@@ -119,13 +127,22 @@ def request_key(config: StepConfig, fingerprint: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def written_by(store: Store, request: str) -> StepCard | None:
-    """The step that ``request`` already wrote, if any."""
-    for step in reversed(store.steps()):
-        card = store.card(step)
-        if (card.config or {}).get("request") == request:
-            return card
-    return None
+def written_by(store: Store, work: Path) -> StepCard | None:
+    """The step the request of work folder ``work`` already wrote, if any (its card,
+    verified)."""
+    step = store.step_for_work(work.name)
+    return None if step is None else store.card(step)
+
+
+def _already(store: Store, work: Path) -> StepReport | None:
+    done = written_by(store, work)
+    if done is None:
+        return None
+    # killed after the commit and before the clean-up, or simply run twice: the step the
+    # user asked for exists; its checkpoint is spent
+    shutil.rmtree(work, ignore_errors=True)
+    return StepReport(step=done.step, card=done, scores=None, fit=FitResult(),
+                      written_before=done.created or "an unrecorded time")
 
 
 def _device_name(config: StepConfig) -> str:
@@ -154,29 +171,38 @@ def run_job(store: Store, job: StepJob, *, progress: bool = True,
     config = job.config
     request = request_key(config, job.fingerprint())
     work = store.work_dir / f"{job.prefix}-{request}"
-    done = written_by(store, request)
+    done = _already(store, work)
     if done is not None:
-        # killed after the commit and before the clean-up, or simply run twice: the step
-        # the user asked for exists; its checkpoint is spent
-        shutil.rmtree(work, ignore_errors=True)
-        return StepReport(step=done.step, card=done, scores=None, fit=FitResult(),
-                          written_before=done.created or "an unrecorded time")
+        return done
     job.check(store)
     device = torch_device(_device_name(config))
     if not job.trains:
-        return _finish(JobContext(store, config, work, DistInfo(), device, progress,
-                                  after_epoch), job, FitResult(), request, run_on_main)
+        with store.lease(work, steps=job.needs()) as lease:
+            done = _already(store, work)  # the same command may have finished meanwhile
+            if done is not None:
+                return done
+            return _finish(JobContext(store, config, work, DistInfo(), device, progress,
+                                      after_epoch), job, FitResult(), request, run_on_main,
+                           lease)
     with distributed(device) as (info, device):
         require_ranks_for_sync_bn(info, config.loop.sync_bn)
         check_shared_store(info, store.root, store.work_dir)
-        ctx = JobContext(store, config, work, info, device, progress, after_epoch)
-        job.agree(ctx)
-        fit = job.train(ctx)
-        return _finish(ctx, job, fit, request, run_on_main)
+        # rank 0 owns the work folder (it writes the checkpoints and the step): its lease
+        # tells a live job from a dead one's leftover, and keeps prune off the parent
+        held = (store.lease(work, steps=job.needs()) if info.is_main
+                else contextlib.nullcontext(None))
+        with held as lease:
+            done = None if info.enabled else _already(store, work)  # finished meanwhile?
+            if done is not None:
+                return done
+            ctx = JobContext(store, config, work, info, device, progress, after_epoch)
+            job.agree(ctx)
+            fit = job.train(ctx)
+            return _finish(ctx, job, fit, request, run_on_main, lease)
 
 
 def _finish(ctx: JobContext, job: StepJob, fit: FitResult, request: str,
-            run_on_main) -> StepReport:
+            run_on_main, lease) -> StepReport:
     """Rank 0 scores and writes the step; the work folder goes once the step has landed."""
     kept: list[Outcome] = []
 
@@ -186,7 +212,9 @@ def _finish(ctx: JobContext, job: StepJob, fit: FitResult, request: str,
         if out.run:
             out.card.extra["run"] = out.run
         kept.append(out)
-        return ctx.store.write_step(out.card, out.model, out.writers)
+        # the card names the work folder in the same rename as the step (store.write_step),
+        # so a rerun after a kill past this point finds the step instead of training again
+        return ctx.store.write_step(out.card, out.model, out.writers, work=lease or ctx.work)
 
     step = run_on_main(ctx.info, write)
     if ctx.info.is_main:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
+from ciss.analysis.metrics import harmonic_iou
 from ciss.cli import main
 from ciss.store import Store
 from ciss.updater.defaults import step_defaults
@@ -47,15 +49,29 @@ def test_benchmark_json_and_files(synthetic_dir, tmp_path):
     doc = json.loads(res.output)
     finals = {r["method"]: r for r in doc["final"]}
     assert set(finals) == {"ft", "mib", "mib+memory", "ft-control", "joint"}
+    # each row's hIoU is the harmonic mean of its old and new mIoU
     for r in finals.values():
-        assert 0 <= r["old"] <= 1 and 0 <= r["new"] <= 1 and r["hiou"] is not None
+        assert r["hiou"] == pytest.approx(harmonic_iou(r["old"], r["new"]))
+    # every incremental method starts from the one shared base step: the same step-0 row
+    base_rows = {r["method"]: (r["old"], r["all"], r["new"]) for r in doc["steps"]
+                 if r["step"] == 0 and r["method"] != "joint"}
+    assert len(set(base_rows.values())) == 1 and len(base_rows) == 4, base_rows
+    # and the table's numbers are the stored steps' own: scored again here, independently
+    from ciss.benchmark import score_step
+    from ciss.data.folder import open_folder
+    from ciss.data.scenarios import parse_scenario
+
+    source = open_folder(synthetic_dir)
+    base_ids = parse_scenario("15-5").steps(len(source.classes) - 1)[0]
+    for method in ("ft", "mib"):
+        old, new, all_, _ = score_step(Store(out / "stores" / method), 1, source, base_ids)
+        assert (old, new, all_) == pytest.approx(
+            (finals[method]["old"], finals[method]["new"], finals[method]["all"]))
     assert [r["step"] for r in doc["steps"] if r["method"] == "mib"] == [0, 1]
     for name in ("results.csv", "results.md", "results.json", "curves.png", "results.html"):
         assert (out / name).stat().st_size > 0
     assert "data:image/png;base64," in (out / "results.html").read_text()
     # only the +memory run replays: the base keeps 8 images, the plain mib step none
-    from ciss.store import Store
-
     assert Store(out / "stores" / "base").card(0).memory["images"] == 8
     assert Store(out / "stores" / "mib+memory").card(1).data["replayed_images"] == 8
     assert "replayed_images" not in Store(out / "stores" / "mib").card(1).data

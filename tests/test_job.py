@@ -167,3 +167,21 @@ def test_add_classes_killed_just_after_the_commit(store_copy, split_dir):
     assert again.stdout.strip() == (f"step 1 was written at {store.card(1).created}; "
                                     "nothing to do")
     assert not list(store.work_dir.glob("add-*")) and store.steps() == [0, 1]
+
+
+def test_import_rerun_after_its_step_was_written(split_dir, tmp_path):
+    from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+
+    torch.manual_seed(0)
+    tv = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=16)
+    torch.save(tv.state_dict(), tmp_path / "model.pth")
+    cmd = ("import", "--store", tmp_path / "s", "--arch", "lraspp_mobilenet_v3_large",
+           "--weights", tmp_path / "model.pth", "--classes", split_dir / "step-0" / "classes.txt",
+           "--data", split_dir / "step-0")
+    assert run(*cmd).exit_code == 0
+    res = run(*cmd)
+    card = Store(tmp_path / "s").card(0)
+    assert res.exit_code == 0 and res.output.strip() == (
+        f"step 0 was written at {card.created}; nothing to do")
+    assert card.config["command"] == "import" and card.config["source"]["weights"].endswith(
+        "model.pth")

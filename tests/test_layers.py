@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "src" / "ciss"
 LAYERS = {
-    "errors": 0, "tables": 0, "timing": 0, "progress": 0, "failpoints": 0,
+    "errors": 0, "tables": 0, "timing": 0, "progress": 0, "failpoints": 0, "hints": 0,
     "data": 1, "models": 1,
     "store": 2,
     "engines": 3,

@@ -78,6 +78,11 @@ def test_report_is_self_contained_and_names_every_step_and_class(history, tmp_pa
 def test_an_empty_store_is_a_clear_error(tmp_path):
     res = CliRunner().invoke(main, ["report", "--store", str(tmp_path / "none"), "--out",
                                     str(tmp_path / "r")])
+    assert res.exit_code == 2 and "no store at" in res.output  # and none is created
+    assert not (tmp_path / "none").exists()
+    (tmp_path / "empty").mkdir()
+    res = CliRunner().invoke(main, ["report", "--store", str(tmp_path / "empty"), "--out",
+                                    str(tmp_path / "r")])
     assert res.exit_code == 2 and "no steps yet" in res.output
 
 

@@ -266,6 +266,9 @@ def test_cli_serve_starts_answers_and_stops_gracefully(served, tmp_path):
 
     empty = tmp_path / "empty"
     res = CliRunner().invoke(main, ["serve", "--store", str(empty)])
+    assert res.exit_code == 2 and "no store at" in res.output and not empty.exists()
+    empty.mkdir()
+    res = CliRunner().invoke(main, ["serve", "--store", str(empty)])
     assert res.exit_code == 2 and "nothing deployed" in res.output
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ciss", "serve", "--store", str(served),

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ciss import hints
 from ciss.analysis.tolerances import GateThresholds
 from ciss.errors import CissError
 from ciss.tables import pct, table
@@ -158,7 +159,7 @@ def run_demo(out: Path, *, fast: bool = False, echo: Callable[[str], None] = pri
          f"{pct(old['mib'])}, ft {pct(old['ft'])} (base {pct(numbers['step0']['old'])})")
     echo(f"outputs in {out}: store/ (steps, engines, deployed.json), served-masks/ (PNG masks "
          "from the server), diagnosis-ft/ and diagnosis-mib/ (report.html), 15-5/ and data/")
-    echo(f"next: ciss steps --store {store.root}   or   ciss serve --store {store.root}")
+    echo(hints.DEMO_DONE(store=store.root))
     return numbers
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ciss import hints
 from ciss.analysis.tolerances import DEFAULT_FLOOR  # noqa: F401 - re-exported: the floor's home
 
 
@@ -35,13 +36,14 @@ class ClassWarning:
     train_share: float
     advice: str
 
-    def line(self) -> str:
-        """The one-line ``warning:`` message for the terminal."""
+    def line(self, advice: bool = True) -> str:
+        """The one-line ``warning:`` message for the terminal (``advice`` False: without the
+        advice, for commands that give it once for every class)."""
         what = ("never predicted" if self.predicted_pixels == 0 else
                 f"val IoU {100 * (self.iou or 0):.1f}")
         return (f"warning: class '{self.name}' was not learned ({what}; "
-                f"{self.train_pixels} training pixels, {100 * self.train_share:.2f} %): "
-                f"{self.advice}")
+                f"{self.train_pixels} training pixels, {100 * self.train_share:.2f} %)"
+                + (f": {self.advice}" if advice else ""))
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -58,17 +60,19 @@ def model_pixels(folder, stems: list[str], model_classes) -> np.ndarray:
     return out
 
 
-def _advice(share: float, still_rising: bool, loss: str | None) -> str:
+def _advice(share: float, still_rising: bool, loss: str | None, command: str) -> str:
+    """What to try, naming only options of ``command`` (train, add-classes or import)."""
+    if command == "import":  # nothing was trained: the model and the folder disagree
+        return hints.IMPORT_WEAK()
     if share < 0.002:
-        return ("very few labelled pixels: add images that show it, or use a larger "
-                "--crop-size so it is not cropped away")
+        return hints.FEW_PIXELS()
     if still_rising:
-        return "validation was still improving at the end: raise --iterations (e.g. 2x)"
+        return hints.STILL_RISING()
+    if share < 0.05 and command == "add-classes":
+        return hints.SMALL_CLASS_STEP()
     if loss in ("ce", None) and share < 0.05:
-        return ("a small class drowned by background: retry with --loss wce (class-weighted) "
-                "and check its masks with 'ciss data check'")
-    return ("check its masks with 'ciss data check' (wrong ids, missing pixels), then retry "
-            "with more --iterations")
+        return hints.SMALL_CLASS_TRAIN()
+    return hints.CHECK_MASKS()
 
 
 def still_rising(validation: list[dict[str, float]]) -> bool:
@@ -83,7 +87,8 @@ def still_rising(validation: list[dict[str, float]]) -> bool:
 def learning_warnings(names: list[str], ids: list[int], iou: list[float | None],
                       cm: np.ndarray, train_pixels: np.ndarray, *,
                       floor: float = DEFAULT_FLOOR, validation: list[dict] | None = None,
-                      loss: str | None = None) -> list[ClassWarning]:
+                      loss: str | None = None, command: str = "train"
+                      ) -> list[ClassWarning]:
     """Warnings for the classes ``ids`` that a step trained on and did not learn.
 
     Args:
@@ -95,6 +100,8 @@ def learning_warnings(names: list[str], ids: list[int], iou: list[float | None],
         floor: IoU points under which a class counts as not learned.
         validation: the training's validation points (to tell "cut short" from "stuck").
         loss: the base loss used (the advice depends on it).
+        command: the command that trained (train, add-classes, import): the advice names
+            only its options.
     """
     total = max(1, int(train_pixels.sum()))
     rising = still_rising(validation or [])
@@ -106,5 +113,5 @@ def learning_warnings(names: list[str], ids: list[int], iou: list[float | None],
             continue
         share = int(train_pixels[c]) / total
         out.append(ClassWarning(names[c], value, predicted, int(train_pixels[c]), share,
-                                _advice(share, rising, loss)))
+                                _advice(share, rising, loss, command)))
     return out

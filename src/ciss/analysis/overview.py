@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ciss.analysis.report import png_base64
+from ciss.analysis.tolerances import shown_reasons
 from ciss.errors import CissError
 from ciss.store import Store
 from ciss.store.retention import ancestors
@@ -131,8 +132,7 @@ def _event_row(e: dict, base: Path | None) -> str:
     step = e.get("step")
     detail = ""
     if kind in ("refused", "forced", "deployed"):
-        reasons = [r for r in e.get("reasons", []) if not r.startswith("note:")]
-        detail = "; ".join(reasons[:3])
+        detail = shown_reasons(e.get("reasons", []), step)
         if e.get("mean_old_drop") is not None:
             detail = f"mean old-class drop {e['mean_old_drop']:.1f} pts" + (
                 f"; {detail}" if detail else "")

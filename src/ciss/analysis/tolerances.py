@@ -25,3 +25,24 @@ class GateThresholds:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def retention_first(reasons: list[str]) -> list[str]:
+    """``reasons`` with retention failures (forgetting: what the gate exists to catch) first,
+    then learning failures ("new class X was not learned"), then notes; stable within each."""
+    def rank(reason: str) -> int:
+        return 2 if reason.startswith("note:") else 1 if reason.startswith("new class ") else 0
+
+    return sorted(reasons, key=rank)
+
+
+def shown_reasons(reasons: list[str], step: int, learning_shown: int = 2) -> str:
+    """The reasons of a refusal on one line: every retention failure (forgetting is what the
+    gate is for, so one is never cut off), then at most ``learning_shown`` learning ones."""
+    reasons = [r for r in retention_first(reasons) if not r.startswith("note:")]
+    kept = [r for r in reasons if not r.startswith("new class ")]
+    learning = [r for r in reasons if r.startswith("new class ")]
+    kept += learning[:learning_shown]
+    more = len(learning) - min(len(learning), learning_shown)
+    return "; ".join(kept) + (f"; and {more} more new class(es) not learned (see 'ciss check "
+                              f"--step {step}')" if more else "")

@@ -1,6 +1,14 @@
-"""The diagnosis in words: what forgot, where, and what to try."""
+"""The diagnosis in words: what forgot, where, and what to try.
+
+It agrees with the retention gate: a step the gate refuses for one old class is never called
+"little or no forgetting" because the mean hides it; every class over the gate's per-class
+limit is named, with where its pixels went.
+"""
 
 from __future__ import annotations
+
+from ciss import hints
+from ciss.analysis.tolerances import GateThresholds
 
 
 def _pct(v: float | None) -> str:
@@ -50,35 +58,63 @@ def _where(d, drop: float) -> tuple[str | None, str]:
                   f"{parts} points{cka_note}")
 
 
-def write_verdict(d) -> str:
-    """A few sentences from a :class:`~ciss.analysis.diagnose.Diagnosis`."""
+def over_limit(d, max_class_drop: float) -> list[tuple[str, float, float, float]]:
+    """(name, before, after, drop in points) of every old class whose IoU fell more than the
+    gate's per-class limit, worst first."""
+    out = []
+    for name, c in d.classes.items():
+        b, a = c.get("iou_before"), c.get("iou_after")
+        if b is not None and a is not None and 100 * (b - a) > max_class_drop:
+            out.append((name, b, a, 100 * (b - a)))
+    return sorted(out, key=lambda t: -t[3])
+
+
+def _class_sentence(d, worst: list[tuple[str, float, float, float]], limit: float) -> str:
+    parts = []
+    for name, b, a, drop in worst:
+        c = d.classes[name]
+        went = {k: c.get(k) or 0.0 for k in ("to_background", "to_new", "to_old")}
+        top = max(went, key=went.get)
+        where = {"to_background": "background", "to_new": "a new class",
+                 "to_old": "another old class"}[top]
+        parts.append(f"{name} {100 * b:.1f} -> {100 * a:.1f} ({-drop:+.1f}; "
+                     f"{_pct(went[top])} of its pixels now {where})")
+    return (f" Over the gate's per-class limit of {limit:g} points: " + "; ".join(parts)
+            + ".")
+
+
+def write_verdict(d, thresholds: GateThresholds = GateThresholds()) -> str:
+    """A few sentences from a :class:`~ciss.analysis.diagnose.Diagnosis`, judged with the
+    gate's ``thresholds`` (a class over the per-class limit is named whatever the mean)."""
     b, a = d.old_miou_before, d.old_miou_after
     if b is None or a is None:
         return "No old-class pixel was scored: nothing to say about forgetting."
     drop = 100 * (b - a)
     head = f"Old-class mIoU {100 * b:.1f} -> {100 * a:.1f} ({-drop:+.1f} points)."
-    if drop < 1.0:
+    worst = over_limit(d, thresholds.max_class_drop)
+    named = _class_sentence(d, worst, thresholds.max_class_drop) if worst else ""
+    if drop < 1.0 and not worst:
         return head + " Little or no forgetting on these images."
     kind, cause = _cause(d.lost)
-    best, where = _where(d, drop)
+    best, where = _where(d, max(drop, 1.0))
+    parent = d.against
     tips = []
     offset = d.bias["offset"]["new"]
     if kind in ("to_background", "mixed") and d.method != "mib":
-        tips.append("--method mib (its unbiased cross-entropy and distillation use what the "
-                    "old model knows about the background)")
+        tips.append(hints.TRY_MIB(parent=parent))
     if kind in ("to_background", "mixed") and d.method == "mib":
-        tips.append("a larger --kd-weight, or more epochs at a lower learning rate")
+        tips.append(hints.TRY_KD(parent=parent, kd=20))
     if kind in ("to_new", "mixed") and (offset.get("old_miou_gain") or 0) > 0.5:
         tips.append(f"calibrating: lowering new-class logits by {offset['best_offset']:g} "
                     f"recovers {offset['old_miou_gain']:.1f} old-class points for "
                     f"{offset['new_miou_cost'] or 0:.1f} new-class points")
     if kind in ("to_new", "mixed") and d.method != "mib":
-        tips.append("--method mib or --init mib against the new-class bias")
+        tips.append(hints.TRY_INIT(parent=parent))
     stages = list(d.cka)
     if best is not None and best not in stages[-2:]:
-        tips.append(f"freezing more of the network (--freeze {best})")
+        tips.append(hints.TRY_FREEZE(parent=parent, stage=best))
     lead = "Forgetting is" if kind == "mixed" else "Most forgetting is"
-    text = f"{head} {lead} {cause}; it is {where}."
+    text = f"{head}{named} {lead} {cause}; it is {where}."
     if tips:
         text += " Try " + "; or ".join(tips) + "."
     return text

@@ -26,8 +26,6 @@ def diagnose(store_path, step, against, data, out, max_images, device) -> None:
 
     Example: ciss diagnose --step 2 --out diag-step2
     """
-    from ciss.analysis.diagnose import diagnose as run
-    from ciss.analysis.report import write_report
     from ciss.errors import CissError
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -35,6 +33,10 @@ def diagnose(store_path, step, against, data, out, max_images, device) -> None:
     if max_images < 1:
         raise click.UsageError("--max-images must be at least 1")
     store = open_store(store_path)
+    step = store.resolve(step)  # cheap refusals before the heavy imports below
+    from ciss.analysis.diagnose import diagnose as run
+    from ciss.analysis.report import write_report
+
     result = run(store, step, against, data, max_images=max_images, device=device)
     html, js = write_report(result, out)
     store.record_event("diagnosed", step=result.step, against=result.against,

@@ -73,9 +73,15 @@ def data_option(required: bool = True, help: str = "Dataset folder (ciss or VOC 
                         required=required, help=help)
 
 
-def open_store(path: Path):
+def open_store(path: Path, create: bool = False):
+    """The store at ``path``. Only commands that write a first step (``create``) may find
+    none there: every other command refuses at once, before any heavy import, so a command
+    run in the wrong folder says so instead of creating a store or "run 'ciss train'"."""
+    from ciss.hints import NO_STORE
     from ciss.store import Store
 
+    if not create and not Path(path).is_dir():
+        raise CissError(NO_STORE(path=Path(path).resolve()))
     return Store(path)
 
 
@@ -154,10 +160,11 @@ def main() -> None:
     """
 
 
-def echo_warnings(warnings) -> None:
-    """One ``warning:`` line per class the step did not learn (on stderr and stdout alike)."""
+def echo_warnings(warnings, advice: bool = True) -> None:
+    """One ``warning:`` line per class the step did not learn (on stderr); ``advice`` False
+    leaves the per-class advice out (the command gives it once)."""
     for w in warnings:
-        click.echo(w.line(), err=True)
+        click.echo(w.line(advice), err=True)
 
 
 def memory_option(step: bool):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ciss import hints
 from ciss.cli.base import data_option, exif_option, main
 from ciss.tables import table
 
@@ -31,7 +32,7 @@ def data_synthetic(out: Path, size: int, n_train: int, n_val: int, seed: int) ->
 
     write_synthetic(out, SyntheticConfig(size=size, n_train=n_train, n_val=n_val, seed=seed))
     click.echo(f"wrote {n_train} train + {n_val} val images ({size}x{size}, 20 classes) to "
-               f"{out}\nnext: ciss data split --data {out} --scenario 15-5 --out {out}-15-5")
+               f"{out}\n{hints.DATA_SYNTHETIC(out=out)}")
 
 
 @data.command("split")
@@ -54,25 +55,40 @@ def data_split(data_dir: Path, scenario: str, setting: str, out: Path) -> None:
     click.echo(table(["step", "classes", "train", "val"],
                      [[s["dir"], len(s["classes"]), s["train"], s["val"]]
                       for s in meta["steps"]]))
-    click.echo(f"next: ciss train --data {steps[0]}")
+    click.echo(hints.DATA_SPLIT(step0=steps[0]))
+
+
+def _folder(positional: Path | None, data_dir: Path | None) -> Path:
+    """The folder given as ``--data DIR`` or, as before, as the bare argument."""
+    from ciss.errors import CissError
+
+    if positional is not None and data_dir is not None and positional != data_dir:
+        raise CissError(f"two folders: {positional} and --data {data_dir}; give one")
+    folder = data_dir or positional
+    if folder is None:
+        raise click.UsageError("give the folder: --data DIR")
+    return folder
 
 
 @data.command("check")
-@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("folder", type=click.Path(path_type=Path), required=False)
+@data_option(required=False, help="The dataset folder (any supported layout); the bare "
+                                  "folder as argument works too.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @exif_option
-def data_check(folder: Path, as_json: bool, exif) -> None:
+def data_check(folder: Path | None, data_dir: Path | None, as_json: bool, exif) -> None:
     """Read a dataset folder without training: the layout found (ciss, VOC, COCO, CVAT,
-    Roboflow, Cityscapes), classes, images per split, pixel share per class and every problem.
-    Exits 1 when there is a problem.
+    Roboflow, Cityscapes), classes, images per split, pixel share per class and every problem
+    (identical problems of many files on one line). Exits 1 when there is a problem.
 
-    Example: ciss data check exports/cvat-task-12
+    Example: ciss data check --data exports/cvat-task-12
     """
     import sys
     from dataclasses import asdict
 
     from ciss.data.inspect import check_folder
 
+    folder = _folder(folder, data_dir)
     report = check_folder(folder, exif)
     if as_json:
         click.echo(json.dumps(asdict(report)))
@@ -86,23 +102,25 @@ def data_check(folder: Path, as_json: bool, exif) -> None:
         for p in report.problems:
             click.echo(f"problem: {p}")
         click.echo(f"{len(report.problems)} problem(s)" if report.problems else
-                   f"no problems; next: ciss data convert {folder} --out FOLDER, or use it "
-                   "directly with --data")
+                   hints.DATA_OK(folder=folder))
     if report.problems:
         sys.exit(1)
 
 
 @data.command("convert")
-@click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.argument("folder", type=click.Path(path_type=Path), required=False)
+@data_option(required=False, help="The folder to convert (any supported layout); the bare "
+                                  "folder as argument works too.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="New folder for the ciss-layout copy.")
 @exif_option
-def data_convert(folder: Path, out: Path, exif) -> None:
+def data_convert(folder: Path | None, data_dir: Path | None, out: Path, exif) -> None:
     """Write any supported layout (VOC, COCO, CVAT, Roboflow, Cityscapes) in the ciss layout:
     classes.txt, images/, index masks/, train.txt, val.txt.
 
-    Example: ciss data convert exports/coco --out data/new-classes
+    Example: ciss data convert --data exports/coco --out data/new-classes
     """
     from ciss.data.inspect import convert_folder
 
-    dest = convert_folder(folder, out, exif)
-    click.echo(f"wrote {dest}\nnext: ciss add-classes --data {dest}")
+    dest = convert_folder(_folder(folder, data_dir), out, exif)
+    click.echo(f"wrote {dest}\n{hints.DATA_CONVERTED(dest=dest)}")

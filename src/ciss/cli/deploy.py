@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from ciss import hints
 from ciss.analysis.tolerances import GateThresholds
 from ciss.cli.base import ENGINE_CHOICE, device_option, main, open_store, store_option
 from ciss.tables import pct, table
@@ -51,12 +52,12 @@ def check(store_path, step, against, engine, thresholds, device, as_json) -> Non
 
     Example: ciss check --step 2 --engine onnx --json
     """
+    store = open_store(store_path)
+    target = store.resolve(step)  # cheap refusals before the heavy imports below
     from ciss.engines.load import serving_engine
     from ciss.runtime.deploy import ensure_engine
     from ciss.runtime.gate import run_gate
 
-    store = open_store(store_path)
-    target = store.resolve(step)
     engine = engine or serving_engine(store.card(target).artifacts, device)
     ensure_engine(store, target, engine)
     result = run_gate(store, target, against, engine, thresholds, device=device)
@@ -78,6 +79,8 @@ def check(store_path, step, against, engine, thresholds, device, as_json) -> Non
         for r in result.reasons:
             click.echo(f"  - {r}")
     if not result.passed:
+        if not as_json:  # --json: the document alone, for scripts
+            click.echo(hints.CHECK_FAILED(step=result.step))
         sys.exit(1)
 
 
@@ -95,17 +98,21 @@ def deploy(store_path, step, engine, force, thresholds, device) -> None:
 
     Example: ciss deploy --step 1 --engine onnx
     """
+    store = open_store(store_path)
+    target = store.resolve(step)  # cheap refusals before the heavy imports below
     from ciss.engines.load import serving_engine
     from ciss.runtime.deploy import deploy as do_deploy
 
-    store = open_store(store_path)
-    engine = engine or serving_engine(store.card(store.resolve(step)).artifacts, device)
-    res = do_deploy(store, step, engine, force, thresholds, device)
+    engine = engine or serving_engine(store.card(target).artifacts, device)
+    res = do_deploy(store, target, engine, force, thresholds, device)
     rec = res.record
     note = " (FORCED past a failing gate)" if rec["forced"] else ""
     click.echo(f"deployed step {rec['step']} on {rec['engine']}{note}; "
                f"history: {len(rec['history'])} earlier deployment(s)")
-    click.echo("next: ciss serve   (a running server hot-swaps to it)")
+    for r in res.gate.reasons:
+        if r.startswith("note: class "):  # a first step's weak classes: said, not refused
+            click.echo(f"warning: {r.removeprefix('note: ')}", err=True)
+    click.echo(hints.DEPLOYED_FORCED() if rec["forced"] else hints.DEPLOYED())
 
 
 @main.command()

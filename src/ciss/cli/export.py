@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ciss import hints
 from ciss.cli.base import ENGINE_CHOICE, main, open_store, store_option
 from ciss.tables import pct, table
 
@@ -36,9 +37,11 @@ def export(store_path, step, formats, out, triton_gpu, triton_device, trt_precis
 
     Example: ciss export --step 1 --format onnx --format int8
     """
+    store = open_store(store_path)
+    step = store.resolve(step)  # cheap refusals before the heavy imports below
     from ciss.exporters.export import export_step
 
-    results = export_step(open_store(store_path), step, list(formats), out,
+    results = export_step(store, step, list(formats), out,
                           triton_gpu=triton_gpu, triton_device=triton_device,
                           trt_precision=trt_precision, device=device)
     rows = []
@@ -64,12 +67,10 @@ def next_commands(results) -> str:
 
     made = {r.format for r in results}
     if "tensorrt" in made:
-        return "ciss check --engine tensorrt   then   ciss deploy --engine tensorrt"
+        return hints.EXPORT_TRT()
     if torch.cuda.is_available():
-        return ("ciss export --format tensorrt (needs pip install 'ciss[tensorrt]')   or   "
-                "ciss check   then   ciss deploy --engine onnx   (ONNX Runtime on the GPU "
-                "with 'pip install ciss[gpu]')")
-    return "ciss check   then   ciss deploy --engine onnx"
+        return hints.EXPORT_GPU()
+    return hints.EXPORT_CPU()
 
 
 @main.command()

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from ciss import hints
 from ciss.cli.base import (
     data_option,
     device_option,
@@ -65,7 +66,7 @@ def steps(store_path, as_json) -> None:
         click.echo(json.dumps([r.to_json() for r in rows]))
         return
     if not rows:
-        click.echo(f"{store_path}: no steps yet; next: ciss train --data DIR")
+        click.echo(f"{store_path}: no steps yet; {hints.NO_STEPS()}")
         return
     click.echo(table(["step", "parent", "method", "classes", "new", "old mIoU", "new mIoU",
                       "not learned", "state"],

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ciss import hints
 from ciss.cli.base import (
     data_option,
     device_option,
@@ -20,6 +21,8 @@ from ciss.cli.base import (
     store_option,
 )
 from ciss.tables import pct
+
+IMPORT_LOW_MIOU = 0.2  # a production model below this on its own classes was not imported right
 
 
 def preprocessing_options(f):
@@ -69,8 +72,8 @@ def train(store_path, data_dir, quiet, **options) -> None:
     config = resolve_step("train", StepOptions.of({**options,
                                                    "scale": parse_scale(options["scale"], None)}))
     arch = config.base.arch
-    report = train_base(open_store(store_path), data_dir, config=config, progress=not quiet,
-                        say=click.echo)
+    store = open_store(store_path, create=True)
+    report = train_base(store, data_dir, config=config, progress=not quiet, say=click.echo)
     if report.rank != 0:  # under torchrun only rank 0 reports
         return
     if report.written_before:
@@ -85,7 +88,7 @@ def train(store_path, data_dir, quiet, **options) -> None:
                   if report.fit.resumed_from is not None else ""))
     echo_warnings(report.warnings)
     echo_memory(report.card)
-    click.echo(f"next: ciss evaluate --data {data_dir}   or   ciss add-classes --data NEW_FOLDER")
+    click.echo(hints.AFTER_TRAIN(data=data_dir))
 
 
 @main.command("import")
@@ -128,7 +131,8 @@ def import_cmd(store_path, arch, weights, classes_file, data_dir, floor, mean, s
                                                 classes_file=classes_file, floor=floor,
                                                 exif=exif, device=device, mean=mean,
                                                 std=std))
-    report = import_model(open_store(store_path), data_dir, config=config, say=click.echo)
+    store = open_store(store_path, create=True)
+    report = import_model(store, data_dir, config=config, say=click.echo)
     if report.written_before:
         click.echo(report.nothing_to_do())
         return
@@ -137,8 +141,17 @@ def import_cmd(store_path, arch, weights, classes_file, data_dir, floor, mean, s
     click.echo(f"step {report.step}: imported {report.card.arch} ({len(ids)} classes) from "
                f"{report.card.extra['source']}; mIoU {pct(s.miou(ids))} on "
                f"{report.card.data['retention_images']} retention images")
-    echo_warnings(report.warnings)
-    click.echo("next: ciss add-classes --data NEW_FOLDER")
+    # an import trains nothing: its advice is about the import, given once, not per class
+    miou = s.miou(ids)
+    if miou is not None and miou < IMPORT_LOW_MIOU:
+        click.echo(hints.IMPORT_LOW(miou=pct(miou), data=data_dir), err=True)
+    if report.warnings:
+        click.echo(f"warning: {len(report.warnings)} of {len(ids)} classes score below "
+                   f"{floor:g} IoU points: {', '.join(w.name for w in report.warnings)}",
+                   err=True)
+        if miou is None or miou >= IMPORT_LOW_MIOU:
+            click.echo(f"warning: {hints.IMPORT_WEAK()}", err=True)
+    click.echo(hints.AFTER_IMPORT())
 
 
 @main.command()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ciss import hints
 from ciss.cli.base import (
     data_option,
     device_option,
@@ -99,7 +100,7 @@ def add_classes_cmd(store_path, data_dir, quiet, **options) -> None:
                   if card.extra.get("pretune") else ""))
     echo_warnings(report.warnings)
     echo_memory(card)
-    click.echo(f"next: ciss check --step {report.step}   then   ciss deploy --step {report.step}")
+    click.echo(hints.AFTER_STEP(step=report.step))
 
 
 @main.command()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from ciss.analysis.tolerances import GateThresholds
+from ciss.analysis.tolerances import GateThresholds, shown_reasons
 from ciss.data.transforms import SERVE_MAX_SIDE
 from ciss.errors import CheckFailed, CissError
 from ciss.failpoints import failpoint
+from ciss.hints import CHECK_FAILED, REFUSED
 from ciss.runtime.gate import GateResult, gate_fingerprint, run_gate, where_it_runs
 from ciss.store import Store
 
@@ -55,12 +56,8 @@ def deploy(store: Store, step: int | None = None, engine: str = "onnx", force: b
                    "reasons": gate.reasons, "by": "ciss deploy"}
         if not gate.passed and not force:
             store.record_event("refused", **summary)
-            shown = gate.reasons[:3]
-            more = len(gate.reasons) - len(shown)
-            raise CheckFailed(f"step {step} refused: " + "; ".join(shown)
-                              + (f"; and {more} more (see 'ciss check --step {step}')"
-                                 if more else "")
-                              + "; use --force to deploy anyway (it is recorded)")
+            raise CheckFailed(f"step {step} refused: " + shown_reasons(gate.reasons, step)
+                              + "; " + REFUSED() + "\n" + CHECK_FAILED(step=step))
         failpoint("deploy.gated", store.root)
         record = _point_at(store, step, engine, gate, fingerprint, force, summary)
     return DeployResult(record, gate)
@@ -87,7 +84,7 @@ def _point_at(store: Store, step: int, engine: str, gate: GateResult, fingerprin
         record = {"step": step, "engine": engine, "since": _now(), "forced": forced,
                   "gate": {"passed": gate.passed, "mean_old_drop": gate.mean_old_drop,
                            "reasons": gate.reasons, "fingerprint": fingerprint,
-                           "result": gate.to_json()},
+                           "result": gate.to_record()},
                   "history": history[-HISTORY:]}
         return store.move_pointer(record, "forced" if forced else "deployed", **summary)
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 from ciss.analysis.evaluate import predictor_for
 from ciss.analysis.scoring import score_retention
-from ciss.analysis.tolerances import GateThresholds
+from ciss.analysis.tolerances import GateThresholds, retention_first
 from ciss.data.classes import ClassList
 from ciss.data.transforms import SERVE_MAX_SIDE
 from ciss.engines.formats import has_artifact
@@ -37,7 +37,9 @@ class ClassDrop:
 
 @dataclass
 class GateResult:
-    """The ``--json`` contract of ``ciss check`` (IoU as fractions, drops in points)."""
+    """A gate's outcome. Drops are held in points (as the tolerances and messages say them);
+    :meth:`to_json`, the ``--json`` contract of ``ciss check`` (DESIGN §10), gives every
+    number as a fraction; :meth:`to_record` is what ``deployed.json`` keeps (points)."""
 
     passed: bool
     step: int
@@ -49,13 +51,25 @@ class GateResult:
 
     @classmethod
     def from_json(cls, doc: dict) -> GateResult:
-        """The inverse of :meth:`to_json` (a result recorded by ``deploy``)."""
+        """The inverse of :meth:`to_record` (a result recorded by ``deploy``)."""
         classes = [ClassDrop(**c) for c in doc.get("classes", [])]
         return cls(bool(doc["passed"]), int(doc["step"]), doc.get("against"), doc["engine"],
                    doc.get("mean_old_drop"), list(doc.get("reasons", [])), classes)
 
-    def to_json(self) -> dict:
+    def to_record(self) -> dict:
+        """Every field as held (drops in points): what ``deploy`` records."""
         return asdict(self)
+
+    def to_json(self) -> dict:
+        """The ``check --json`` document: IoU values and their drops as fractions."""
+        def frac(points: float | None) -> float | None:
+            return None if points is None else points / 100
+
+        doc = asdict(self)
+        doc["mean_old_drop"] = frac(self.mean_old_drop)
+        for c in doc["classes"]:
+            c["drop"], c["since_introduced"] = frac(c["drop"]), frac(c["since_introduced"])
+        return doc
 
 
 def where_it_runs(engine: str, device: str = "auto", providers: list[str] | None = None) -> str:
@@ -185,9 +199,13 @@ def run_gate(store: Store, step: int | None = None, against: int | None = None,
     after = score_retention(store, step, predict or serving_predictor(
         store, step, engine, max_side, device), classes_now)
     if against is None:
+        # A first step (trained, or an imported production model) has no parent: nothing to
+        # protect and nothing "new" to have learned. Its own scores are what later steps are
+        # gated against, so a weak class is said, not refused.
         result = GateResult(True, step, None, engine, None)
         result.classes = _learning_check(result, card, after, min_new_iou)
-        result.passed = not result.reasons
+        result.reasons = [f"note: {r.replace('new class ', 'class ', 1)} (a weak class of "
+                          "the first step: a warning, not a refusal)" for r in result.reasons]
         result.reasons.append("note: step has no parent: no old class to protect")
         return result
     parent = store.card(against)
@@ -196,7 +214,7 @@ def run_gate(store: Store, step: int | None = None, against: int | None = None,
     before = parent_scores(store, against, before_engine, max_side, device)
     introduced = _introduced(store, chain)
     result = GateResult(True, step, against, engine, None)
-    new_entries = _learning_check(result, card, after, min_new_iou)  # reasons before drops
+    new_entries = _learning_check(result, card, after, min_new_iou)
     drops = []
     for name in parent.classes[1:]:
         s = str(introduced.get(name, oldest))
@@ -217,6 +235,7 @@ def run_gate(store: Store, step: int | None = None, against: int | None = None,
         result.reasons.insert(0, f"mean old-class IoU dropped {result.mean_old_drop:.1f} points "
                                  f"(> {max_mean_drop:g})")
     result.passed = not result.reasons
+    result.reasons = retention_first(result.reasons)
     if before_engine != engine:
         result.reasons.append(f"note: step {against} has no {engine} engine; its scores come "
                               "from torch")

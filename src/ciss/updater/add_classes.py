@@ -290,7 +290,7 @@ def _outcome(job: AddJob, ctx: JobContext, trained: _Trained, result: FitResult)
     trained.warnings.extend(learning_warnings(
         list(classes.names), new_ids, own.iou, own.cm,
         model_pixels(folder, folder.train, classes),
-        floor=cfg.floor, validation=result.validation, loss=None))
+        floor=cfg.floor, validation=result.validation, loss=None, command="add-classes"))
     extra = {"history": result.history, "resumed_from": result.resumed_from,
              "device": str(device), "torch": torch.__version__, "world_size": info.world_size,
              "learning": {"floor": cfg.floor,

@@ -274,7 +274,7 @@ class ImportJob(StepJob):
         floor = self.config.floor
         warnings = learning_warnings(list(classes.names), known, scores.iou, scores.cm,
                                      model_pixels(folder, folder.train + folder.val, classes),
-                                     floor=floor)
+                                     floor=floor, command="import")
         card = StepCard(
             step=0, parent=None, classes=list(classes.names),
             new_classes=list(classes.objects), arch=model.arch, frozen=[], method="imported",

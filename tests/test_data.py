@@ -81,7 +81,8 @@ def test_ignore_value_is_allowed(tmp_path):
 def test_rgb_mask_refused(tmp_path):
     root = make_folder(tmp_path / "d", ["background", "a"])
     Image.new("RGB", (20, 16)).save(root / "masks" / "s0.png")
-    with pytest.raises(CissError, match=r"s0\.png: mask must be an 8-bit .* found mode RGB"):
+    with pytest.raises(CissError,
+                       match=r"s0\.png: mask is a colour image \(mode RGB\).*labelmap"):
         open_folder(root)
 
 

@@ -155,3 +155,34 @@ def test_a_first_step_with_a_weak_class_deploys_with_a_warning(story_copy):
     res = CliRunner().invoke(main, ["deploy", "--store", str(story_copy), "--step", "0",
                                     "--engine", "torch", "--min-new-iou", "100"])
     assert res.exit_code == 0 and "warning: class " in res.output
+
+
+# -- bad data: one line per cause, with the fix ----------------------------------------------
+def test_a_folder_of_rgb_masks_is_one_problem_that_names_the_fix(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import make_folder
+
+    root = make_folder(tmp_path / "rgb", ["background", "a", "b"], n=12)
+    for p in (root / "masks").iterdir():
+        Image.fromarray(np.zeros((16, 20, 3), np.uint8)).save(p)
+    res = CliRunner().invoke(main, ["data", "check", "--data", str(root)])
+    assert res.exit_code == 1
+    problems = [ln for ln in res.output.splitlines() if ln.startswith("problem:")]
+    assert len(problems) <= 3, res.output
+    assert "12 files" in problems[0] and "labelmap.txt" in problems[0]
+    assert "mode='L'" in problems[0]
+    res = CliRunner().invoke(main, ["data", "check", str(root)])  # the bare folder still works
+    assert res.exit_code == 1 and "12 files" in res.output
+
+
+def test_16_bit_masks_whose_values_fit_8_bits_are_read(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ciss.data.imageio import read_mask
+
+    mask = np.array([[0, 1], [5, 255]], np.uint16)
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    assert read_mask(tmp_path / "m.png").tolist() == [[0, 1], [5, 255]]

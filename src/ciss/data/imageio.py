@@ -111,12 +111,26 @@ def open_image(path: Path, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
 def read_mask(path: Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode an 8-bit single-channel or palette PNG mask to uint8 HxW (values = class ids)."""
     img = _open(path, str(path), max_pixels)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit index masks are common; they are exact whenever the values fit 8 bits
+        arr = np.asarray(img, dtype=np.int64)
+        if arr.size and arr.min() >= 0 and arr.max() <= 255:
+            return arr.astype(np.uint8)
+        raise CissError(f"{path}: 16-bit mask with values up to {int(arr.max())}; class ids "
+                        "must fit 8 bits (0..254, 255 = ignore)")
     if img.mode not in ("L", "P"):
-        raise CissError(
-            f"{path}: mask must be an 8-bit single-channel or palette PNG, found mode {img.mode}"
-        )
+        hint = (RGB_MASK_HINT if img.mode in ("RGB", "RGBA") else
+                "save it as an 8-bit index PNG")
+        raise CissError(f"{path}: mask is a colour image (mode {img.mode}), not an index "
+                        f"mask; {hint}")
     # Palette masks: the pixel value is the palette index, which is the class id (VOC style).
     return np.asarray(img, dtype=np.uint8)
+
+
+RGB_MASK_HINT = ("colour masks are read only in the CVAT layout (a labelmap.txt naming each "
+                 "class's colour beside SegmentationClass/); otherwise save each mask as an "
+                 "8-bit PNG whose pixel value is the class's line in classes.txt, e.g. "
+                 "Image.fromarray(ids.astype('uint8'), mode='L').save('mask.png')")
 
 
 def _mask_image(mask: np.ndarray, palette: list[int] | None) -> Image.Image:

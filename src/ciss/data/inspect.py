@@ -55,12 +55,33 @@ def check_folder(path: Path, exif: str | None = None) -> FolderReport:
     total = max(1, int(counts.sum()))
     report.pixel_share = {n: int(c) / total for n, c in zip(folder.classes.names, counts)}
     report.images_with = folder.class_counts(stems)
+    left_out = bool(report.problems)  # samples with problems were left out of the counts
+    report.problems = group_problems(report.problems)
+    if left_out:  # empty classes and splits would be knock-on problems of those
+        return report
     for name, n in report.images_with.items():
         if n == 0 and name != "background":
             report.problems.append(f"class '{name}' has no pixel in any image")
     if not folder.train:
         report.problems.append(f"{path}: the train split is empty")
     return report
+
+
+def group_problems(problems: list[str]) -> list[str]:
+    """One line per cause: problems that differ only in the file they name ("<file>: what")
+    become "N files: what (e.g. <first file>)"."""
+    groups: dict[str, list[str]] = {}
+    for p in problems:
+        where, sep, what = p.partition(": ")
+        key = what if sep else p
+        groups.setdefault(key, []).append(where if sep else "")
+    out = []
+    for what, files in groups.items():
+        if len(files) == 1:
+            out.append(f"{files[0]}: {what}" if files[0] else what)
+        else:
+            out.append(f"{len(files)} files: {what} (e.g. {files[0]})")
+    return out
 
 
 def convert_folder(path: Path, out: Path, exif: str | None = None) -> Path:

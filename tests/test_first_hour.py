@@ -186,3 +186,17 @@ def test_16_bit_masks_whose_values_fit_8_bits_are_read(tmp_path):
     mask = np.array([[0, 1], [5, 255]], np.uint16)
     Image.fromarray(mask).save(tmp_path / "m.png")
     assert read_mask(tmp_path / "m.png").tolist() == [[0, 1], [5, 255]]
+
+
+def test_serve_on_a_busy_port_is_one_line_and_exit_2(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = CliRunner().invoke(main, ["serve", "--store", str(fake_store(tmp_path / "s")),
+                                        "--port", str(port)])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().count("\n") == 0 and f"127.0.0.1:{port}" in res.output
+    assert "listening" not in res.output

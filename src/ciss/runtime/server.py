@@ -405,10 +405,32 @@ def serve(config: ServeConfig, sock=None, on_ready=None) -> None:
         sock: an already bound socket (instead of ``config.host``/``port``).
         on_ready: called with the app once it is loaded, before the port accepts connections.
     """
+    if sock is None:  # a busy port is one clear line, before any model is loaded
+        sock = _bind(config.host, config.port)
     app = create_app(config)
     if on_ready is not None:
         on_ready(app)
-    make_server(app, config).run(sockets=[sock] if sock is not None else None)
+    make_server(app, config).run(sockets=[sock])
+
+
+def _bind(host: str, port: int):
+    """A TCP socket bound to ``host:port`` (uvicorn listens on it).
+
+    Raises:
+        CissError: the port is taken or the address is not this host's.
+    """
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                         socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise CissError(f"cannot listen on {host}:{port}: {exc.strerror}; another server may "
+                        "be running there, choose another --port") from exc
+    return sock
 
 
 @contextmanager

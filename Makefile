@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ciss-installed
 DEMO_OUT ?= demo-out
 
-.PHONY: venv gpu demo test test-all test-slow lint bench clean
+.PHONY: venv gpu demo test test-all test-slow lint docs bench clean
 
 venv: $(STAMP)
 
@@ -42,5 +42,9 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks docs/examples
 
+# the documentation site into site/ (open site/index.html); the tests build it with --strict too
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache build src/*.egg-info
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache build site src/*.egg-info

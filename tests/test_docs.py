@@ -121,6 +121,11 @@ def test_the_option_check_catches_a_wrong_option():
     assert path == ["train"] and check_invocation(path, opts) is None
 
 
+def test_readme_is_short():
+    n = len((ROOT / "README.md").read_text().split())
+    assert n <= README_MAX_WORDS, f"README.md has {n} words (at most {README_MAX_WORDS})"
+
+
 def test_readme_links_resolve():
     # mkdocs checks the site; the README lives outside it, so its relative links are checked here
     text = (ROOT / "README.md").read_text()

@@ -176,7 +176,7 @@ def memory_option(step: bool):
         show_default=not step,
         help="Keep up to N class-balanced training images (with their masks) beside the step, "
              "replayed by the next add-classes: old training data is then no longer gone, "
-             "by your choice (see README, 'Memory')." + more)
+             "by your choice (docs/methods.md)." + more)
 
 
 def echo_memory(card) -> None:

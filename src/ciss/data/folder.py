@@ -209,7 +209,7 @@ def _open_ciss(root: Path, cache: bool, problems: list[str] | None = None,
     for required in ("classes.txt", "images", "masks"):
         if not (root / required).exists():
             raise CissError(f"{root / required}: missing (a dataset folder holds classes.txt, "
-                            "images/ and masks/; see README 'Dataset folders')")
+                            "images/ and masks/; see docs/data.md)")
     classes = ClassList.from_file(root / "classes.txt")
     images = _list_files(root / "images", IMAGE_SUFFIXES)
     masks = _list_files(root / "masks", (".png",))

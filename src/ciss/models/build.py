@@ -45,12 +45,14 @@ FAMILIES: dict[str, Family] = {
     "tiny": Family("tiny", TINY_BASE, TINY_STEP, "stem",
                    "measured: BENCHMARKS.md §2 (new classes need stage1+ to train)"),
     "torchvision": Family("torchvision", LIBRARY_BASE, PRETRAINED_STEP, "stage3",
-                          "seed paper: early ImageNet stages barely change (seed-paper.md)"),
+                          "Kalb & Beyerer, ACCV 2022: forgetting sits in the deep "
+                          "layers; early ImageNet stages barely change"),
     "smp": Family("smp", LIBRARY_BASE, PRETRAINED_STEP, "stage3",
                   "as torchvision's ResNets (same encoders); CPU check BENCHMARKS.md §10", "smp"),
     "segformer": Family("segformer", SEGFORMER_BASE, PRETRAINED_STEP, "stage3",
-                        "ciss-sota.md §1b/§6: generic transformer encoders need the least "
-                        "change; CPU check BENCHMARKS.md §10", "transformers"),
+                        "strong pretrained encoders forget least (linear probes after "
+                        "fine-tuning, Swin-B vs ResNet-101: DFT*, arXiv 2508.04267); "
+                        "CPU check BENCHMARKS.md §10", "transformers"),
 }
 
 

@@ -92,7 +92,7 @@ TINY_STEP = StepRecipe(iterations=630, lr=3e-3, pretune=1 / 3,
                               "pre-tuning 1/3 of the step: §11j")
 
 # Models with an encoder trained elsewhere (torchvision, SMP, Hugging Face; ImageNet or the
-# user's own training). The shape of the step follows DKD and STAR (ciss-sota.md §2): SGD,
+# user's own training). The shape of the step follows DKD and STAR (their VOC scripts): SGD,
 # backbone at a tenth of the head's rate, BatchNorm statistics frozen, poly decay. The head's
 # rate was measured (BENCHMARKS.md §10, tuned on a torchvision model trained by a plain SGD
 # loop, reported on SMP and SegFormer models it was not tuned on): within this budget the
@@ -103,7 +103,7 @@ PRETRAINED_STEP = StepRecipe(
     iterations=630, lr=1e-2, optimizer="sgd", encoder_lr=0.1, bn_stats="frozen",
     source="measured: BENCHMARKS.md §10 (head 1e-2, encoder x0.1); shape from DKD (Baek et "
            "al. 2022) and STAR (Chen et al. 2023): SGD, encoder at a tenth, BN frozen, poly "
-           "(ciss-sota.md §2; they use head 1e-3 over 30-60 epochs)")
+           "(their VOC scripts use head 1e-3 over 30-60 epochs)")
 # Base training of those families from a random or ImageNet init: AdamW as their libraries'
 # examples train them (SMP, transformers' SegFormer fine-tuning); not tuned here beyond the
 # budget, which keeps ``ciss train`` within CPU minutes on the synthetic data.

@@ -55,8 +55,9 @@ def command_lines(text: str) -> list[str]:
     return lines
 
 
-def invocations(line: str) -> list[tuple[list[str], list[str]]]:
-    """(command path, options) for each ``ciss`` (or ``-m ciss``) in one line."""
+def invocations(line: str) -> list[tuple[list[str], list[tuple[str, str]]]]:
+    """(command path, [(option, the word after it)]) for each ``ciss`` (or ``-m ciss``) in one
+    line."""
     toks = [t.strip("[]") for t in words(line)]
     out = []
     for i, tok in enumerate(toks):
@@ -70,11 +71,16 @@ def invocations(line: str) -> list[tuple[list[str], list[str]]]:
             path.append(toks[j])
             j += 1
         opts = []
-        for t in toks[j:]:
+        rest = toks[j:]
+        for k, t in enumerate(rest):
             if t in STOP or t == "ciss":
                 break
             if t.startswith("--") and len(t) > 2:
-                opts.append(t.split("=", 1)[0])
+                name, eq, value = t.partition("=")
+                if not eq:
+                    value = rest[k + 1] if k + 1 < len(rest) else ""
+                    value = "" if value in STOP or value.startswith("-") else value
+                opts.append((name, value))
         nxt = toks[j] if j < len(toks) else ""
         at_start = i == 0 or toks[i - 1] in STOP or toks[i - 1] in ("-m", "$")
         if isinstance(cmd, click.Group) and re.fullmatch(r"[a-z][a-z-]+", nxt):
@@ -85,16 +91,24 @@ def invocations(line: str) -> list[tuple[list[str], list[str]]]:
     return out
 
 
-def check_invocation(path: list[str], opts: list[str]) -> str | None:
+def check_invocation(path: list[str], opts: list[tuple[str, str]]) -> str | None:
+    """Why the command, an option or a literal choice value does not exist, or None."""
     cmd: click.Command = main
     for word in path:
         if not isinstance(cmd, click.Group) or word not in cmd.commands:
             return f"no command 'ciss {' '.join(path)}'"
         cmd = cmd.commands[word]
-    known = {"--help"} | {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
-    bad = [o for o in opts if o not in known]
+    params = {o: p for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+    bad = [o for o, _ in opts if o not in params and o != "--help"]
     if bad:
         return f"'ciss {' '.join(path)}' has no option {', '.join(bad)}"
+    for o, value in opts:
+        p = params.get(o)
+        # a literal value of a choice (placeholders such as NAME or DIR are upper case)
+        if (p is not None and isinstance(p.type, click.Choice) and not getattr(p, "is_flag", 0)
+                and re.fullmatch(r"[a-z0-9][a-z0-9_.+-]*", value)
+                and value not in p.type.choices):
+            return f"'ciss {' '.join(path)} {o}' takes {'|'.join(p.type.choices)}, not {value}"
     return None
 
 
@@ -114,12 +128,16 @@ def test_every_documented_option_exists():
 def test_the_option_check_catches_a_wrong_option():
     # the README once named --parent where add-classes takes --from
     (path, opts), = invocations("ciss add-classes --data new/ --parent 2  # a comment --x")
-    assert path == ["add-classes"] and opts == ["--data", "--parent"]
+    assert path == ["add-classes"] and opts == [("--data", "new/"), ("--parent", "2")]
     assert "no option --parent" in check_invocation(path, opts)
     (path, opts), = invocations("ciss data chek DIR")
     assert "no command 'ciss data chek'" in check_invocation(path, opts)
     (path, opts), = invocations("torchrun --nproc_per_node=2 -m ciss train --data d | tee --x")
     assert path == ["train"] and check_invocation(path, opts) is None
+    (path, opts), = invocations("ciss check --engine onxx --step N")
+    assert "takes torch|onnx" in check_invocation(path, opts)
+    (path, opts), = invocations("ciss add-classes --method=NAME --exif ignore")
+    assert check_invocation(path, opts) is None
 
 
 def test_readme_is_short():

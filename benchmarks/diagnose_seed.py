@@ -2,7 +2,8 @@
 
 Usage: python benchmarks/diagnose_seed.py --store DEMO/store --split DEMO/15-5 [--out FILE]
 
-Takes a demo store (step 0 base, 1 mib, 2 ft, early stages frozen), adds ft and mib steps with
+Takes a store with a step 0 (the demo's also holds 1 mib, 2 ft, early stages frozen; any step
+after 0 is diagnosed too, named by its method and freeze point), adds ft and mib steps with
 ``--freeze none`` from step 0 (so early stages are free to drift), and diagnoses all four:
 where the lost old-class pixels went, per-stage CKA (parent vs child) and stage transplant.
 """
@@ -32,7 +33,9 @@ def main() -> None:
     root = Path(tempfile.mkdtemp()) / "store"
     shutil.copytree(args.store, root)
     store = Store(root)
-    runs = {(store.card(s).method, "stage4"): s for s in store.steps() if s > 0}
+    # the steps already in the store, named by method and the stage they froze up to
+    runs = {(store.card(s).method, (store.card(s).frozen or ["none"])[-1]): s
+            for s in store.steps() if s > 0}
     for method in ("ft", "mib"):
         config = resolve_step("add-classes", StepOptions(method=method, parent=0,
                                                          freeze="none"), store)

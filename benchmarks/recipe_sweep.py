@@ -6,7 +6,8 @@ Usage:
       default wce,loss=wce long,iterations=8000 [--add]
 
 A run is NAME[,key=value...]; keys: iterations, epochs, lr, loss, scale (MIN:MAX), evals,
-batch, warmup, crop, arch, and for --add: step_iterations, step_lr, method, freeze.
+batch, warmup, crop, arch, weights (e.g. imagenet), and for --add: step_iterations,
+step_lr, method, freeze.
 Prints one JSON line per run (old/new mIoU on the full-label val split, seconds).
 """
 
@@ -39,7 +40,7 @@ def base_config(kw: dict[str, str]) -> StepConfig:
     command-line option sets (evals, warmup)."""
     scale = tuple(float(v) for v in kw["scale"].split(":")) if "scale" in kw else None
     config = resolve_step("train", StepOptions(
-        arch=kw.get("arch", "tiny"),
+        arch=kw.get("arch", "tiny"), weights=kw.get("weights"),
         iterations=int(kw["iterations"]) if "iterations" in kw else None,
         epochs=int(kw["epochs"]) if "epochs" in kw else None,
         lr=float(kw["lr"]) if "lr" in kw else None, batch_size=int(kw.get("batch", 16)),

@@ -68,6 +68,11 @@ from ciss.updater.method_table import BENCHMARK_METHODS, METHODS
                    "recipes': tiny 1/3, families trained elsewhere none); 0 = off. Measured "
                    "on tiny 10-1: new classes 0.60x joint's instead of 0.52x, a step 1.23x "
                    "mib's time (BENCHMARKS.md §11j). Not for dkd (sigmoid form).")
+@click.option("--new-class-ok", "new_class_ok", multiple=True, metavar="NAME",
+              help="Take the folder's class NAME as a new class although its name is one or "
+                   "two letters from a known class's (without it, such a name is refused as a "
+                   "likely typo). Names equal but for case, spaces, '-' and '_' are always "
+                   "the known class. Repeatable.")
 @memory_option(step=True)
 @loop_options
 def add_classes_cmd(store_path, data_dir, quiet, **options) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,3 +83,81 @@ def validate_names(names: list[str] | tuple[str, ...]) -> list[str]:
             problems.append(f"duplicate class name '{name}' on lines {seen[name] + 1} and {i + 1}")
         seen.setdefault(name, i)
     return problems
+
+
+def normalise_name(name: str) -> str:
+    """A class name as people mean it: case, spaces, ``-`` and ``_`` do not tell classes apart
+    (``Checker Disc``, ``checker_disc`` and ``checker-disc`` are one class)."""
+    return re.sub(r"[\s_-]+", "-", name.strip().lower()).strip("-")
+
+
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions)."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def near_miss(name: str, known: str) -> bool:
+    """Whether ``name`` looks like a typo of ``known`` (normalised): one edit apart, or two
+    when both are 10 characters or longer. Distinct classes of one family (``dots-ring`` and
+    ``dots-star``) are further apart than that."""
+    a, b = normalise_name(name), normalise_name(known)
+    limit = 2 if min(len(a), len(b)) >= 10 else 1
+    return min(len(a), len(b)) >= 4 and _edits(a, b) <= limit
+
+
+@dataclass(frozen=True)
+class NameMatch:
+    """How a folder's class names meet the classes a step knows.
+
+    Attributes:
+        renames: folder name -> the known class it is (same name after ``normalise_name``).
+        new: names that are new classes, in the folder's order.
+    """
+
+    renames: dict[str, str]
+    new: tuple[str, ...]
+
+    def notes(self) -> list[str]:
+        """One line per folder name taken as a known class."""
+        return [f"class '{a}' is the known class '{b}' (names match ignoring case, spaces, "
+                "'-' and '_')" for a, b in self.renames.items()]
+
+
+def match_names(names: tuple[str, ...] | list[str], known: tuple[str, ...] | list[str], *,
+                new_ok: tuple[str, ...] | list[str] = (), where: str = "the folder",
+                flag: str = "--new-class-ok") -> NameMatch:
+    """Match a folder's object class names to ``known`` ones.
+
+    An exact match, or a match after ``normalise_name``, is the known class; a name that is a
+    near miss of a known one (``near_miss``) is refused unless it is in ``new_ok``; the rest
+    are new classes.
+
+    Raises:
+        CissError: a near miss, naming the known class and ``flag``; or two folder names that
+            are one known class.
+    """
+    by_norm = {normalise_name(k): k for k in known}
+    renames: dict[str, str] = {}
+    new: list[str] = []
+    for name in names:
+        if name in known:
+            continue
+        same = by_norm.get(normalise_name(name))
+        if same is not None:
+            if same in names or same in renames.values():
+                raise CissError(f"{where}: classes '{name}' and '{same}' are one class (names "
+                                "match ignoring case, spaces, '-' and '_'); merge them")
+            renames[name] = same
+            continue
+        close = [k for k in known if k != BACKGROUND and near_miss(name, k)]
+        if close and name not in new_ok:
+            raise CissError(f"{where}: class '{name}' is not known but is close to the known "
+                            f"'{close[0]}'; rename it to '{close[0]}' if it is that class, or "
+                            f"pass {flag} '{name}' if it is a new one")
+        new.append(name)
+    return NameMatch(renames, tuple(new))

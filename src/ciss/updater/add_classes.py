@@ -17,7 +17,7 @@ from ciss.analysis.learning import (
     model_pixels,
 )
 from ciss.analysis.scoring import FolderScores, score_folder, score_retention, torch_predictor
-from ciss.data.classes import ClassList
+from ciss.data.classes import ClassList, match_names
 from ciss.data.dataset import JoinedDataset, SegmentationDataset, label_lut
 from ciss.data.folder import DatasetFolder, open_folder
 from ciss.data.transforms import TrainTransform, auto_crop_size
@@ -129,6 +129,16 @@ class AddJob(StepJob):
         self.pretune = pretune_share(update, name, parent.arch)
         self.folder = open_folder(data_dir, exif=config.data.exif, shard=env_shard())
         self.data_dir = Path(data_dir)
+        # names people mean as one class are one class: 'Checker-Disc' is the known
+        # 'checker-disc', and a near miss of a known name is refused (a likely typo) before
+        # it can become a class the store keeps for good
+        match = match_names(self.folder.classes.objects, parent.classes,
+                            new_ok=update.new_class_ok, where=str(self.data_dir))
+        if match.renames:
+            self.folder.classes = ClassList(tuple(match.renames.get(n, n)
+                                                  for n in self.folder.classes.names))
+            for line in match.notes() if warn is not None else []:
+                warn(line)
         self.memory = memory_budget(update.memory, parent)  # the budget this step keeps
         # the configuration as it runs: the method row's init, the family's stage, the
         # parent's memory budget, the pre-tuning share; the card stores this

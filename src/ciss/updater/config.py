@@ -67,6 +67,8 @@ class UpdateConfig:
         pretune: share of the step's budget spent first on NeST's classifier pre-tuning
             (``updater.pretune``); None: the family recipe's share for methods whose row
             asks for it, else none; 0: none.
+        new_class_ok: folder class names to take as new even though they are a near miss of
+            a known class's name (``data.classes.match_names``).
     """
 
     parent: int | None = None
@@ -77,6 +79,7 @@ class UpdateConfig:
     memory: int | None = None
     fuse: bool = False
     pretune: float | None = None
+    new_class_ok: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,7 @@ class StepOptions:
     cache_trunk_mb: int = 1024
     fuse: bool = False
     pretune: float | None = None
+    new_class_ok: tuple[str, ...] = ()
     val_dir: Path | None = None
 
     @classmethod
@@ -295,7 +299,7 @@ def resolve_step(command: str, options: StepOptions = StepOptions(), store=None)
                           init=o.init or row.init,
                           cache_trunk_mb=o.cache_trunk_mb, bn_stats=o.bn_stats or d.bn_stats,
                           memory=memory_budget(o.memory, parent), fuse=o.fuse,
-                          pretune=o.pretune)
+                          pretune=o.pretune, new_class_ok=tuple(o.new_class_ok))
     if update.bn_stats not in BN_STATS:
         raise CissError(f"--bn-stats {update.bn_stats}: choose from {', '.join(BN_STATS)}")
     update = replace(update, pretune=pretune_share(update, o.method, parent.arch))

@@ -376,6 +376,33 @@ def test_an_edited_card_is_refused_by_check_deploy_and_serve_in_one_line(story, 
     assert slot.refresh(force=True).step == 1  # same deployed.json, looked at again
 
 
+def test_the_server_keeps_serving_when_its_event_log_cannot_be_written(story, tmp_path,
+                                                                      monkeypatch):
+    """A full disk under the store: the server's own writes (the refusal event) fail, the
+    refusal is still answered and the current step is still served (#29 item 5)."""
+    import errno
+
+    from ciss.runtime.deploy import deploy
+    from ciss.runtime.metrics import ServerMetrics
+    from ciss.runtime.slot import ModelSlot, SwapPolicy
+
+    root = tmp_path / "s"
+    shutil.copytree(story, root)
+    store = Store(root)
+    deploy(store, 0, "torch", force=True)
+    slot = ModelSlot(store, SwapPolicy(), ServerMetrics.create())
+    assert slot.start().step == 0
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(slot.store, "record_event", full)
+    (root / "deployed.json").write_text(json.dumps({"step": 99, "engine": "torch"}))
+    outcome = slot.refresh()
+    assert outcome.outcome == "refused"
+    assert slot.current.step == 0  # still serving
+
+
 def test_a_raw_full_disk_error_anywhere_is_one_line_and_exit_2(tiny):
     """CissGroup maps an ENOSPC no writer converted (here: injected before rollback's
     pointer write) to the same one line; the pointer stays where it was."""

@@ -173,12 +173,32 @@ def test_predict_writes_masks_at_input_size(store_copy, tmp_path):
     assert res.exit_code == 2 and "bad.png: not a readable image" in res.output
 
 
-def test_predict_onnx_needs_export(store_copy, tmp_path):
-    img = tmp_path / "x.png"
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
-    res = CliRunner().invoke(main, ["predict", "--store", str(store_copy), "--out",
-                                    str(tmp_path / "o"), str(img)])
-    assert res.exit_code == 2 and "ciss export --step 0 --format onnx" in res.output
+def test_predict_defaults_to_the_deployed_step_exports_on_demand_and_reads_folders(
+        store_copy, tmp_path):
+    """#30: predict used the latest step whatever was deployed, said neither step nor engine,
+    failed without model.onnx, and took no folder (and created --out anyway)."""
+    from ciss.runtime.deploy import deploy
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("x.png", "y.jpg"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photos / name)
+    (photos / "notes.txt").write_text("not an image")
+    cmd = ["predict", "--store", str(store_copy), "--device", "cpu"]
+    res = CliRunner().invoke(main, [*cmd, "--out", str(tmp_path / "o"), str(photos)])
+    assert res.exit_code == 0, res.output
+    assert "with step 0 (latest; nothing is deployed), engine onnx" in res.output
+    assert "device cpu" in res.output
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["x.png", "y.png"]
+    assert "model.onnx" in Store(store_copy).card(0).artifacts  # exported on demand
+    deploy(Store(store_copy), 0, "torch", force=True)
+    res = CliRunner().invoke(main, [*cmd, "--out", str(tmp_path / "o2"), str(photos / "x.png")])
+    assert res.exit_code == 0 and "with step 0 (deployed), engine torch" in res.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = CliRunner().invoke(main, [*cmd, "--out", str(tmp_path / "o3"), str(empty)])
+    assert res.exit_code == 2 and "empty: no image in this folder" in res.output
+    assert not (tmp_path / "o3").exists()
 
 
 def test_formats_table_drives_choices():

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ciss import hints
-from ciss.cli.base import ENGINE_CHOICE, main, open_store, store_option
+from ciss.cli.base import ENGINE_CHOICE, device_option, main, open_store, store_option
 from ciss.tables import pct, table
 
 
@@ -77,24 +77,70 @@ def next_commands(results) -> str:
 @store_option
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="Folder for the <stem>.png masks.")
-@click.option("--step", type=int, default=None, help="Step number (default: latest).")
-@click.option("--engine", type=ENGINE_CHOICE, default="onnx", show_default=True)
-def predict(store_path, images, out, step, engine) -> None:
-    """Segment images: one palette PNG per image, pixel value = class id, same size.
+              help="Folder for the <stem>.png masks (created when every input is readable).")
+@click.option("--step", type=int, default=None,
+              help="Step number (default: the deployed step; the latest when none is).")
+@click.option("--engine", type=ENGINE_CHOICE, default=None,
+              help="Engine (default: the deployed one for the deployed step, else the one "
+                   "that serves on this host); exported first when the step lacks it.")
+@device_option
+def predict(store_path, images, out, step, engine, device) -> None:
+    """Segment images or folders of images: one palette PNG per image, pixel value = class
+    id, same size.
 
-    Example: ciss predict photo.jpg --out masks/
+    Example: ciss predict photos/ --out masks/
     """
+    store = open_store(store_path)
+    deployed = store.deployed()
+    if step is None and deployed is not None:
+        step, engine = deployed["step"], engine or deployed["engine"]
+        which = f"step {step} (deployed)"
+    elif step is None:
+        step = store.resolve(None)
+        which = f"step {step} (latest; nothing is deployed)"
+    else:
+        step = store.resolve(step)
+        which = f"step {step}"
+    paths = _image_paths(images)  # every input checked before anything is written
     from ciss.data.imageio import read_image, write_mask
-    from ciss.runtime.loading import load_segmenter
+    from ciss.engines.load import load_engine, ort_providers, serving_engine
+    from ciss.runtime.deploy import ensure_engine
+    from ciss.runtime.segmenter import Segmenter
 
-    seg = load_segmenter(open_store(store_path), step, engine)
-    out.mkdir(parents=True, exist_ok=True)
-    stems = [p.stem for p in images]
-    if len(set(stems)) != len(stems):
-        raise click.UsageError("two images share a file stem; their masks would collide")
-    for path in images:
+    engine = engine or serving_engine(store.card(step).artifacts, device)
+    ensure_engine(store, step, engine)
+    store.require_signed(step)
+    seg = Segmenter(load_engine(store, step, engine, ort_providers(device), device=device),
+                    store.card(step).classes)
+    for path in paths:
         labels = seg.segment(read_image(path))
+        out.mkdir(parents=True, exist_ok=True)  # only once an image was read
         write_mask(out / f"{path.stem}.png", labels)
-    click.echo(f"wrote {len(images)} masks to {out} ({seg.engine.describe()}, "
-               f"{len(seg.classes)} classes)")
+    click.echo(f"wrote {len(paths)} masks to {out} with {which}, engine {engine} "
+               f"({seg.engine.describe()}, device {device}), {len(seg.classes)} classes")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _image_paths(inputs) -> list[Path]:
+    """Files as given, folders as the images directly in them (sorted); refused before
+    anything is written: a missing path, an empty folder, two images with one stem."""
+    paths: list[Path] = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise click.UsageError(f"{p}: no image in this folder "
+                                       f"({', '.join(IMAGE_SUFFIXES)})")
+            paths += found
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise click.UsageError(f"{p}: no such file or folder")
+    stems = [p.stem for p in paths]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise click.UsageError(f"images share a file stem ({', '.join(dup[:3])}); their masks "
+                               "would collide")
+    return paths

@@ -203,3 +203,19 @@ def test_predict_defaults_to_the_deployed_step_exports_on_demand_and_reads_folde
 
 def test_formats_table_drives_choices():
     assert set(FORMATS) == {"onnx", "int8", "tensorrt", "triton"}
+
+
+def test_evaluate_defaults_to_the_deployed_step_and_engine(store_copy, split_dir):
+    """#30: evaluate scored the latest step on torch whatever was deployed, unsaid."""
+    from ciss.runtime.deploy import deploy
+
+    cmd = ["evaluate", "--store", str(store_copy), "--data", str(split_dir / "step-0"),
+           "--device", "cpu"]
+    res = CliRunner().invoke(main, cmd)
+    assert res.exit_code == 0, res.output
+    assert "step 0 (latest; nothing is deployed) on" in res.output
+    assert "(engine torch, device cpu)" in res.output
+    deploy(Store(store_copy), 0, "onnx", force=True)
+    res = CliRunner().invoke(main, cmd)
+    assert res.exit_code == 0, res.output
+    assert "step 0 (deployed) on" in res.output and "(engine onnx, device cpu)" in res.output

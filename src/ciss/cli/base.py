@@ -187,3 +187,18 @@ def echo_memory(card) -> None:
                    f"{m['kept_from_parent']} from the parent's, {m['from_this_step']} new)"
                    + (f"; {card.data['replayed_images']} replayed in training"
                       if card.data.get("replayed_images") else ""))
+
+
+def pick_step(store, step: int | None, engine: str | None) -> tuple[int, str | None, str]:
+    """The step a command that serves predictions uses, its engine, and how to say which.
+
+    ``step`` None: the deployed step with its deployed engine (unless ``engine`` is given), or
+    the latest step when nothing is deployed; the engine stays None for the caller's default.
+    """
+    deployed = store.deployed()
+    if step is None and deployed is not None:
+        return deployed["step"], engine or deployed["engine"], f"step {deployed['step']} (deployed)"
+    if step is None:
+        step = store.resolve(None)
+        return step, engine, f"step {step} (latest; nothing is deployed)"
+    return store.resolve(step), engine, f"step {store.resolve(step)}"

@@ -7,7 +7,14 @@ from pathlib import Path
 import click
 
 from ciss import hints
-from ciss.cli.base import ENGINE_CHOICE, device_option, main, open_store, store_option
+from ciss.cli.base import (
+    ENGINE_CHOICE,
+    device_option,
+    main,
+    open_store,
+    pick_step,
+    store_option,
+)
 from ciss.tables import pct, table
 
 
@@ -91,16 +98,7 @@ def predict(store_path, images, out, step, engine, device) -> None:
     Example: ciss predict photos/ --out masks/
     """
     store = open_store(store_path)
-    deployed = store.deployed()
-    if step is None and deployed is not None:
-        step, engine = deployed["step"], engine or deployed["engine"]
-        which = f"step {step} (deployed)"
-    elif step is None:
-        step = store.resolve(None)
-        which = f"step {step} (latest; nothing is deployed)"
-    else:
-        step = store.resolve(step)
-        which = f"step {step}"
+    step, engine, which = pick_step(store, step, engine)
     paths = _image_paths(images)  # every input checked before anything is written
     from ciss.data.imageio import read_image, write_mask
     from ciss.engines.load import load_engine, ort_providers, serving_engine

@@ -13,6 +13,7 @@ from ciss.cli.base import (
     exif_option,
     main,
     open_store,
+    pick_step,
     store_option,
 )
 from ciss.tables import pct, table
@@ -21,9 +22,12 @@ from ciss.tables import pct, table
 @main.command()
 @store_option
 @data_option(help="Labelled folder; its val split is used when it names one.")
-@click.option("--step", type=int, default=None, help="Step number (default: latest).")
+@click.option("--step", type=int, default=None,
+              help="Step number (default: the deployed step; the latest when none is).")
 @click.option("--engine", type=click.Choice(["torch", "onnx", "int8", "tensorrt"]),
-              default="torch", show_default=True)
+              default=None,
+              help="Engine (default: the deployed one for the deployed step, else torch); "
+                   "exported first when the step lacks it.")
 @device_option
 @exif_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
@@ -32,10 +36,14 @@ def evaluate(store_path, data_dir, step, engine, device, exif, as_json) -> None:
 
     Example: ciss evaluate --data data/synthetic --json
     """
+    store = open_store(store_path)
+    step, engine, which = pick_step(store, step, engine)
+    engine = engine or "torch"
     from ciss.analysis.evaluate import evaluate_step
+    from ciss.runtime.deploy import ensure_engine
 
-    ev = evaluate_step(open_store(store_path), data_dir, step=step, engine=engine,
-                       device=device, exif=exif)
+    ensure_engine(store, step, engine)
+    ev = evaluate_step(store, data_dir, step=step, engine=engine, device=device, exif=exif)
     doc = ev.to_json()
     if as_json:
         click.echo(json.dumps(doc))
@@ -45,7 +53,8 @@ def evaluate(store_path, data_dir, step, engine, device, exif, as_json) -> None:
     rows = [[name, group.get(i, "bg" if i == 0 else ""), pct(v)]
             for i, (name, v) in enumerate(doc["per_class_iou"].items())]
     click.echo(table(["class", "group", "IoU %"], rows))
-    click.echo(f"step {ev.step} on {ev.images} images ({engine}): mIoU {pct(doc['miou'])}, "
+    click.echo(f"{which} on {ev.images} images (engine {engine}, device {device}): "
+               f"mIoU {pct(doc['miou'])}, "
                f"old {pct(doc['old_miou'])}, new {pct(doc['new_miou'])}")
     if doc["unknown_classes"]:
         click.echo("classes unknown to the model (counted as background): "

@@ -89,7 +89,8 @@ def test_aux_keys_are_dropped_and_said(checkpoint, split_dir, tmp_path):
     assert Store(tmp_path / "s").card(0).extra["dropped_keys"]
 
 
-@pytest.mark.parametrize("case", ["count", "missing", "arch", "pickle", "named"])
+@pytest.mark.parametrize("case", ["count", "missing", "arch", "pickle", "whole", "noarch",
+                                  "named"])
 def test_mismatches_are_refused_and_the_store_stays_empty(case, checkpoint, split_dir,
                                                            tmp_path):
     store = tmp_path / "store"
@@ -112,14 +113,22 @@ def test_mismatches_are_refused_and_the_store_stays_empty(case, checkpoint, spli
         import argparse  # any class outside torch's allow-list: weights_only refuses it
 
         torch.save({"model": argparse.Namespace(payload="code")}, weights)
-        words = ["cannot read weights"]
+        words = ["pickled Python objects", "model.state_dict()"]
+    elif case == "whole":  # #30: torch.save(model), the common mistake
+        weights = tmp_path / "whole.pth"
+        torch.save(torch.nn.Conv2d(3, 4, 1), weights)
+        words = ["whole.pth: holds pickled Python objects", "torch.save(model.state_dict(), PATH)"]
+    elif case == "noarch":  # #30: was "--arch None: ..."
+        arch = None
+        words = ["model.pth: a state-dict file needs --arch (one of"]
     else:
         weights = "COCO_WITH_VOC_LABELS_V1"
         arch = "deeplabv3_resnet50"
         words = ["not in the local torch hub cache", "put https://"]
-    res = run("import", "--store", store, "--arch", arch, "--weights", weights,
-              "--classes", classes, "--data", split_dir / "step-0")
+    res = run("import", "--store", store, *(["--arch", arch] if arch else []), "--weights",
+              weights, "--classes", classes, "--data", split_dir / "step-0")
     refused(res, *words)
+    assert "--arch None" not in res.output
     assert not (store / "steps").exists() or not any((store / "steps").iterdir())
 
 

@@ -34,6 +34,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except CissError:
         raise
     except Exception as exc:  # noqa: BLE001 - pickle refusals and corrupt files alike
+        if "Weights only load failed" in str(exc):  # torch.save(model): pickled code
+            raise CissError(f"{path}: holds pickled Python objects (a whole model saved with "
+                            "torch.save(model)?), which ciss never unpickles; save "
+                            "torch.save(model.state_dict(), PATH) and import that") from None
         raise CissError(f"{path}: cannot read weights ({exc.__class__.__name__}: "
                         f"{str(exc).splitlines()[0][:200]})") from None
     for key in ("model", "state_dict", "model_state_dict"):

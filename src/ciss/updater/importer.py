@@ -129,8 +129,12 @@ def torchvision_model(arch: str, state: dict[str, torch.Tensor], classes: ClassL
 def _from_file(arch: str | None, weights: str, classes_file: Path | None, say
                ) -> tuple[SegmentationModel, ClassList, Source]:
     """A torchvision state dict (file or named weight): ``--arch`` says what it is."""
-    if arch is None or arch_spec(arch).family.name != "torchvision":
-        choices = ", ".join(a for a, s in ARCHS.items() if s.family.name == "torchvision")
+    choices = ", ".join(a for a, s in ARCHS.items() if s.family.name == "torchvision")
+    if arch is None:  # a state dict does not say which model it belongs to
+        raise CissError(f"--weights {weights}: a state-dict file needs --arch (one of "
+                        f"{choices}); SMP and transformers models are imported from their "
+                        "save_pretrained folder (--weights DIR), which names its model")
+    if arch_spec(arch).family.name != "torchvision":
         raise CissError(f"--arch {arch}: a state-dict file is imported as a torchvision "
                         f"architecture ({choices}); SMP and transformers models are imported "
                         "from their save_pretrained folder (--weights DIR)")

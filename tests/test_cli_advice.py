@@ -99,3 +99,28 @@ def test_next_lines_come_from_hints_only():
             if re.search(r"""["']next: ciss""", line):
                 stray.append(f"{path.relative_to(SRC)}:{i}: {line.strip()}")
     assert not stray, "\n".join(stray)
+
+
+def test_every_option_has_help_and_every_command_an_example():
+    """#30: options without help (--out, --batch-size, --seed, --port, ...) and commands
+    without an example (rollback, steps, demo)."""
+    import click
+
+    from ciss.cli import main as root
+
+    ctx = click.Context(root)
+    bare, no_example = [], []
+
+    def walk(cmd, path):
+        if isinstance(cmd, click.Group):
+            for name in cmd.list_commands(ctx):
+                walk(cmd.get_command(ctx, name), [*path, name])
+            return
+        if "Example" not in (cmd.help or ""):
+            no_example.append(" ".join(path))
+        bare.extend(f"{' '.join(path)} {p.opts[0]}" for p in cmd.params
+                    if isinstance(p, click.Option) and not p.help and p.name != "help")
+
+    walk(root, [])
+    assert not bare, bare
+    assert not no_example, no_example

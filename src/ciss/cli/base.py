@@ -107,7 +107,8 @@ def loop_options(f):
                           "630 but at most 20 passes over the folder and at least 315)."),
         click.option("--epochs", type=click.IntRange(min=1), default=None,
                      help="Passes over the training split instead of --iterations."),
-        click.option("--batch-size", type=click.IntRange(min=2), default=16, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=2), default=16, show_default=True,
+                     help="Images per optimiser step (per process under torchrun)."),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Peak learning rate."),
         click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default=None,
@@ -116,7 +117,9 @@ def loop_options(f):
         click.option("--encoder-lr", type=click.FloatRange(min=0), default=None,
                      help="The encoder stages' learning rate as a fraction of --lr (default: "
                           "the recipe's; 0.1 for models with an encoder trained elsewhere)."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of initialisation, sampling and augmentation (same seed, "
+                          "same data, same machine: same weights)."),
         click.option("--device", default="auto", show_default=True,
                      help="auto, cpu, cuda or cuda:N."),
         click.option("--crop-size", type=click.IntRange(min=16), default=None,

@@ -18,11 +18,16 @@ def data() -> None:
 
 
 @data.command("synthetic")
-@click.option("--out", type=click.Path(path_type=Path), required=True)
-@click.option("--size", type=click.IntRange(min=32), default=64, show_default=True)
-@click.option("--train", "n_train", type=click.IntRange(min=1), default=2000, show_default=True)
-@click.option("--val", "n_val", type=click.IntRange(min=1), default=300, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="New folder for the dataset (images/, masks/, classes.txt, split lists).")
+@click.option("--size", type=click.IntRange(min=32), default=64, show_default=True,
+              help="Image side in pixels.")
+@click.option("--train", "n_train", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Training images.")
+@click.option("--val", "n_val", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Validation images.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the generated world (another seed: other images, same classes).")
 def data_synthetic(out: Path, size: int, n_train: int, n_val: int, seed: int) -> None:
     """Write the embedded synthetic dataset (20 classes, full labels, train/val lists).
 
@@ -39,8 +44,11 @@ def data_synthetic(out: Path, size: int, n_train: int, n_val: int, seed: int) ->
 @data_option()
 @click.option("--scenario", required=True, help="X-Y, e.g. 19-1, 15-5, 15-1, 10-1, 5-3.")
 @click.option("--setting", type=click.Choice(["overlap", "disjoint"]), default="overlap",
-              show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), required=True)
+              show_default=True,
+              help="overlap: a step's images may show future classes (as background); "
+                   "disjoint: they show only classes seen so far (the literature's two).")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="New folder for the step folders (step-0/, step-1/, ...).")
 def data_split(data_dir: Path, scenario: str, setting: str, out: Path) -> None:
     """Split a fully labelled folder into CiSS step folders (step-0/, step-1/, ...).
 

@@ -118,7 +118,10 @@ def deploy(store_path, step, engine, force, thresholds, device) -> None:
 @main.command()
 @store_option
 def rollback(store_path) -> None:
-    """Point deployed.json back at the previously deployed step."""
+    """Point deployed.json back at the previously deployed step.
+
+    Example: ciss rollback --store ciss-store
+    """
     from ciss.runtime.deploy import rollback as do_rollback
 
     rec = do_rollback(open_store(store_path))
@@ -130,7 +133,8 @@ def rollback(store_path) -> None:
 @store_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on (0.0.0.0 exposes it to the network).")
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True,
+              help="TCP port to listen on (a busy port is refused in one line).")
 @click.option("--model-name", default="ciss", show_default=True,
               help="OIP model name; 'ciss_onnx' matches the exported Triton repository's URLs.")
 @click.option("--engine", type=ENGINE_CHOICE, default=None,
@@ -144,7 +148,8 @@ def rollback(store_path) -> None:
               help="Enables /admin/* with 'Authorization: Bearer <token>' (env CISS_ADMIN_TOKEN).")
 @click.option("--poll", type=float, default=1.0, show_default=True,
               help="Seconds between looks at deployed.json.")
-@click.option("--max-body-mb", type=float, default=32.0, show_default=True)
+@click.option("--max-body-mb", type=float, default=32.0, show_default=True,
+              help="Largest request body in MB (also after gzip inflation); larger is refused.")
 @click.option("--max-pixels", type=int, default=16_000_000, show_default=True,
               help="Largest image (or N*H*W of an /infer tensor).")
 @click.option("--concurrency", type=int, default=1, show_default=True,

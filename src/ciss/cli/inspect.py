@@ -65,7 +65,10 @@ def evaluate(store_path, data_dir, step, engine, device, exif, as_json) -> None:
 @store_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def steps(store_path, as_json) -> None:
-    """List the store's steps: parent, classes, old/new mIoU, deployed."""
+    """List the store's steps: parent, classes, old/new mIoU, deployed.
+
+    Example: ciss steps --json
+    """
     from ciss.store.listing import list_steps
     from ciss.store.verify import leftover_note
 

@@ -112,7 +112,9 @@ def add_classes_cmd(store_path, data_dir, quiet, **options) -> None:
 @data_option(help="Fully labelled source folder (synthetic or VOC).")
 @click.option("--scenario", required=True, help="X-Y, e.g. 15-5, 15-1.")
 @click.option("--setting", type=click.Choice(["overlap", "disjoint"]), default="overlap",
-              show_default=True)
+              show_default=True,
+              help="overlap: a step's images may show future classes (as background); "
+                   "disjoint: they show only classes seen so far (the literature's two).")
 @click.option("--methods", default="ft,mib", show_default=True,
               help=f"Comma list of {', '.join(BENCHMARK_METHODS)}; NAME+memory runs a method "
                    "with the replay memory (--memory), NAME+fuse with EWF's fusion (--fuse), "
@@ -120,15 +122,20 @@ def add_classes_cmd(store_path, data_dir, quiet, **options) -> None:
                    "(--pretune).")
 @click.option("--memory", type=click.IntRange(min=1), default=100, show_default=True,
               help="Images the +memory methods keep (the literature's VOC budget: 100).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--arch", default="tiny", show_default=True)
-@click.option("--base-epochs", type=click.IntRange(min=1), default=None)
-@click.option("--step-epochs", type=click.IntRange(min=1), default=None)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of every training run in the benchmark.")
+@click.option("--arch", default="tiny", show_default=True,
+              help="Model trained for the base step (see 'ciss recipes').")
+@click.option("--base-epochs", type=click.IntRange(min=1), default=None,
+              help="Passes over the base step's data (default: the recipe's iterations).")
+@click.option("--step-epochs", type=click.IntRange(min=1), default=None,
+              help="Passes over each later step's data (default: the recipe's iterations).")
 @click.option("--control", is_flag=True,
               help="Also run ft with old-class pixels ignored (no background shift).")
-@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="New folder for the stores, the table and the curves.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-@click.option("--quiet", is_flag=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 @device_option
 def benchmark(data_dir, scenario, setting, methods, memory, seed, arch, base_epochs, step_epochs,
               control, out, as_json, quiet, device) -> None:

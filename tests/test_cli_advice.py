@@ -124,3 +124,35 @@ def test_every_option_has_help_and_every_command_an_example():
     walk(root, [])
     assert not bare, bare
     assert not no_example, no_example
+
+
+def test_a_negative_step_is_documented_wherever_a_step_is_chosen(tmp_path):
+    """#30: '--step -1' silently meant the latest; every --step that picks one says so, and the
+    store counts back from the latest exactly that way."""
+    import click
+
+    from ciss.cli import main as root
+    from ciss.errors import CissError
+    from ciss.store import Store
+
+    ctx = click.Context(root)
+    undocumented = []
+
+    def walk(cmd, path):
+        if isinstance(cmd, click.Group):
+            for name in cmd.list_commands(ctx):
+                walk(cmd.get_command(ctx, name), [*path, name])
+            return
+        for p in cmd.params:
+            if (isinstance(p, click.Option) and p.opts[0] == "--step"
+                    and isinstance(p.type, click.types.IntParamType) and not p.multiple
+                    and "latest" in (p.help or "") and "-1 is the latest" not in p.help):
+                undocumented.append(" ".join(path))
+
+    walk(root, [])
+    assert not undocumented, undocumented
+    store = Store(tmp_path / "s")
+    store.steps = lambda: [0, 1, 3]  # the listing is all resolve reads
+    assert (store.resolve(-1), store.resolve(-2), store.resolve(None)) == (3, 1, 3)
+    with pytest.raises(CissError, match="step -1 is not in|not in"):
+        store.resolve(-4)

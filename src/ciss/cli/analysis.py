@@ -11,7 +11,8 @@ from ciss.cli.base import device_option, main, open_store, store_option
 
 @main.command()
 @store_option
-@click.option("--step", type=int, default=None, help="Step to diagnose (default: latest).")
+@click.option("--step", type=int, default=None,
+              help="Step to diagnose (default: latest); -1 is the latest, -2 the one before.")
 @click.option("--against", type=int, default=None,
               help="Earlier step of its line to compare with (default: its parent).")
 @click.option("--data", type=click.Path(path_type=Path), default=None,

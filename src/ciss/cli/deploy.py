@@ -38,8 +38,10 @@ def _gate_options(f):
 
 @main.command()
 @store_option
-@click.option("--step", type=int, default=None, help="Candidate step (default: latest).")
-@click.option("--against", type=int, default=None, help="Reference step (default: parent).")
+@click.option("--step", type=int, default=None,
+              help="Candidate step (default: latest); -1 is the latest, -2 the one before.")
+@click.option("--against", type=int, default=None,
+              help="Reference step (default: parent); -1 is the latest, -2 the one before.")
 @click.option("--engine", type=ENGINE_CHOICE, default=None,
               help="Engine to gate (default: the one that serves on this host: the TensorRT "
                    "plan when one is exported for this GPU, else onnx).")
@@ -86,7 +88,8 @@ def check(store_path, step, against, engine, thresholds, device, as_json) -> Non
 
 @main.command()
 @store_option
-@click.option("--step", type=int, default=None, help="Step to deploy (default: latest).")
+@click.option("--step", type=int, default=None,
+              help="Step to deploy (default: latest); -1 is the latest, -2 the one before.")
 @click.option("--engine", type=ENGINE_CHOICE, default=None,
               help="Engine to gate and serve (default: the TensorRT plan when one is exported "
                    "for this GPU, else onnx).")

@@ -20,7 +20,8 @@ from ciss.tables import pct, table
 
 @main.command()
 @store_option
-@click.option("--step", type=int, default=None, help="Step number (default: latest).")
+@click.option("--step", type=int, default=None,
+              help="Step number (default: latest); -1 is the latest, -2 the one before.")
 @click.option("--format", "formats", multiple=True, default=["onnx"], show_default=True,
               help="onnx, int8, tensorrt or triton; repeat for several.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
@@ -86,7 +87,8 @@ def next_commands(results) -> str:
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Folder for the <stem>.png masks (created when every input is readable).")
 @click.option("--step", type=int, default=None,
-              help="Step number (default: the deployed step; the latest when none is).")
+              help="Step number (default: the deployed step; the latest when none is); "
+                   "-1 is the latest, -2 the one before.")
 @click.option("--engine", type=ENGINE_CHOICE, default=None,
               help="Engine (default: the deployed one for the deployed step, else the one "
                    "that serves on this host); exported first when the step lacks it.")

@@ -23,7 +23,8 @@ from ciss.tables import pct, table
 @store_option
 @data_option(help="Labelled folder; its val split is used when it names one.")
 @click.option("--step", type=int, default=None,
-              help="Step number (default: the deployed step; the latest when none is).")
+              help="Step number (default: the deployed step; the latest when none is); "
+                   "-1 is the latest, -2 the one before.")
 @click.option("--engine", type=click.Choice(["torch", "onnx", "int8", "tensorrt"]),
               default=None,
               help="Engine (default: the deployed one for the deployed step, else torch); "

@@ -86,6 +86,16 @@ def test_rgb_mask_refused(tmp_path):
         open_folder(root)
 
 
+def test_jpeg_masks_are_named_lossy(tmp_path):
+    """#30: masks saved as .jpg were reported as "has no mask", with no word of JPEG."""
+    root = make_folder(tmp_path / "d", ["background", "a"])
+    mask = root / "masks" / "s0.png"
+    Image.open(mask).convert("L").save(root / "masks" / "s0.jpg")
+    mask.unlink()
+    with pytest.raises(CissError, match=r"s0\.jpg: masks must be PNG; JPEG is lossy"):
+        open_folder(root)
+
+
 def test_truncated_image(tmp_path):
     root = make_folder(tmp_path / "d", ["background", "a"], suffix=".jpg", size=(96, 80))
     data = (root / "images" / "s3.jpg").read_bytes()

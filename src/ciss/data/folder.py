@@ -215,6 +215,12 @@ def _open_ciss(root: Path, cache: bool, problems: list[str] | None = None,
     masks = _list_files(root / "masks", (".png",))
     for stem, p in images.items():
         if stem not in masks:
+            lossy = sorted((root / "masks").glob(f"{stem}.jp*g"))
+            if lossy:  # JPEG blurs label ids at every edge: no mask can be read from it
+                raise CissError(f"{lossy[0]}: masks must be PNG; JPEG is lossy and changes "
+                                "class ids along every edge. Save the label ids as an 8-bit "
+                                f"PNG ({root / 'masks' / (stem + '.png')}) from the tool's "
+                                "original export")
             raise CissError(f"{p}: has no mask (expected {root / 'masks' / (stem + '.png')})")
     for stem, p in masks.items():
         if stem not in images:

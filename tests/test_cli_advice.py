@@ -156,3 +156,17 @@ def test_a_negative_step_is_documented_wherever_a_step_is_chosen(tmp_path):
     assert (store.resolve(-1), store.resolve(-2), store.resolve(None)) == (3, 1, 3)
     with pytest.raises(CissError, match="step -1 is not in|not in"):
         store.resolve(-4)
+
+
+def test_the_command_list_is_in_workflow_order_with_whole_one_liners():
+    """#30: the list was alphabetical and its descriptions cut with '...'."""
+    from click.testing import CliRunner
+
+    from ciss.cli import main as root
+
+    out = CliRunner().invoke(root, ["--help"]).output
+    listed = [ln.split()[0] for ln in out.split("Commands:")[1].splitlines()
+              if ln.startswith("  ") and not ln.startswith("   ")]
+    first = ["demo", "data", "train", "import", "add-classes"]
+    assert listed[:5] == first and listed.index("check") < listed.index("deploy")
+    assert "..." not in out.split("Commands:")[1]

@@ -34,6 +34,26 @@ class CissGroup(click.Group):
     writer that did not name its size is also one line and exit 2; other I/O errors keep
     their traceback (a bug or a broken disk must not hide behind a tidy line)."""
 
+    # the order a user meets the commands in, not the alphabet's (--help lists them so)
+    WORKFLOW = ("demo", "data", "train", "import", "add-classes", "steps", "evaluate", "check",
+                "diagnose", "export", "deploy", "serve", "predict", "rollback", "report",
+                "memory", "prune", "store", "recipes", "benchmark")
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        if ctx.parent is not None:  # subgroups (data, memory, store) keep their own order
+            return names
+        rank = {n: i for i, n in enumerate(self.WORKFLOW)}
+        return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Each command's first sentence whole (click cuts them at ~45 characters)."""
+        rows = [(n, c.get_short_help_str(limit=300)) for n in self.list_commands(ctx)
+                if (c := self.get_command(ctx, n)) is not None and not c.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
     def invoke(self, ctx: click.Context):
         try:
             return self._invoke_full_disk_as_error(ctx)

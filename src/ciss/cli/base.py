@@ -34,6 +34,8 @@ class CissGroup(click.Group):
     writer that did not name its size is also one line and exit 2; other I/O errors keep
     their traceback (a bug or a broken disk must not hide behind a tidy line)."""
 
+    group_class = type  # subgroups (data, memory, store) are CissGroups too
+
     # the order a user meets the commands in, not the alphabet's (--help lists them so)
     WORKFLOW = ("demo", "data", "train", "import", "add-classes", "steps", "evaluate", "check",
                 "diagnose", "export", "deploy", "serve", "predict", "rollback", "report",

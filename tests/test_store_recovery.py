@@ -341,11 +341,8 @@ def test_a_full_disk_is_one_line_and_exit_2(tiny, monkeypatch):
     assert "memory" in tiny.card(0).artifacts
 
 
-def test_an_edited_card_is_refused_by_check_deploy_and_serve_in_one_line(story, tmp_path,
-                                                                         monkeypatch):
-    from click.testing import CliRunner
-
-    from ciss.cli import main
+def _serving_step_0(story, tmp_path):
+    """A copy of the story store with step 0 deployed and loaded in a server's model slot."""
     from ciss.runtime.deploy import deploy
     from ciss.runtime.metrics import ServerMetrics
     from ciss.runtime.slot import ModelSlot, SwapPolicy
@@ -356,6 +353,16 @@ def test_an_edited_card_is_refused_by_check_deploy_and_serve_in_one_line(story, 
     deploy(store, 0, "torch", force=True)
     slot = ModelSlot(store, SwapPolicy(), ServerMetrics.create())
     assert slot.start().step == 0
+    return root, store, slot
+
+
+def test_an_edited_card_is_refused_by_check_deploy_and_serve_in_one_line(story, tmp_path,
+                                                                         monkeypatch):
+    from click.testing import CliRunner
+
+    from ciss.cli import main
+
+    root, store, slot = _serving_step_0(story, tmp_path)
     # the defect: raising the ft step's stored scores by hand turned a FAIL into a PASS
     _edit(store, 2, '"method": "ft"', '"method": "mib"')
     for args in (["check", "--step", "2"], ["deploy", "--step", "2", "--engine", "torch"]):
@@ -382,16 +389,7 @@ def test_the_server_keeps_serving_when_its_event_log_cannot_be_written(story, tm
     refusal is still answered and the current step is still served (#29 item 5)."""
     import errno
 
-    from ciss.runtime.deploy import deploy
-    from ciss.runtime.metrics import ServerMetrics
-    from ciss.runtime.slot import ModelSlot, SwapPolicy
-
-    root = tmp_path / "s"
-    shutil.copytree(story, root)
-    store = Store(root)
-    deploy(store, 0, "torch", force=True)
-    slot = ModelSlot(store, SwapPolicy(), ServerMetrics.create())
-    assert slot.start().step == 0
+    root, store, slot = _serving_step_0(story, tmp_path)
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

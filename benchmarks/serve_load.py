@@ -3,10 +3,14 @@
 Usage: python benchmarks/serve_load.py [--store DIR --from-step 0 --to-step 1]
            [--clients 1,2,4,8] [--seconds 8] [--size 256] [--repeats 3] [--out FILE.json]
        python benchmarks/serve_load.py --shadow-rates 0,0.1,1 --clients 1,4 [...]
+       python benchmarks/serve_load.py --scores --clients 1,4 [...]
 
 The second form measures the live retention watch: --to-step (which has a parent) is served
 with each shadow rate in turn (a fresh server per rate, rates interleaved within a repeat; the
-alarm threshold is 0 so the watch never stops), steady load only.
+alarm threshold is 0 so the watch never stops), steady load only. The third measures the
+per-request scores (#31): --from-step served with --no-scores, with scores (the default), and
+with scores plus --collect into a temporary folder (default caps and random share), a fresh
+server per mode, modes interleaved within a repeat, steady load only.
 
 Without --store it builds a small store first (synthetic data, tiny, 1 epoch base + 1 epoch
 mib, both exported to ONNX); those 1-epoch models are what gets served, so the gate tolerances
@@ -153,6 +157,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--shadow-rates", default=None, help="e.g. 0,0.1,1: measure the watch")
+    ap.add_argument("--scores", action="store_true",
+                    help="measure scoring: --no-scores vs scores vs scores + --collect")
     args = ap.parse_args()
     from ciss.analysis.tolerances import GateThresholds
     from ciss.runtime.deploy import deploy
@@ -165,6 +171,10 @@ def main() -> None:
     tol = {"thresholds": GateThresholds(max_mean_drop=100, max_class_drop=100)} if loose else {}
     if args.shadow_rates:
         shadow_overhead(store, root, loose, tol, args)
+        tmp.cleanup()
+        return
+    if args.scores:
+        scores_overhead(store, root, loose, tol, args, Path(tmp.name))
         tmp.cleanup()
         return
     deploy(store, args.from_step, "onnx", **tol)
@@ -229,6 +239,52 @@ def shadow_overhead(store, root: Path, loose: bool, tol: dict, args) -> None:
             errors = sum(r["errors"] for r in sel)
             summary[f"{rate}_{c}"] = {**med, "p50_ratio": ratio, "errors": errors}
             print(f"| {rate:g} | {c} | {med['req_per_s']:.1f} | {med['p50_ms']:.1f} | "
+                  f"{med['p99_ms']:.1f} | {ratio:.3f} | {errors} |")
+    if args.out:
+        args.out.write_text(json.dumps({"runs": runs, "summary": summary}, indent=2))
+
+
+def scores_overhead(store, root: Path, loose: bool, tol: dict, args, tmp: Path) -> None:
+    """Steady load on --from-step without scores, with them, and with collection; medians
+    over repeats, p50 ratios to 'off' taken within each repeat."""
+    from ciss.data.collection import items
+    from ciss.runtime.deploy import deploy
+
+    deploy(store, args.from_step, "onnx", **tol)  # stores the step's score calibration
+    body = png(args.size)
+    counts = [int(c) for c in args.clients.split(",")]
+    modes = {"off": ["--no-scores"], "scores": [],
+             "scores+collect": ["--collect", str(tmp / "collected")]}
+    runs = []
+    for rep in range(args.repeats):
+        for mode, extra in modes.items():
+            proc, url = start_server(root, loose, extra)
+            try:
+                load(url, body, 1, 2.0)  # warm-up
+                for c in counts:
+                    runs.append({"repeat": rep, "mode": mode, **load(url, body, c,
+                                                                     args.seconds)})
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=60)
+    print(f"machine: {machine()}; {os.cpu_count()} cpus shared by server and clients")
+    print(f"image {args.size}x{args.size} PNG to /v1/segment, {args.seconds:g} s per phase, "
+          f"{args.repeats} repeats; medians over repeats; ratios within each repeat, then "
+          f"their median; {len(items(tmp / 'collected'))} image(s) collected in all")
+    print("| mode | clients | req/s | p50 ms | p99 ms | p50 / p50 off | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    summary = {}
+    for mode in modes:
+        for c in counts:
+            sel = [r for r in runs if r["mode"] == mode and r["clients"] == c]
+            base = {r["repeat"]: r["p50_ms"] for r in runs if r["mode"] == "off"
+                    and r["clients"] == c}
+            med = {k: statistics.median(r[k] for r in sel)
+                   for k in ("req_per_s", "p50_ms", "p99_ms")}
+            ratio = statistics.median(r["p50_ms"] / base[r["repeat"]] for r in sel)
+            errors = sum(r["errors"] for r in sel)
+            summary[f"{mode}_{c}"] = {**med, "p50_ratio": ratio, "errors": errors}
+            print(f"| {mode} | {c} | {med['req_per_s']:.1f} | {med['p50_ms']:.1f} | "
                   f"{med['p99_ms']:.1f} | {ratio:.3f} | {errors} |")
     if args.out:
         args.out.write_text(json.dumps({"runs": runs, "summary": summary}, indent=2))

@@ -52,6 +52,9 @@ POINTS: dict[str, str] = {
     "deploy.gated": "the gate passed, outside the lock; next: the lock and the re-check",
     "deploy.rechecked": "the step's files were re-checked under the lock; next: the pointer",
     "rollback.verified": "the rollback target was verified; next: the pointer moves back",
+    # runtime/collect.py: ciss serve --collect (off the request path; never fails a request)
+    "collect.item.staging": "an item's .tmp- folder exists; next: its files are written",
+    "collect.item.staged": "an item is complete in its .tmp- folder; next: rename into items/",
 }
 
 

@@ -128,7 +128,7 @@ def _event_row(e: dict, base: Path | None) -> str:
     kind = e.get("kind", "?")
     what = {"deployed": "deployed", "refused": "REFUSED", "forced": "FORCED past the gate",
             "rolled_back": "rolled back", "diagnosed": "diagnosed",
-            "alarm": "ALARM"}.get(kind, kind)
+            "alarm": "ALARM", "collecting": "collecting traffic"}.get(kind, kind)
     step = e.get("step")
     detail = ""
     if kind in ("refused", "forced", "deployed"):
@@ -138,6 +138,8 @@ def _event_row(e: dict, base: Path | None) -> str:
                 f"; {detail}" if detail else "")
     elif kind == "alarm":
         detail = e.get("reason", "")
+    elif kind == "collecting":
+        detail = f"into {e.get('folder', '')} (random share {e.get('random_share')})"
     elif kind == "rolled_back":
         detail = f"from step {e.get('rolled_back_from')}" + (
             f": {e['reason']}" if e.get("reason") else "")

@@ -6,6 +6,7 @@ Importing this package registers every command on ``main``.
 
 from ciss.cli import (  # noqa: F401
     analysis,
+    collect,
     data,
     demo,
     deploy,

@@ -38,8 +38,8 @@ class CissGroup(click.Group):
 
     # the order a user meets the commands in, not the alphabet's (--help lists them so)
     WORKFLOW = ("demo", "data", "train", "import", "add-classes", "steps", "evaluate", "check",
-                "diagnose", "export", "deploy", "serve", "predict", "rollback", "report",
-                "memory", "prune", "store", "recipes", "benchmark")
+                "diagnose", "export", "deploy", "serve", "collect", "predict", "rollback",
+                "report", "memory", "prune", "store", "recipes", "benchmark")
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         names = super().list_commands(ctx)

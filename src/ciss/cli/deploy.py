@@ -170,21 +170,44 @@ def rollback(store_path) -> None:
               help="Alarm when an old class (with enough pixels) agrees less than this.")
 @click.option("--auto-rollback", is_flag=True,
               help="Roll back to the previous deployment on an alarm (recorded with why).")
+@click.option("--scores/--no-scores", default=True, show_default=True,
+              help="Score every image (uncertainty, novelty) from its own engine run's logits: "
+                   "in the responses (OIP parameters, /v1/segment JSON and X-Ciss-Scores) "
+                   "and /metrics histograms.")
+@click.option("--collect", "collect_dir", type=click.Path(file_okay=False), default=None,
+              help="Keep unusual images (novelty or uncertainty past the step's calibrated "
+                   "thresholds) and a random share in this folder, with the prediction, the "
+                   "scores and the step (see 'ciss collect show DIR').")
+@click.option("--collect-random", type=click.FloatRange(min=0, max=1), default=0.02,
+              show_default=True, help="Share of the other images kept at random (a baseline).")
+@click.option("--collect-novelty", type=float, default=None,
+              help="Keep images whose novelty exceeds this (default: the step's calibrated "
+                   "threshold, its retention images' 95th percentile).")
+@click.option("--collect-uncertainty", type=click.FloatRange(min=0, max=1), default=None,
+              help="Keep images whose uncertainty exceeds this (default: calibrated, as "
+                   "--collect-novelty).")
+@click.option("--collect-caps", default="10,100,1000", show_default=True,
+              help="Kept images at most per minute,hour,day.")
+@click.option("--collect-max-mb", type=click.FloatRange(min=0), default=1000.0,
+              show_default=True, help="Keep nothing more once the folder holds this many MB.")
 @_gate_options
 def serve(store_path, host, port, model_name, engine, providers, device, admin_token, poll,
           max_body_mb,
           max_pixels, concurrency, accept_forced, shadow_rate, watch_window, min_agreement,
-          auto_rollback, thresholds) -> None:
+          auto_rollback, scores, collect_dir, collect_random, collect_novelty,
+          collect_uncertainty, collect_caps, collect_max_mb, thresholds) -> None:
     """Serve the deployed step over HTTP; hot-swap when deployed.json changes and passes the gate.
 
     Speaks the Open Inference Protocol v2 (model 'ciss' by default, version = step + 1) plus
     POST /v1/segment (image in, PNG mask out), /v1/status and /metrics.
 
-    Example: ciss serve --port 8000  then  curl -H 'Content-Type: image/png'
-    --data-binary @x.png localhost:8000/v1/segment -o mask.png
+    Example: ciss serve --port 8000 --collect collected/  then  curl -H 'Content-Type:
+    image/png' --data-binary @x.png localhost:8000/v1/segment -o mask.png
     """
     import logging
+    from pathlib import Path
 
+    from ciss.runtime.collect import CollectPolicy
     from ciss.runtime.server import ServeConfig
     from ciss.runtime.server import serve as run_server
     from ciss.runtime.shadow import ShadowPolicy
@@ -193,12 +216,23 @@ def serve(store_path, host, port, model_name, engine, providers, device, admin_t
     if concurrency < 1 or poll <= 0 or max_body_mb <= 0 or max_pixels < 1:
         raise click.UsageError("--concurrency, --poll, --max-body-mb and --max-pixels must be "
                                "positive")
+    try:
+        per_minute, per_hour, per_day = (int(x) for x in collect_caps.split(","))
+    except ValueError:
+        raise click.UsageError(f"--collect-caps {collect_caps!r}: give three whole numbers, "
+                               "per minute,hour,day (e.g. 10,100,1000)") from None
+    if collect_dir and not scores:
+        raise click.UsageError("--collect needs the scores: drop --no-scores")
+    collect = CollectPolicy(Path(collect_dir), random_share=collect_random,
+                            novelty=collect_novelty, uncertainty=collect_uncertainty,
+                            per_minute=per_minute, per_hour=per_hour, per_day=per_day,
+                            max_mb=collect_max_mb) if collect_dir else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = ServeConfig(
         store=open_store(store_path).root, host=host, port=port, model_name=model_name,
         admin_token=admin_token or None,
         poll_s=poll, max_body_bytes=int(max_body_mb * (1 << 20)), max_pixels=max_pixels,
-        concurrency=concurrency,
+        concurrency=concurrency, scores=scores, collect=collect,
         shadow=ShadowPolicy(rate=shadow_rate, window=watch_window, min_agreement=min_agreement,
                             auto_rollback=auto_rollback),
         policy=SwapPolicy(engine=engine, device=device,

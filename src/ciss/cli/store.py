@@ -46,6 +46,10 @@ def verify(store_path, repair, discard_work, quick, as_json) -> None:
     else:
         for p in report.problems:
             click.echo(p.line())
+        for k in report.known:  # folders ciss serve --collect writes: known, not orphaned
+            click.echo(f"{k['path']}: a 'ciss serve --collect' collection, {k['items']} "
+                       f"item(s), {k['bytes'] / 2**20:.1f} MB (see 'ciss collect show "
+                       f"{k['path']}')")
         left = report.left
         fixable = [p for p in left if p.repair]
         click.echo(f"{store.root}: {report.steps} step(s), "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass
 
 from ciss.analysis.tolerances import GateThresholds, shown_reasons
@@ -14,6 +15,7 @@ from ciss.runtime.gate import GateResult, gate_fingerprint, run_gate, where_it_r
 from ciss.store import Store
 
 HISTORY = 50
+log = logging.getLogger("ciss.deploy")
 
 
 @dataclass
@@ -35,6 +37,20 @@ def ensure_engine(store: Store, step: int, engine: str) -> None:
         export_step(store, step, [engine])
 
 
+def ensure_calibration(store: Store, step: int, engine: str, device: str = "cpu") -> None:
+    """Measure the step's score calibration (``runtime.scoring``) on ``engine`` when it has
+    none yet, and store it as a step artifact (before the gate's fingerprint, which names
+    every artifact). A failure is logged, never raised: the server then measures it at load,
+    or scores uncertainty only."""
+    from ciss.runtime.scoring import calibrate_step, stored_calibration
+
+    try:
+        if stored_calibration(store, step, engine) is None:
+            calibrate_step(store, step, engine, device)
+    except (CissError, ValueError, OSError) as exc:
+        log.warning("step %d: score calibration not stored (%s)", step, exc)
+
+
 def deploy(store: Store, step: int | None = None, engine: str = "onnx", force: bool = False,
            thresholds: GateThresholds = GateThresholds(), device: str = "cpu") -> DeployResult:
     """Gate ``step`` on ``engine`` and point ``deployed.json`` at it.
@@ -48,6 +64,7 @@ def deploy(store: Store, step: int | None = None, engine: str = "onnx", force: b
     # the lease keeps 'ciss prune' off this step while it is exported and gated
     with store.lease(None, steps=[step]):
         ensure_engine(store, step, engine)
+        ensure_calibration(store, step, engine, device)
         store.verify(step)
         gate = run_gate(store, step, engine=engine, thresholds=thresholds, device=device)
         fingerprint = gate_fingerprint(store, step, engine, where_it_runs(engine, device),

@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass
 
 # Latency buckets in seconds: small CPU models answer in milliseconds, big ones in seconds.
+SHARES = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+DEVIATIONS = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)  # novelty's units
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -30,6 +32,8 @@ class ServerMetrics:
     shadow_samples: object
     shadow_skipped: object
     shadow_alarms: object
+    scores: dict
+    collected: object
 
     @classmethod
     def create(cls) -> ServerMetrics:
@@ -72,6 +76,25 @@ class ServerMetrics:
                                    "waiting).", ["reason"], registry=r),
             shadow_alarms=Counter("ciss_shadow_alarms", "Retention alarms raised on live "
                                   "traffic.", registry=r),
+            scores={
+                "uncertainty": Histogram("ciss_score_uncertainty", "Per-image uncertainty: "
+                                         "mean pixel entropy / log K.", buckets=SHARES,
+                                         registry=r),
+                "novelty": Histogram("ciss_score_novelty", "Per-image novelty: the mean "
+                                     "standardised novelty signal of its 2 % most unusual "
+                                     "pixels, in retention standard deviations.",
+                                     buckets=DEVIATIONS, registry=r),
+                "novel_share": Histogram("ciss_score_novel_share", "Share of an image's "
+                                         "pixels past the calibrated pixel threshold.",
+                                         buckets=SHARES, registry=r),
+                "largest_region": Histogram("ciss_score_largest_region", "Share of an image "
+                                            "covered by its largest connected novel region.",
+                                            buckets=SHARES, registry=r),
+            },
+            collected=Counter("ciss_collect", "Scored images seen by --collect, by outcome "
+                              "(kept_novelty, kept_uncertainty, kept_random, not_selected, "
+                              "duplicate, cap_minute, cap_hour, cap_day, cap_disk, dropped, "
+                              "failed).", ["outcome"], registry=r),
         )
 
     def render(self) -> bytes:

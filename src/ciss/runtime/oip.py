@@ -167,8 +167,10 @@ def parse_infer_request(body: bytes, header_length: int | None,
 
 
 def encode_infer_response(model_name: str, version: str, request: InferRequest,
-                          outputs: dict[str, np.ndarray]) -> tuple[bytes, int | None]:
-    """The response body and, when binary tensors follow the JSON, the header's length."""
+                          outputs: dict[str, np.ndarray], parameters: dict | None = None
+                          ) -> tuple[bytes, int | None]:
+    """The response body and, when binary tensors follow the JSON, the header's length.
+    ``parameters``: the response's own (OIP: values are strings, numbers or booleans)."""
     wanted = request.outputs if request.outputs is not None else {
         name: request.binary_default for name in outputs}
     tensors, blobs = [], []
@@ -185,6 +187,8 @@ def encode_infer_response(model_name: str, version: str, request: InferRequest,
     doc = {"model_name": model_name, "model_version": version, "outputs": tensors}
     if request.id:
         doc["id"] = request.id
+    if parameters:
+        doc["parameters"] = parameters
     header = json.dumps(doc, separators=(",", ":")).encode()
     if not blobs:
         return header, None

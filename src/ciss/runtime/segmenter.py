@@ -40,6 +40,20 @@ class Segmenter:
                                                                            Image.NEAREST))
         return labels
 
+    def segment_scored(self, image: np.ndarray, calibration=None) -> tuple[np.ndarray, dict]:
+        """As :meth:`segment`, plus the image's scores (``runtime.scoring``) from the
+        logits of the same engine run (at the serving resize)."""
+        from ciss.runtime.scoring import score_logits
+
+        h, w = image.shape[:2]
+        small = resize_longest(image, self.max_side)
+        out = self.engine.run(np.ascontiguousarray(small.transpose(2, 0, 1)[None]))
+        labels, scores = out["labels"][0], score_logits(out["logits"][0], calibration)
+        if labels.shape != (h, w):
+            labels = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize((w, h),
+                                                                           Image.NEAREST))
+        return labels, scores
+
     def predict_labels(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N,3,H,W] -> uint8 [N,H,W] through :meth:`segment`, i.e. with the serving
         resize: what the retention gate must measure is what will be served."""

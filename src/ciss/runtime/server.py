@@ -18,6 +18,8 @@ exported Triton repository):
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import threading
 import time
@@ -39,6 +41,7 @@ from ciss.engines.tensorrt import OutOfProfile
 from ciss.errors import CissError
 from ciss.runtime.admin import add_admin_routes
 from ciss.runtime.bodies import HttpError, read_body
+from ciss.runtime.collect import Collector, CollectPolicy, Scored, ScoreSink
 from ciss.runtime.metrics import MeteredASGI, ServerMetrics, endpoint_label
 from ciss.runtime.oip import (
     HEADER,
@@ -73,6 +76,9 @@ class ServeConfig:
         concurrency: engine runs at once.
         graceful_s: how long shutdown waits for in-flight requests.
         shadow: the live retention watch (off unless ``shadow.rate`` > 0).
+        scores: score every image (``runtime.scoring``: uncertainty, novelty) from the
+            logits of its own engine run; in the responses and ``/metrics``.
+        collect: keep unusual images and a random share (``runtime.collect``; needs scores).
     """
 
     store: Path
@@ -90,6 +96,8 @@ class ServeConfig:
     concurrency: int = 1
     graceful_s: float = 10.0
     shadow: ShadowPolicy = field(default_factory=ShadowPolicy)
+    scores: bool = True
+    collect: CollectPolicy | None = None
 
 
 def _check_tensor(images: np.ndarray, config: ServeConfig) -> None:
@@ -152,20 +160,31 @@ def _parse_infer(body: bytes, header_length: str | None, config: ServeConfig) ->
     return req
 
 
-def _run_engine(served: ServedModel, req: InferRequest) -> dict[str, np.ndarray]:
-    """The outputs the request names (all when it names none, as the protocol says); a
-    labels-only request never materialises the K x H x W logits."""
+def _run_engine(served: ServedModel, req: InferRequest, scored: bool = False
+                ) -> tuple[dict[str, np.ndarray], list[dict] | None]:
+    """The outputs the request names (all when it names none, as the protocol says) and,
+    with ``scored``, each image's scores from the same run's logits. Unscored, a labels-only
+    request never materialises the K x H x W logits."""
+    from ciss.runtime.scoring import score_logits
+
     engine = served.segmenter.engine
     try:
-        if req.outputs and set(req.outputs) == {"labels"}:
-            return {"labels": engine.predict_labels(req.inputs["image"])}
-        return engine.run(req.inputs["image"])
+        if not scored and req.outputs and set(req.outputs) == {"labels"}:
+            return {"labels": engine.predict_labels(req.inputs["image"])}, None
+        outputs = engine.run(req.inputs["image"])
     except OutOfProfile as exc:
         raise HttpError(422, str(exc), "out_of_profile") from exc
+    if not scored:
+        return outputs, None
+    return outputs, [score_logits(lg, served.calibration) for lg in outputs["logits"]]
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
 
 
 def _segment(served: ServedModel, data: bytes, as_json: bool, min_side: int,
-             shadow: ShadowWatch | None = None) -> Response:
+             shadow: ShadowWatch | None = None, sink: ScoreSink | None = None) -> Response:
     """``/v1/segment``'s work (in a worker thread): decode, segment, encode."""
     try:
         image = served.segmenter.decode(data)
@@ -177,21 +196,42 @@ def _segment(served: ServedModel, data: bytes, as_json: bool, min_side: int,
     if min(h, w) < min_side:
         raise HttpError(422, f"image is {w}x{h}; the smallest side served is {min_side} px",
                         "too_small")
+    scores = None
+    received = _now()
     try:
-        labels = served.segmenter.segment(image)
+        if sink is not None:
+            labels, scores = served.segmenter.segment_scored(image, served.calibration)
+        else:
+            labels = served.segmenter.segment(image)
     except OutOfProfile as exc:
         raise HttpError(422, str(exc), "out_of_profile") from exc
     if shadow is not None:
         shadow.offer(served.step, image, labels)
     headers = {"X-Ciss-Step": str(served.step), "X-Ciss-Version": served.version}
+    if scores is not None:
+        sink.offer(Scored(image, labels, scores, served.step, served.engine, served.classes,
+                          served.calibration, received))
+        scores = public_scores(scores, served)
+        headers["X-Ciss-Scores"] = json.dumps(scores, separators=(",", ":"))
     if not as_json:
         return Response(mask_png(labels), media_type="image/png", headers=headers)
     counts = np.bincount(labels.ravel(), minlength=len(served.classes))
-    return JSONResponse({"step": served.step, "version": served.version, "width": w,
-                         "height": h, "classes": served.classes,
-                         "pixels": {served.classes[i]: int(c) for i, c in enumerate(counts)
-                                    if c and i < len(served.classes)},
-                         "labels": labels.tolist()}, headers=headers)
+    doc = {"step": served.step, "version": served.version, "width": w, "height": h,
+           "classes": served.classes,
+           "pixels": {served.classes[i]: int(c) for i, c in enumerate(counts)
+                      if c and i < len(served.classes)},
+           "labels": labels.tolist()}
+    if scores is not None:
+        doc["scores"] = scores
+    return JSONResponse(doc, headers=headers)
+
+
+def public_scores(scores: dict, served: ServedModel) -> dict:
+    """One image's scores as responses give them: the four scores and ``unusual`` (the
+    calibrated thresholds they pass); the pooled vector stays inside."""
+    from ciss.runtime.scoring import public, unusual
+
+    return dict(public(scores), unusual=unusual(scores, served.calibration))
 
 
 def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
@@ -251,10 +291,21 @@ def create_app(config: ServeConfig):
         log.warning("shadow watch: rolled back to step %s (%s)", outcome.step, outcome.outcome)
 
     watch = ShadowWatch(config.shadow, metrics, on_alarm)
+    if config.collect is not None and not config.scores:
+        raise CissError("collecting needs the scores: turn scores on (drop --no-scores)")
+    collector = Collector(config.collect) if config.collect is not None else None
+    sink = ScoreSink(metrics, collector) if config.scores else None
     slot = ModelSlot(store, config.policy, metrics, max_side=config.max_side,
                      max_pixels=config.max_pixels, concurrency=config.concurrency,
-                     shadow=watch)
+                     shadow=watch, scores=config.scores)
     slot.start()
+    if collector is not None:  # the overview's event log shows where traffic is collected
+        try:
+            store.record_event("collecting", step=slot.current.step,
+                               folder=str(collector.folder.resolve()), by="ciss serve",
+                               random_share=config.collect.random_share)
+        except (CissError, OSError) as exc:  # a full disk must not stop the serving
+            log.warning("could not record the collection in %s (%s)", store.root, exc)
     stop = threading.Event()
     state = {"ready": True}
 
@@ -263,18 +314,23 @@ def create_app(config: ServeConfig):
         watcher = threading.Thread(target=slot.watch, args=(stop, config.poll_s),
                                    name="ciss-deploy-watcher", daemon=True)
         watcher.start()
+        if sink is not None:
+            sink.start()
         try:
             yield
         finally:
             state["ready"] = False  # uvicorn has drained in-flight requests by now
             stop.set()
             watcher.join(timeout=5)
+            if sink is not None:
+                sink.stop()
             log.info("shut down cleanly (was serving step %s)", slot.current.step)
 
     app = FastAPI(title="ciss", version=__version__, lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url=None)
     app.state.slot = slot
     app.state.metrics = metrics
+    app.state.scores = sink
 
     _add_error_handlers(app, metrics)
     app.add_middleware(MeteredASGI, metrics=metrics)
@@ -329,12 +385,26 @@ def create_app(config: ServeConfig):
         # /metrics keep answering meanwhile
         req = await run_in_threadpool(_parse_infer, body, request.headers.get(HEADER.lower()),
                                       config)
-        outputs = await run_in_threadpool(_run_engine, served, req)
+        received = _now()
+        outputs, scores = await run_in_threadpool(_run_engine, served, req, sink is not None)
         if "labels" in outputs:  # the first image of the batch may be shadowed
             watch.offer(served.step, np.ascontiguousarray(
                 req.inputs["image"][0].transpose(1, 2, 0)), outputs["labels"][0])
+        parameters = None
+        if scores is not None:
+            for i, sc in enumerate(scores):
+                sink.offer(Scored(req.inputs["image"][i].transpose(1, 2, 0),
+                                  outputs["labels"][i], sc, served.step, served.engine,
+                                  served.classes, served.calibration, received))
+            shown = [public_scores(sc, served) for sc in scores]
+            # OIP parameters are scalars: the per-image list travels as one JSON string
+            parameters = {"ciss_step": served.step,
+                          "ciss_scores": json.dumps(shown, separators=(",", ":"))}
+            if len(shown) == 1:
+                parameters.update({f"ciss_{k}": v for k, v in shown[0].items()
+                                   if isinstance(v, (int, float))})
         payload, header_len = await run_in_threadpool(
-            encode_infer_response, name, served.version, req, outputs)
+            encode_infer_response, name, served.version, req, outputs, parameters)
         headers = {HEADER: str(header_len)} if header_len is not None else {}
         return Response(payload, media_type="application/octet-stream" if header_len
                         else "application/json", headers=headers)
@@ -359,7 +429,7 @@ def create_app(config: ServeConfig):
         if not body:
             raise HttpError(400, "empty body: send the image's bytes")
         return await run_in_threadpool(_segment, served, body, format == "json",
-                                       config.min_side, watch)
+                                       config.min_side, watch, sink)
 
     @app.get("/v1/status")
     def status():
@@ -367,7 +437,9 @@ def create_app(config: ServeConfig):
         return {"step": served.step, "version": served.version, "engine": served.engine,
                 "runtime": served.describe, "loaded_at": served.loaded_at, "gate": served.gate,
                 "last_error": slot.last_error, "ready": state["ready"],
-                "shadow": watch.status()}
+                "shadow": watch.status(),
+                "scores": None if sink is None else dict(
+                    sink.status(), calibrated=served.calibration is not None)}
 
     @app.get("/")
     async def overview():

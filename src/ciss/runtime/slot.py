@@ -105,6 +105,7 @@ class ServedModel:
     loaded_at: str
     gate: dict
     describe: str
+    calibration: object | None = None  # runtime.scoring.Calibration; None: uncalibrated
 
     @property
     def version(self) -> str:
@@ -133,8 +134,9 @@ class ModelSlot:
 
     def __init__(self, store: Store, policy: SwapPolicy, metrics: ServerMetrics,
                  max_side: int = 1024, max_pixels: int = 16_000_000,
-                 concurrency: int = 1, shadow=None) -> None:
+                 concurrency: int = 1, shadow=None, scores: bool = False) -> None:
         self.store = store
+        self.scores = scores  # calibrate the novelty score of each step loaded
         self.shadow = shadow  # a ShadowWatch, started at every swap
         self.policy = policy
         self.metrics = metrics
@@ -192,7 +194,29 @@ class ModelSlot:
             loaded_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             gate={"passed": gate.passed, "against": gate.against,
                   "mean_old_drop": gate.mean_old_drop, "reasons": gate.reasons},
-            describe=engine.describe())
+            describe=engine.describe(),
+            calibration=self._calibration(step, engine, engine_name))
+
+    def _calibration(self, step: int, engine, engine_name: str):
+        """The step's stored score calibration for this engine (``ciss deploy`` measures
+        it); measured here, in memory, when the step has none (deployed before it existed).
+        None when scores are off or nothing can be measured: novelty is then not scored."""
+        if not self.scores:
+            return None
+        from ciss.runtime import scoring
+
+        cal = scoring.stored_calibration(self.store, step, engine_name)
+        if cal is not None:
+            return cal
+        try:
+            cal = scoring.measure(self.store, step, engine, engine_name, self.max_side)
+        except (CissError, ValueError, OSError) as exc:
+            log.warning("step %d: novelty not calibrated (%s); scoring uncertainty only",
+                        step, exc)
+            return None
+        log.info("step %d: score calibration measured at load on %d retention image(s) "
+                 "(not stored; 'ciss deploy' stores it)", step, cal.images)
+        return cal
 
     def _recorded_gate(self, record: dict, step: int, engine_name: str):
         """The result ``deploy`` recorded, when it was measured on exactly what is about to

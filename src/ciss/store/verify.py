@@ -63,6 +63,7 @@ class Problem:
 class Report:
     problems: list[Problem] = field(default_factory=list)
     steps: int = 0
+    known: list[dict] = field(default_factory=list)  # folders of other tools, summarised
 
     @property
     def left(self) -> list[Problem]:
@@ -74,7 +75,7 @@ class Report:
 
     def to_json(self) -> dict:
         return {"steps": self.steps, "ok": not self.left,
-                "problems": [p.to_json() for p in self.problems],
+                "problems": [p.to_json() for p in self.problems], "known": self.known,
                 "leftover_bytes": self.leftover_bytes}
 
 
@@ -209,8 +210,22 @@ def verify_store(store, *, hashes: bool = True, repair: bool = False,
     return report
 
 
+def _known_folders(store) -> list[dict]:
+    """Folders in the store's root that ciss wrote for something other than steps: a
+    ``ciss serve --collect`` collection (``collection.json``) is summarised, not checked
+    (it is not part of any step, and its server may be writing it now)."""
+    from ciss.data.collection import MARKER, folder_bytes, is_collection, items
+
+    found = []
+    for p in sorted(store.root.iterdir()) if store.root.is_dir() else []:
+        if p.is_dir() and (p / MARKER).is_file() and is_collection(p):
+            found.append({"path": str(p), "kind": "collection", "items": len(items(p)),
+                          "bytes": folder_bytes(p)})
+    return found
+
+
 def _walk(store, hashes: bool, discard_work: bool) -> Report:
-    report = Report(steps=len(store.steps()))
+    report = Report(steps=len(store.steps()), known=_known_folders(store))
     for s in store.steps():
         _check_step(store, s, hashes, report.problems)
     _check_pointer(store, report.problems)

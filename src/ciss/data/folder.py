@@ -45,7 +45,7 @@ class DatasetFolder:
         train, val: stems of each split.
         has_val_list: whether the folder names its val split explicitly.
         presence: stem -> ids of the classes with at least one pixel in its mask (255 excluded).
-        layout: "ciss", "voc", "coco", "cvat", "roboflow" or "cityscapes".
+        layout: "ciss", "voc", "coco", "cvat", "roboflow", "cityscapes" or "label-studio".
         mask_reader: stem -> uint8 index mask, for layouts whose masks are not index PNGs
             (None: ``masks`` are 8-bit index or palette PNGs).
         pixels: stem -> pixel count per class id (length = number of classes; 255 excluded).

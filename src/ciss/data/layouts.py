@@ -8,12 +8,18 @@ mask per image (255 = ignore) and an ordered class list, always matched by name.
 | cvat       | ``labelmap.txt`` + ``SegmentationClass/``       | RGB colours via the labelmap   |
 | roboflow   | ``<split>/_classes.csv`` + ``*_mask.png``       | index PNGs, names from the CSV |
 | cityscapes | ``gtFine/<split>/<city>/*_gtFine_labelIds.png`` | official label ids -> names    |
+| label-     | a ``*.json`` task list (Label Studio's JSON     | brush RLE (label-studio-       |
+| studio     | export) + its images beside it or in images/    | converter), polygons (pycoco)  |
 
 Choices (docs/decisions.md): COCO pixels covered by two or more instances become 255 (ignore),
 as torchvision's COCO reference does, whatever their classes; crowd regions (``iscrowd``) are
 labelled like any other instance; a category no annotation uses is dropped (Roboflow's root
 category). A colour that is not in a CVAT labelmap is an error naming the file, the colour and
 its pixel count. Without a train/val split in the export, the deterministic 90/10 rule applies.
+Label Studio: a task's annotation is its ground-truth one, else its last one not cancelled;
+regions marked ``readonly`` are skipped (``ciss collect export`` writes the served model's own
+predictions so, as context annotators cannot change: they are not annotations); pixels two
+regions of different classes cover become 255, as in COCO.
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ def detect(root: Path) -> Callable[[Path], RawLayout] | None:
         return read_roboflow
     if _coco_files(root):
         return read_coco
+    if _label_studio_files(root):
+        return read_label_studio
     return None
 
 
@@ -357,6 +365,137 @@ def read_cityscapes(root: Path) -> RawLayout:
     if not has_val:
         train, val = hash_split(train)
     return RawLayout("cityscapes", classes, images, masks, train, val, has_val, read)
+
+
+# -- Label Studio JSON export ----------------------------------------------------------
+LS_REGIONS = ("brushlabels", "polygonlabels")
+
+
+def _label_studio_files(root: Path) -> list[Path]:
+    """``*.json`` in ``root`` holding a Label Studio task list (dicts with ``data`` and
+    ``annotations`` or ``predictions``)."""
+    found = []
+    for p in sorted(root.glob("*.json")):
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if (isinstance(doc, list) and doc and isinstance(doc[0], dict) and "data" in doc[0]
+                and ("annotations" in doc[0] or "predictions" in doc[0])):
+            found.append(p)
+    return found
+
+
+def _ls_annotation(task: dict) -> dict | None:
+    """The task's ground-truth annotation, else its last one not cancelled, else None."""
+    done = [a for a in task.get("annotations") or [] if isinstance(a, dict)
+            and not a.get("was_cancelled")]
+    truth = [a for a in done if a.get("ground_truth")]
+    return (truth or done or [None])[-1]
+
+
+def _ls_image(root: Path, url: str, where: str) -> Path:
+    """The file a task's image URL names: ``/data/local-files/?d=PATH``, an upload
+    (``/data/upload/<project>/<8 hex>-NAME``) or any URL, looked for under ``root``."""
+    import re
+    from urllib.parse import parse_qs, unquote, urlparse
+
+    u = urlparse(url)
+    query = parse_qs(u.query)
+    rel = unquote(query["d"][0]) if "d" in query else unquote(u.path)
+    name = Path(rel).name
+    names = [name] + ([m.group(1)] if (m := re.match(r"^[0-9a-f]{8}-(.+)$", name)) else [])
+    tried = [Path(rel)] if Path(rel).is_absolute() else [root / rel.lstrip("/")]
+    tried += [root / d / n for n in names for d in ("images", ".")]
+    for p in tried:
+        if p.is_file():
+            return p
+    raise CissError(f"{where}: image {url!r} not found; put the images beside the JSON or "
+                    f"in {root / 'images'} (looked for {', '.join(str(p) for p in tried)})")
+
+
+def _ls_region(region: dict, h: int, w: int, where: str) -> np.ndarray:
+    """One brush or polygon region as a boolean HxW mask."""
+    value = region.get("value") or {}
+    try:
+        if region["type"] == "brushlabels":
+            from label_studio_converter.brush import decode_rle
+
+            rgba = decode_rle(value["rle"])
+            if rgba.size != h * w * 4:
+                raise ValueError(f"its RLE holds {rgba.size // 4} pixels, the image {h * w}")
+            return rgba.reshape(h, w, 4)[..., 3] >= 128
+        from pycocotools import mask as mask_utils
+
+        pts = np.asarray(value["points"], np.float64) * [w / 100.0, h / 100.0]
+        if len(pts) < 3:
+            raise ValueError("a polygon needs 3 points")
+        rle = mask_utils.frPyObjects([pts.ravel().tolist()], h, w)
+        return mask_utils.decode(mask_utils.merge(rle)).astype(bool)
+    except (KeyError, ValueError, TypeError, IndexError) as exc:
+        raise CissError(f"{where}: region {region.get('id')!r} ({region.get('type')}) cannot "
+                        f"be read ({exc})") from exc
+
+
+def read_label_studio(root: Path) -> RawLayout:
+    """Label Studio's JSON export (every task list in ``root``); brush and polygon regions,
+    classes by their label names (module docstring for the rules)."""
+    images: dict[str, Path] = {}
+    masks: dict[str, Path] = {}
+    regions: dict[str, tuple[list[dict], str]] = {}
+    names: list[str] = []
+    files = _label_studio_files(root)
+    unannotated = 0
+    for path in files:
+        for n, task in enumerate(json.loads(path.read_text(encoding="utf-8"))):
+            where = f"{path}: task {task.get('id', n)}"
+            ann = _ls_annotation(task)
+            if ann is None:
+                unannotated += 1
+                continue
+            data = task.get("data") or {}
+            url = data.get("image") or next((v for v in data.values() if isinstance(v, str)),
+                                            None)
+            if not url:
+                raise CissError(f"{where}: no image URL in its 'data'")
+            file = _ls_image(root, url, where)
+            if file.stem in images and images[file.stem] != file:
+                raise CissError(f"{where}: two tasks' images share the stem '{file.stem}'")
+            kept = [r for r in ann.get("result") or [] if isinstance(r, dict)
+                    and r.get("type") in LS_REGIONS and not r.get("readonly")]
+            for r in kept:
+                names += [str(x) for x in (r.get("value") or {}).get(r["type"]) or []]
+            images[file.stem], masks[file.stem] = file, path
+            regions[file.stem] = (kept, where)
+    if not images:
+        raise CissError(f"{files[0]}: no task has an annotation ({unannotated} task(s) without "
+                        "one); import it into Label Studio, annotate, then export as JSON")
+    classes = _names(names, root)
+
+    def read(stem: str) -> np.ndarray:
+        kept, where = regions[stem]
+        w, h = open_image(images[stem]).size
+        label = np.zeros((h, w), np.uint8)
+        owner = np.full((h, w), -1, np.int16)
+        for r in kept:
+            size = (r.get("original_width"), r.get("original_height"))
+            if size != (w, h):
+                raise CissError(f"{where}: region {r.get('id')!r} was drawn on a {size[0]}x"
+                                f"{size[1]} image but {images[stem]} is {w}x{h}")
+            m = _ls_region(r, h, w, where)
+            for name in (r.get("value") or {}).get(r["type"]) or []:
+                cid = 0 if str(name).strip().lower() == BACKGROUND else classes.index(
+                    str(name).strip())
+                clash = m & (owner >= 0) & (owner != cid)
+                owner[m & (owner < 0)] = cid
+                label[m] = cid
+                label[clash] = IGNORE_INDEX  # two classes claim it: not supervised
+                owner[clash] = IGNORE_INDEX
+        label[owner == IGNORE_INDEX] = IGNORE_INDEX
+        return label
+
+    train, val = hash_split(sorted(images))
+    return RawLayout("label-studio", classes, images, masks, train, val, False, read)
 
 
 # -- helpers --------------------------------------------------------------------------------

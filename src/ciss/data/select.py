@@ -98,10 +98,7 @@ def select(metas: list[dict], budget: int, rule: str = "balanced", seed: int = 0
     picks: list[int] = []
     for _ in range(budget):
         free = ~taken
-        if picks:
-            spread = nearest / max(float(nearest[free].max()), 1e-12)
-        else:
-            spread = np.ones(n)
+        spread = nearest / max(float(nearest[free].max()), 1e-12) if picks else np.ones(n)
         balance = np.array([1.0 / (1 + per_class.get(int(c), 0)) for c in dominant])
         # a small floor keeps zero-priority items orderable once the rest are taken
         value = np.where(free, (prio + 1e-6) * spread * balance, -np.inf)

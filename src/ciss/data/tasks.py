@@ -136,9 +136,11 @@ def label_config(labels: list[str]) -> str:
     """A Label Studio labelling config: the image and one BrushLabels with every label."""
     from xml.sax.saxutils import quoteattr
 
-    rows = "\n".join(
-        f'    <Label value={quoteattr(n)} background="#{"%02x%02x%02x" % voc_colour(i + 1)}"/>'
-        for i, n in enumerate(labels))
+    def hexcolour(i: int) -> str:
+        return "#" + "".join(f"{v:02x}" for v in voc_colour(i))
+
+    rows = "\n".join(f'    <Label value={quoteattr(n)} background="{hexcolour(i + 1)}"/>'
+                     for i, n in enumerate(labels))
     return (f'<View>\n  <Image name="{LS_TO}" value="$image" zoom="true"/>\n'
             f'  <BrushLabels name="{LS_FROM}" toName="{LS_TO}">\n{rows}\n  </BrushLabels>\n'
             "</View>\n")

@@ -72,3 +72,32 @@ def test_add_classes_refuses_a_near_miss_unless_told(store_copy, split_dir, tmp_
     res = run(*cmd, "--new-class-ok", typo)
     assert res.exit_code == 0, res.output
     assert typo in Store(store_copy).card(1).classes
+
+
+def test_data_check_matches_folder_names_against_the_store(store_copy, split_dir, tmp_path,
+                                                          monkeypatch):
+    """#30: 'ciss data check' said "no problems" for a folder whose 'Checker-Disc' add-classes
+    would have made a new class; it now matches names against the store's as add-classes does."""
+    known = Store(store_copy).card(0).classes
+    spelled = known[3].upper().replace("-", " ")
+    res = run("data", "check", "--data", _renamed_folder(split_dir, tmp_path / "a", spelled),
+              "--store", store_copy)
+    assert res.exit_code == 0, res.output
+    assert f"class '{spelled}' is the known class '{known[3]}'" in res.output
+
+    typo = known[3][:-1] + ("x" if known[3][-1] != "x" else "y")
+    folder = _renamed_folder(split_dir, tmp_path / "b", typo)
+    res = run("data", "check", "--data", folder, "--store", store_copy)
+    assert res.exit_code == 1, res.output
+    assert f"problem: {folder}: class '{typo}'" in res.output
+    assert f"known '{known[3]}'" in res.output and "--new-class-ok" in res.output
+    res = run("data", "check", "--data", folder, "--store", store_copy, "--new-class-ok", typo)
+    assert res.exit_code == 0, res.output
+
+    # no store at the default: names are not compared and nothing is created
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CISS_STORE", raising=False)
+    assert run("data", "check", "--data", folder).exit_code == 0
+    assert not (tmp_path / "ciss-store").exists()
+    refused(run("data", "check", "--data", folder, "--store", tmp_path / "nowhere"),
+            "no store at")

@@ -249,3 +249,7 @@ def test_export_is_recorded_in_the_store_event_log(collection, tmp_path, story):
     ev = [e for e in Store(root).events() if e["kind"] == "exported"][-1]
     assert ev["tasks"] == 2 and ev["format"] == "coco" and len(ev["ids"]) == 2
     assert {read_meta(p)["id"] for p in items(collection)} >= set(ev["ids"])
+    from ciss.analysis.overview import build_overview, render_overview
+
+    page = render_overview(build_overview(Store(root)))
+    assert "exported for annotation" in page and "2 image(s) of" in page

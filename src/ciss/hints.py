@@ -80,9 +80,17 @@ DATA_OK = Hint("no problems; next: ciss data convert --data {folder} --out FOLDE
 DEMO_DONE = Hint("next: ciss steps --store {store}   or   ciss serve --store {store}", ("demo",))
 DATA_CONVERTED = Hint("next: ciss add-classes --data {dest}", ("data convert",))
 
+# -- class names (data.classes.match_names): where folder classes meet a step's --------------
+CLASS_IS_KNOWN = Hint("class '{name}' is the known class '{known}' (names match ignoring case, "
+                      "spaces, '-' and '_')", ("add-classes", "data check"))
+CLASS_NEAR_MISS = Hint("{where}: class '{name}' is not known but is close to the known "
+                       "'{known}'; rename it to '{known}' if it is that class, or pass "
+                       "--new-class-ok '{name}' if it is a new one", ("add-classes", "data check"))
+
 # -- the store ------------------------------------------------------------------------------
 STORE_COMMANDS = ("steps", "evaluate", "export", "check", "deploy", "rollback", "serve",
-                  "predict", "diagnose", "report", "memory show", "memory clear", "prune")
+                  "predict", "diagnose", "report", "memory show", "memory clear", "prune",
+                  "data check")
 NO_STORE = Hint("no store at {path}; pass --store or CISS_STORE", STORE_COMMANDS)
 
 # -- diagnose's verdict (analysis.verdict): what to run next, as add-classes options ---------

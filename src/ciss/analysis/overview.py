@@ -128,7 +128,8 @@ def _event_row(e: dict, base: Path | None) -> str:
     kind = e.get("kind", "?")
     what = {"deployed": "deployed", "refused": "REFUSED", "forced": "FORCED past the gate",
             "rolled_back": "rolled back", "diagnosed": "diagnosed",
-            "alarm": "ALARM", "collecting": "collecting traffic"}.get(kind, kind)
+            "alarm": "ALARM", "collecting": "collecting traffic",
+            "exported": "exported for annotation"}.get(kind, kind)
     step = e.get("step")
     detail = ""
     if kind in ("refused", "forced", "deployed"):
@@ -140,6 +141,10 @@ def _event_row(e: dict, base: Path | None) -> str:
         detail = e.get("reason", "")
     elif kind == "collecting":
         detail = f"into {e.get('folder', '')} (random share {e.get('random_share')})"
+    elif kind == "exported":
+        detail = (f"{e.get('tasks')} image(s) of {e.get('folder', '')} ({e.get('rule')}) as "
+                  f"{e.get('format')} into {e.get('out', '')}; labels "
+                  f"{', '.join(e.get('labels') or [])}")
     elif kind == "rolled_back":
         detail = f"from step {e.get('rolled_back_from')}" + (
             f": {e['reason']}" if e.get("reason") else "")

@@ -84,10 +84,22 @@ def _folder(positional: Path | None, data_dir: Path | None) -> Path:
                                   "folder as argument works too.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @exif_option
-def data_check(folder: Path | None, data_dir: Path | None, as_json: bool, exif) -> None:
+@click.option("--store", "store_path", type=click.Path(path_type=Path), envvar="CISS_STORE",
+              default="ciss-store", show_default=True,
+              help="Model store (env CISS_STORE) whose latest step's classes the folder's class "
+                   "names are matched against, as add-classes will; skipped when the default "
+                   "store does not exist.")
+@click.option("--new-class-ok", "new_class_ok", multiple=True, metavar="NAME",
+              help="Take the folder's class NAME as a new class although its name is one or "
+                   "two letters from a known class's (as add-classes --new-class-ok). "
+                   "Repeatable.")
+def data_check(folder: Path | None, data_dir: Path | None, as_json: bool, exif,
+               store_path: Path, new_class_ok: tuple[str, ...]) -> None:
     """Read a dataset folder without training: the layout found (ciss, VOC, COCO, CVAT,
     Roboflow, Cityscapes), classes, images per split, pixel share per class and every problem
-    (identical problems of many files on one line). Exits 1 when there is a problem.
+    (identical problems of many files on one line). With a store, its class names are matched
+    against the store's as add-classes will match them (a name equal but for case, spaces, '-'
+    and '_' is the known class; a near miss is a problem). Exits 1 when there is a problem.
 
     Example: ciss data check --data exports/cvat-task-12
     """
@@ -97,13 +109,19 @@ def data_check(folder: Path | None, data_dir: Path | None, as_json: bool, exif) 
     from ciss.data.inspect import check_folder
 
     folder = _folder(folder, data_dir)
+    known = _known_classes(store_path)  # before reading images: a wrong --store says so at once
     report = check_folder(folder, exif)
+    notes = _match_store(report, known, new_class_ok, folder)
     if as_json:
         click.echo(json.dumps(asdict(report)))
+        for line in notes:
+            click.echo(line, err=True)
     else:
         if report.layout:
             click.echo(f"{folder}: {report.layout} layout, {len(report.classes)} classes, "
                        f"{report.split['train']} train + {report.split['val']} val images")
+            for line in notes:
+                click.echo(line)
             click.echo(table(["class", "images", "pixels %"],
                              [[n, report.images_with[n], f"{100 * report.pixel_share[n]:.2f}"]
                               for n in report.classes]))
@@ -113,6 +131,38 @@ def data_check(folder: Path | None, data_dir: Path | None, as_json: bool, exif) 
                    hints.DATA_OK(folder=folder))
     if report.problems:
         sys.exit(1)
+
+
+def _known_classes(store_path: Path) -> list[str] | None:
+    """The latest step's classes of the store at ``store_path``; None when there is no step
+    there. A store named on the command line must exist; the default may be absent (a folder
+    is often checked before any training), and nothing is created either way."""
+    from ciss.cli.base import open_store
+
+    source = click.get_current_context().get_parameter_source("store_path")
+    if source == click.core.ParameterSource.DEFAULT and not Path(store_path).is_dir():
+        return None
+    store = open_store(store_path)
+    latest = store.latest()
+    return None if latest is None else list(store.card(latest, verify=False).classes)
+
+
+def _match_store(report, known: list[str] | None, new_ok: tuple[str, ...],
+                 folder: Path) -> list[str]:
+    """Match the folder's class names to ``known`` as add-classes will: a near miss becomes a
+    problem of ``report``; returns one line per folder name taken as a known class."""
+    from ciss.data.classes import BACKGROUND, match_names
+    from ciss.errors import CissError
+
+    if not known or not report.layout:
+        return []
+    try:
+        match = match_names([n for n in report.classes if n != BACKGROUND], known,
+                            new_ok=new_ok, where=str(folder))
+    except CissError as exc:
+        report.problems.append(str(exc))
+        return []
+    return match.notes()
 
 
 @data.command("convert")

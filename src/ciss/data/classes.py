@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ciss import hints
 from ciss.errors import CissError
 
 BACKGROUND = "background"
@@ -124,13 +125,12 @@ class NameMatch:
 
     def notes(self) -> list[str]:
         """One line per folder name taken as a known class."""
-        return [f"class '{a}' is the known class '{b}' (names match ignoring case, spaces, "
-                "'-' and '_')" for a, b in self.renames.items()]
+        return [hints.CLASS_IS_KNOWN(name=a, known=b) for a, b in self.renames.items()]
 
 
 def match_names(names: tuple[str, ...] | list[str], known: tuple[str, ...] | list[str], *,
-                new_ok: tuple[str, ...] | list[str] = (), where: str = "the folder",
-                flag: str = "--new-class-ok") -> NameMatch:
+                new_ok: tuple[str, ...] | list[str] = (), where: str = "the folder"
+                ) -> NameMatch:
     """Match a folder's object class names to ``known`` ones.
 
     An exact match, or a match after ``normalise_name``, is the known class; a name that is a
@@ -138,7 +138,7 @@ def match_names(names: tuple[str, ...] | list[str], known: tuple[str, ...] | lis
     are new classes.
 
     Raises:
-        CissError: a near miss, naming the known class and ``flag``; or two folder names that
+        CissError: a near miss, naming the known class and --new-class-ok; or two folder names that
             are one known class.
     """
     by_norm = {normalise_name(k): k for k in known}
@@ -156,8 +156,6 @@ def match_names(names: tuple[str, ...] | list[str], known: tuple[str, ...] | lis
             continue
         close = [k for k in known if k != BACKGROUND and near_miss(name, k)]
         if close and name not in new_ok:
-            raise CissError(f"{where}: class '{name}' is not known but is close to the known "
-                            f"'{close[0]}'; rename it to '{close[0]}' if it is that class, or "
-                            f"pass {flag} '{name}' if it is a new one")
+            raise CissError(hints.CLASS_NEAR_MISS(where=where, name=name, known=close[0]))
         new.append(name)
     return NameMatch(renames, tuple(new))

@@ -130,7 +130,8 @@ def _record_export(store_path, folder, result, rule: str, ids: list[str]) -> Non
     if not (root / "steps").is_dir():
         return
     try:
-        Store(root).record_event("exported", by="ciss collect export", folder=str(Path(folder).resolve()),
+        Store(root).record_event("exported", by="ciss collect export",
+                                 folder=str(Path(folder).resolve()),
                                  out=str(result.out.resolve()), format=result.format,
                                  rule=rule, tasks=result.tasks, labels=result.labels,
                                  ids=ids)

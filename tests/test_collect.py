@@ -183,6 +183,11 @@ def test_server_collects_and_a_broken_folder_never_fails_a_request(served):
         _wait(lambda: len(items(folder)) == 1)
     events = [e for e in store.events() if e["kind"] == "collecting"]
     assert events and events[-1]["folder"] == str(folder.resolve()) and events[-1]["step"] == 0
+    from ciss.analysis.overview import build_overview, render_overview
+
+    page = render_overview(build_overview(store))  # the store page's contact sheet
+    assert "Collected from live traffic" in page and "1 image(s)" in page
+    assert page.count("<figure") == 1 and "data:image/png;base64," in page
 
 
 def test_collect_show_summarises(tmp_path):

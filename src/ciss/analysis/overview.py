@@ -161,6 +161,31 @@ def _event_row(e: dict, base: Path | None) -> str:
             f"<td>{html.escape(detail)}</td></tr>")
 
 
+def _collected(ov: Overview) -> str:
+    """The newest collection a server wrote (its ``collecting`` event): counts and a contact
+    sheet of the newest images kept, with why each was kept."""
+    from ciss.data.collection import contact_sheet, is_collection, summarise
+
+    folder = next((e.get("folder") for e in ov.events if e.get("kind") == "collecting"), None)
+    if not folder or not is_collection(Path(folder)):
+        return ""
+    try:
+        doc = summarise(Path(folder))
+        sheet = contact_sheet(Path(folder))
+    except (CissError, OSError) as exc:
+        return f"<h2>Collected from live traffic</h2><p>{html.escape(folder)}: {exc}</p>"
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(doc["reasons"].items())) or "none"
+    cells = "".join(
+        f"<figure style='display:inline-block;margin:4px;width:110px;font-size:0.7em'>"
+        f"<img alt='{html.escape(t['id'])}' src='data:image/png;base64,{t['png']}'>"
+        f"<figcaption>{html.escape(t['caption'])}</figcaption></figure>" for t in sheet)
+    return (f"<h2>Collected from live traffic</h2><p>{html.escape(folder)}: {doc['items']} "
+            f"image(s), {doc['bytes'] / 1e6:.1f} MB; kept for {html.escape(reasons)}. Newest "
+            f"first; <code>ciss collect export {html.escape(folder)} --budget N --format "
+            f"label-studio --new-class NAME --out DIR</code> hands them to annotators.</p>"
+            f"<div>{cells}</div>")
+
+
 def _timeline(ov: Overview) -> str:
     items = []
     for r in ov.steps:
@@ -271,6 +296,7 @@ img, canvas {{ max-width: 100%; }}
 <h2>Drift since each class was introduced</h2>
 <img alt="drift since introduced" src="data:image/png;base64,{plots['drift']}">
 {_shadow(ov)}
+{_collected(ov)}
 <h2>Deployments, refusals, rollbacks, diagnoses</h2>
 <table><tr><th>when (UTC)</th><th>what</th><th>step</th><th>by</th><th>details</th></tr>
 {events}</table>

@@ -122,3 +122,32 @@ def summarise(folder: Path, bins: int = 10) -> dict:
             "first": first, "last": last, "reasons": reasons, "steps": steps,
             "predicted_classes": dict(sorted(classes.items(), key=lambda kv: -kv[1])),
             "histograms": hist, "unreadable": unreadable}
+
+
+def contact_sheet(folder: Path, count: int = 24, side: int = 96) -> list[dict]:
+    """The newest ``count`` items as thumbnails for a page: ``{"id", "png" (base64 PNG,
+    longer side ``side``), "caption"}``; unreadable items are left out."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    out = []
+    for item in reversed(items(folder)[-count:] if count else []):
+        try:
+            meta = read_meta(item)
+            with Image.open(item / IMAGE) as im:
+                im = im.convert("RGB")
+                im.thumbnail((side, side))
+                buf = io.BytesIO()
+                im.save(buf, format="PNG")
+        except (OSError, ValueError):
+            continue
+        scores = meta.get("scores") or {}
+        parts = [str(meta.get("reason"))] + [
+            f"{k} {scores[k]:.2f}" for k in ("novelty", "uncertainty")
+            if isinstance(scores.get(k), (int, float))]
+        out.append({"id": meta.get("id", item.name),
+                    "png": base64.b64encode(buf.getvalue()).decode("ascii"),
+                    "caption": ", ".join(parts)})
+    return out

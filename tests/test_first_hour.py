@@ -200,3 +200,19 @@ def test_serve_on_a_busy_port_is_one_line_and_exit_2(tmp_path):
     assert res.exit_code == 2, res.output
     assert res.output.strip().count("\n") == 0 and f"127.0.0.1:{port}" in res.output
     assert "listening" not in res.output
+
+
+def test_class_counts_agree_across_data_check_steps_and_the_store_page(story, split_dir):
+    """#30: one store said 15 classes (train), 16 (steps) and 20 (report). Every count is now
+    of object classes, background not counted; the page says its count spans all steps."""
+    from ciss.analysis.overview import build_overview, render_overview
+
+    res = CliRunner().invoke(main, ["data", "check", "--data", str(split_dir / "step-0"),
+                                    "--store", str(story)])
+    assert "15 classes + background" in res.output, res.output
+    res = CliRunner().invoke(main, ["steps", "--store", str(story)])
+    assert res.exit_code == 0, res.output
+    rows = {line.split()[0]: line.split() for line in res.output.splitlines()[2:]}
+    assert rows["0"][3] == "15" and rows["1"][3] == "20", res.output  # object classes
+    page = render_overview(build_overview(Store(story)))
+    assert "20 classes over all steps" in page

@@ -286,7 +286,8 @@ tr.refused td, tr.alarm td {{ background: #ffebee; }} tr.forced td {{ background
 img, canvas {{ max-width: 100%; }}
 </style></head><body>
 <h1>ciss store</h1>
-<p>{html.escape(ov.store)}: {len(ov.steps)} steps, {len(ov.classes) - 1} classes; live:
+<p>{html.escape(ov.store)}: {len(ov.steps)} steps, {len(ov.classes) - 1} classes over all steps
+(background not counted); live:
 <b>{html.escape(live)}</b></p>
 <h2>Steps</h2>{_timeline(ov)}
 <h2>Per-class IoU across steps</h2>

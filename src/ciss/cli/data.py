@@ -118,7 +118,8 @@ def data_check(folder: Path | None, data_dir: Path | None, as_json: bool, exif,
             click.echo(line, err=True)
     else:
         if report.layout:
-            click.echo(f"{folder}: {report.layout} layout, {len(report.classes)} classes, "
+            click.echo(f"{folder}: {report.layout} layout, "
+                       f"{sum(n != 'background' for n in report.classes)} classes + background, "
                        f"{report.split['train']} train + {report.split['val']} val images")
             for line in notes:
                 click.echo(line)

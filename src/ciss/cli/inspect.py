@@ -83,7 +83,8 @@ def steps(store_path, as_json) -> None:
         return
     click.echo(table(["step", "parent", "method", "classes", "new", "old mIoU", "new mIoU",
                       "not learned", "state"],
-                     [[r.step, "-" if r.parent is None else r.parent, r.method, len(r.classes),
+                     [[r.step, "-" if r.parent is None else r.parent, r.method,
+                       len(r.classes) - 1,  # object classes, as train and report count them
                        len(r.new_classes), pct(r.old_miou), pct(r.new_miou),
                        ", ".join(w["name"] for w in r.warnings) or "-",
                        ("CARD EDITED " if r.card_state in ("edited", "bad-signature")

@@ -265,14 +265,20 @@ def calibrate(run_logits, images, classes: list[str], engine: str = "",
     return cal
 
 
-def retention_images(store, step: int, max_side: int):
-    """The retention images of ``step`` and its ancestors at the serving size."""
+CALIBRATION_IMAGES = 300  # at most, evenly strided: bounds what a deploy or a load adds
+
+
+def retention_images(store, step: int, max_side: int, limit: int = CALIBRATION_IMAGES):
+    """The retention images of ``step`` and its ancestors at the serving size (at most
+    ``limit``, taken at an even stride over all of them)."""
     from ciss.data.transforms import resize_longest
     from ciss.store.retention import retention_sets
 
-    for folder in retention_sets(store, step).values():
-        for stem in folder.val:
-            yield resize_longest(folder.load(stem)[0], max_side)
+    pairs = [(folder, stem) for folder in retention_sets(store, step).values()
+             for stem in folder.val]
+    stride = max(1, -(-len(pairs) // limit))
+    for folder, stem in pairs[::stride]:
+        yield resize_longest(folder.load(stem)[0], max_side)
 
 
 def measure(store, step: int, engine, engine_name: str, max_side: int | None = None,

@@ -132,14 +132,22 @@ def score_stream(store, cal, stream, folder: Path):
 
 def write_new_class_folder(out: Path, picks: list[int], stream, names: list[str]) -> list[str]:
     """The picked images with only the dotted shapes labelled (an annotator's new-class
-    masks); returns the unseen classes present."""
+    masks); returns the unseen classes the training split shows.
+
+    val: every 5th picked image that shows a new class (at least one), as an annotator would
+    set aside (the 90/10 rule alone can leave no new class in a small val split). A dotted
+    shape only the val images show cannot be learned: its pixels are ignored (255).
+    """
     from ciss.data.imageio import write_mask
 
     (out / "images").mkdir(parents=True)
     (out / "masks").mkdir()
-    present = sorted({int(c) for k in picks for c in np.unique(stream[k][1])
+    shows = [k for k in picks if (stream[k][1] >= UNSEEN_FIRST).any()]
+    val = set(shows[::5])
+    present = sorted({int(c) for k in picks if k not in val for c in np.unique(stream[k][1])
                       if c >= UNSEEN_FIRST})
     lut = np.zeros(256, np.uint8)
+    lut[UNSEEN_FIRST:len(names)] = 255
     for j, c in enumerate(present, start=1):
         lut[c] = j
     for k in picks:
@@ -148,6 +156,8 @@ def write_new_class_folder(out: Path, picks: list[int], stream, names: list[str]
         write_mask(out / "masks" / f"s{k:04d}.png", lut[mask])
     (out / "classes.txt").write_text("\n".join(["background"] + [names[c] for c in present])
                                      + "\n")
+    (out / "val.txt").write_text("".join(f"s{k:04d}\n" for k in picks if k in val))
+    (out / "train.txt").write_text("".join(f"s{k:04d}\n" for k in picks if k not in val))
     return [names[c] for c in present]
 
 
@@ -171,7 +181,14 @@ def learn(store_root: Path, work: Path, data: Path, picks, stream, tag: str,
         return {"present": [], "old": None, "new": 0.0, "seconds": 0.0}
     cfg = resolve_step("add-classes", StepOptions(parent=0, iterations=iterations), store)
     t0 = time.perf_counter()
-    rep = add_classes(store, folder, config=cfg, progress=False)
+    from ciss.errors import CissError
+
+    try:
+        rep = add_classes(store, folder, config=cfg, progress=False)
+    except CissError as exc:  # e.g. a val split showing no trainable class: nothing learned
+        shutil.rmtree(root)
+        return {"present": present, "old": None, "new": 0.0, "seconds": 0.0,
+                "error": str(exc)}
     seconds = time.perf_counter() - t0
     model, card = store.load_model(rep.step, device="cpu")
     scores = score_folder(torch_predictor(model), source, source.val,

@@ -216,3 +216,26 @@ def test_class_counts_agree_across_data_check_steps_and_the_store_page(story, sp
     assert rows["0"][3] == "15" and rows["1"][3] == "20", res.output  # object classes
     page = render_overview(build_overview(Store(story)))
     assert "20 classes over all steps" in page
+
+
+def test_a_val_split_without_the_new_classes_is_refused_before_training(store_copy,
+                                                                         split_dir, tmp_path):
+    """A small export whose val split shows none of its classes failed only after the whole
+    training (no retention set to write); it is now refused at once, naming the fix."""
+    import numpy as np
+    from PIL import Image
+
+    from ciss.data.imageio import write_mask
+
+    folder = tmp_path / "new"
+    shutil.copytree(split_dir / "step-1", folder)
+    stem = sorted(p.stem for p in (folder / "masks").glob("*.png"))[0]
+    mask = np.asarray(Image.open(folder / "masks" / f"{stem}.png"))
+    write_mask(folder / "masks" / f"{stem}.png", np.zeros_like(mask))
+    (folder / "val.txt").write_text(stem + "\n")
+    (folder / "train.txt").unlink(missing_ok=True)
+    res = CliRunner().invoke(main, ["add-classes", "--data", str(folder), "--store",
+                                    str(store_copy), "--iterations", "1"])
+    assert res.exit_code == 2, res.output
+    assert "the val split (1 image(s)) shows none of the folder's classes" in res.output
+    assert Store(store_copy).steps() == [0]

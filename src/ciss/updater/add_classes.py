@@ -129,6 +129,13 @@ class AddJob(StepJob):
         self.pretune = pretune_share(update, name, parent.arch)
         self.folder = open_folder(data_dir, exif=config.data.exif, shard=env_shard())
         self.data_dir = Path(data_dir)
+        # the step's retention set is the val images showing its classes: without one the
+        # step could not be written, so say it now rather than after the training
+        if not retention_stems(self.folder, [self.folder.classes.index(n)
+                                             for n in self.folder.classes.objects]):
+            raise CissError(f"{data_dir}: the val split ({len(self.folder.val)} image(s)) "
+                            "shows none of the folder's classes; the step needs a retention "
+                            "set (add val images showing them, or a val.txt)")
         # names people mean as one class are one class: 'Checker-Disc' is the known
         # 'checker-disc', and a near miss of a known name is refused (a likely typo) before
         # it can become a class the store keeps for good

@@ -104,4 +104,17 @@ TRY_INIT = Hint("ciss add-classes --data DIR --from {parent} --init mib (against
 TRY_FREEZE = Hint("ciss add-classes --data DIR --from {parent} --freeze {stage} (freeze more "
                   "of the network)", ("diagnose",))
 
+# -- the production loop (ciss collect export): how each tool takes the tasks ---------------
+EXPORTED_LABEL_STUDIO = Hint(
+    "next: in Label Studio create a project with {out}/label_config.xml, add a Local Storage "
+    "on {out}/images, import {out}/tasks.json; annotate; export JSON beside the images; then "
+    "ciss add-classes --data EXPORT/", ("collect export",))
+EXPORTED_CVAT = Hint(
+    "next: in CVAT create a task from {out}/JPEGImages with the labels of labelmap.txt, upload "
+    "{out}/annotations.zip as 'Segmentation mask 1.1'; annotate; export the dataset with "
+    "images; then ciss add-classes --data EXPORT/", ("collect export",))
+EXPORTED_COCO = Hint(
+    "next: import {out}/annotations/instances_default.json with {out}/images as COCO 1.0; "
+    "annotate; export; then ciss add-classes --data EXPORT/", ("collect export",))
+
 HINTS: dict[str, Hint] = {k: v for k, v in dict(globals()).items() if isinstance(v, Hint)}

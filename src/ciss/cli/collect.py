@@ -111,12 +111,11 @@ def export_cmd(folder, budget, fmt, out, new_classes, rule, seed, url_prefix,
     click.echo(f"labels: {', '.join(result.labels)}" + (
         "" if new_classes else " (no --new-class: annotators can only correct old classes)"))
     _record_export(store_path, folder, result, rule, [metas[i]["id"] for i in picks])
-    hint = {"label-studio": "create a project with label_config.xml, serve OUT/ as local "
-                            "files, import tasks.json",
-            "cvat": "create a task from JPEGImages/, then upload annotations.zip as "
-                    "'Segmentation mask 1.1'",
-            "coco": "import annotations/ with images/ as COCO 1.0"}[fmt]
-    click.echo(f"next: {hint}; annotate; export; then ciss add-classes --data EXPORT/")
+    from ciss import hints
+
+    hint = {"label-studio": hints.EXPORTED_LABEL_STUDIO, "cvat": hints.EXPORTED_CVAT,
+            "coco": hints.EXPORTED_COCO}[fmt]
+    click.echo(hint(out=result.out))
 
 
 def _record_export(store_path, folder, result, rule: str, ids: list[str]) -> None:

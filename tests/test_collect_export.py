@@ -253,3 +253,24 @@ def test_export_is_recorded_in_the_store_event_log(collection, tmp_path, story):
 
     page = render_overview(build_overview(Store(root)))
     assert "exported for annotation" in page and "2 image(s) of" in page
+
+
+def test_label_studio_reader_refuses_ambiguous_exports_naming_the_file(collection, tmp_path):
+    out = tmp_path / "ls"
+    CliRunner().invoke(main, ["collect", "export", str(collection), "--budget", "2", "--format",
+                              "label-studio", "--out", str(out)])
+    tasks = json.loads((out / "tasks.json").read_text())
+    for t in tasks:
+        t["annotations"] = [{"result": []}]
+    cases = {
+        "is also the image of a task": tasks + [tasks[0]],
+        "is not a task object": tasks + ["oops"],
+        "has no label name": [dict(tasks[0], annotations=[{"result": [
+            dict(tasks[0]["predictions"][0]["result"][0], readonly=False,
+                 value={"format": "rle", "rle": [0], "brushlabels": [" "]})]}])],
+    }
+    for message, doc in cases.items():
+        (out / "tasks.json").write_text(json.dumps(doc))
+        res = CliRunner().invoke(main, ["data", "check", "--data", str(out)])
+        assert res.exit_code == 1 and message in res.output and "tasks.json" in res.output, \
+            res.output

@@ -179,3 +179,15 @@ def test_largest_region_matches_scipy_8_connectivity():
         want = int(np.bincount(lab.ravel())[1:].max()) if n else 0
         assert scoring.largest_region(m) == want
     assert scoring.largest_region(snake) == snake.sum()
+
+
+def test_non_finite_logits_give_finite_scores_and_a_failure_gives_none(monkeypatch):
+    """An fp16 engine can overflow: NaN would make the JSON response a 500."""
+    x = _logits(4, 32, 32, 0, hole=(4, 12, 4, 12))
+    cal = scoring.calibrate(lambda im: x[None], [np.zeros((32, 32, 3), np.uint8)],
+                            ["background", "a", "b", "c"])
+    x[1, 0, 0], x[2, 5, 5], x[0, 9, 9] = np.inf, -np.inf, np.nan
+    out = scoring.score_logits(x, cal)
+    assert all(np.isfinite(out[k]) for k in scoring.SCORE_KEYS)
+    monkeypatch.setattr(scoring, "score_logits", lambda *a: 1 / 0)
+    assert scoring.safe_scores(x, cal) is None

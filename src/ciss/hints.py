@@ -104,11 +104,21 @@ TRY_INIT = Hint("ciss add-classes --data DIR --from {parent} --init mib (against
 TRY_FREEZE = Hint("ciss add-classes --data DIR --from {parent} --freeze {stage} (freeze more "
                   "of the network)", ("diagnose",))
 
+# -- add-classes: a folder whose val split cannot become the step's retention set ------------
+NO_VAL_SHOWS = Hint("{data}: the val split ({n} image(s)) shows none of the folder's classes; "
+                    "the step needs a retention set: add val images showing them{how}",
+                    ("add-classes",))
+NO_VAL_SPLIT = Hint(" (this export names no val split, so the 90/10 rule chose them: copy it "
+                    "with 'ciss data convert --data {data} --out NEW' and list val images "
+                    "showing the new classes in NEW/val.txt)", ("add-classes",))
+
 # -- the production loop (ciss collect export): how each tool takes the tasks ---------------
 EXPORTED_LABEL_STUDIO = Hint(
-    "next: in Label Studio create a project with {out}/label_config.xml, add a Local Storage "
-    "on {out}/images, import {out}/tasks.json; annotate; export JSON beside the images; then "
-    "ciss add-classes --data EXPORT/", ("collect export",))
+    "next: start Label Studio with LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true and "
+    "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={out}, create a project with "
+    "{out}/label_config.xml, add a Local Storage on {out}/images, import {out}/tasks.json; "
+    "annotate; export JSON beside the images; then ciss add-classes --data EXPORT/",
+    ("collect export",))
 EXPORTED_CVAT = Hint(
     "next: in CVAT create a task from {out}/JPEGImages with the labels of labelmap.txt, upload "
     "{out}/annotations.zip as 'Segmentation mask 1.1'; annotate; export the dataset with "

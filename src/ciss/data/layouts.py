@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ciss.data.classes import BACKGROUND, IGNORE_INDEX, ClassList
-from ciss.data.imageio import open_image
+from ciss.data.imageio import image_size, open_image
 from ciss.data.splits import hash_split
 from ciss.errors import CissError
 
@@ -448,6 +448,9 @@ def read_label_studio(root: Path) -> RawLayout:
     unannotated = 0
     for path in files:
         for n, task in enumerate(json.loads(path.read_text(encoding="utf-8"))):
+            if not isinstance(task, dict):
+                raise CissError(f"{path}: item {n} is not a task object (Label Studio's JSON "
+                                "export is a list of tasks)")
             where = f"{path}: task {task.get('id', n)}"
             ann = _ls_annotation(task)
             if ann is None:
@@ -459,12 +462,16 @@ def read_label_studio(root: Path) -> RawLayout:
             if not url:
                 raise CissError(f"{where}: no image URL in its 'data'")
             file = _ls_image(root, url, where)
-            if file.stem in images and images[file.stem] != file:
-                raise CissError(f"{where}: two tasks' images share the stem '{file.stem}'")
+            if file.stem in images:
+                raise CissError(f"{where}: its image {file.name} is also the image of a task "
+                                f"in {regions[file.stem][1]}; keep one task per image")
             kept = [r for r in ann.get("result") or [] if isinstance(r, dict)
                     and r.get("type") in LS_REGIONS and not r.get("readonly")]
             for r in kept:
-                names += [str(x) for x in (r.get("value") or {}).get(r["type"]) or []]
+                labels = [str(x).strip() for x in (r.get("value") or {}).get(r["type"]) or []]
+                if not labels or not all(labels):
+                    raise CissError(f"{where}: region {r.get('id')!r} has no label name")
+                names += labels
             images[file.stem], masks[file.stem] = file, path
             regions[file.stem] = (kept, where)
     if not images:
@@ -474,7 +481,7 @@ def read_label_studio(root: Path) -> RawLayout:
 
     def read(stem: str) -> np.ndarray:
         kept, where = regions[stem]
-        w, h = open_image(images[stem]).size
+        h, w = image_size(images[stem], exif=True)  # as the browser showed it to the annotator
         label = np.zeros((h, w), np.uint8)
         owner = np.full((h, w), -1, np.int16)
         for r in kept:

@@ -173,8 +173,9 @@ def write_label_studio(out: Path, tasks: list[Task], labels: list[str], url_pref
                      "ciss_step": t.meta.get("step"), "ciss_reason": t.meta.get("reason")},
             "predictions": [{"model_version": f"ciss step {t.meta.get('step')}",
                              # Label Studio sorts by this: the most unusual first
-                             "score": float(scores.get("novelty") or scores.get("uncertainty")
-                                            or 0.0),
+                             "score": float(next((scores[k] for k in ("novelty",
+                                                                      "uncertainty")
+                                                  if scores.get(k) is not None), 0.0)),
                              "result": result}]})
     (out / "tasks.json").write_text(json.dumps(docs, indent=1) + "\n", encoding="utf-8")
     (out / "label_config.xml").write_text(label_config(labels), encoding="utf-8")

@@ -62,8 +62,10 @@ from ciss.data.collection import (  # noqa: F401 - the format's names, re-export
     summarise,
 )
 from ciss.failpoints import failpoint
+from ciss.store.files import fsync_tree
 
 log = logging.getLogger("ciss.serve")
+STALE_S = 3600.0  # a .tmp- item older than this is a dead writer's, removed at start
 
 
 
@@ -154,15 +156,23 @@ class Collector:
         remove what a killed server left in ``.tmp-*``."""
         self.folder.mkdir(parents=True, exist_ok=True)
         marker = self.folder / MARKER
-        if not marker.exists():
-            marker.write_text(json.dumps({"format": FORMAT}) + "\n", encoding="utf-8")
+        if not marker.exists():  # atomically: a kill here must not leave a half marker
+            tmp = self.folder / f"{TMP_PREFIX}{MARKER}.{os.getpid()}"
+            tmp.write_text(json.dumps({"format": FORMAT}) + "\n", encoding="utf-8")
+            os.replace(tmp, marker)
         elif not is_collection(self.folder):
             from ciss.errors import CissError
 
             raise CissError(f"{marker}: not a {FORMAT} collection; choose another --collect "
                             "folder")
+        # a killed writer's leftovers; a recent one may be another server's item in flight
+        stale = time.time() - STALE_S
         for p in self.folder.glob(TMP_PREFIX + "*"):
-            shutil.rmtree(p, ignore_errors=True)
+            try:
+                if p.stat().st_mtime < stale:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            except OSError:
+                continue
         self.hashes = []
         for item in items(self.folder):
             try:
@@ -240,6 +250,7 @@ class Collector:
                     "pooled": list(item.scores.get("pooled") or [])}
             (stage / META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
             size = folder_bytes(stage)
+            fsync_tree(stage)  # the rename must not publish files a power loss empties
             failpoint("collect.item.staged", stage)
             (self.folder / ITEMS).mkdir(exist_ok=True)
             os.rename(stage, self.folder / ITEMS / name)
@@ -252,11 +263,12 @@ class Collector:
 class ScoreSink:
     """The bounded queue and worker thread between requests and histograms/collection."""
 
-    def __init__(self, metrics, collector: Collector | None = None, size: int = 64) -> None:
+    def __init__(self, metrics, collector: Collector | None = None, size: int = 16) -> None:
         self.metrics = metrics
         self.collector = collector
         self.queue: queue.Queue = queue.Queue(maxsize=size)
         self.outcomes: dict[str, int] = {}
+        self._lock = threading.Lock()  # 'dropped' is counted on request threads
         self.last_error: str | None = None
         self._thread: threading.Thread | None = None
         self._last_warning = 0.0
@@ -275,14 +287,19 @@ class ScoreSink:
             self._thread.join(timeout)
 
     def offer(self, item: Scored) -> None:
-        """Hand one scored image over; never blocks and never raises."""
+        """Hand one scored image over; never blocks and never raises. Without a collector
+        only the scores travel (the queue never pins images for histograms)."""
+        if self.collector is None:
+            item = Scored(None, None, item.scores, item.step, item.engine, item.classes,
+                          None, item.received_at)
         try:
             self.queue.put_nowait(item)
         except queue.Full:
             self._count("dropped")
 
     def _count(self, outcome: str) -> None:
-        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        with self._lock:
+            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         if self.metrics is not None and self.collector is not None:
             self.metrics.collected.labels(outcome).inc()
 
@@ -313,5 +330,7 @@ class ScoreSink:
                 hist.observe(value)
 
     def status(self) -> dict:
+        with self._lock:
+            outcomes = dict(self.outcomes)
         return {"collect": str(self.collector.folder) if self.collector else None,
-                "outcomes": dict(self.outcomes), "last_error": self.last_error}
+                "outcomes": outcomes, "last_error": self.last_error}

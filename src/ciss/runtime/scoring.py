@@ -119,7 +119,9 @@ def _grid(logits: np.ndarray) -> np.ndarray:
 def _parts(logits: np.ndarray) -> dict[str, np.ndarray]:
     """Per pixel of one image's logits [K,h,w]: max logit, argmax, logsumexp, entropy/log K,
     and the softmax's sum over pixels."""
-    x = np.ascontiguousarray(logits, dtype=np.float32)
+    # an fp16 engine can overflow to +-inf: clip so that no score is NaN (JSON refuses NaN)
+    x = np.nan_to_num(np.ascontiguousarray(logits, dtype=np.float32), nan=0.0,
+                      posinf=1e4, neginf=-1e4)
     k = x.shape[0]
     arg = x.argmax(axis=0)
     top = np.take_along_axis(x, arg[None], 0)[0]
@@ -199,6 +201,16 @@ def score_logits(logits: np.ndarray, calibration: Calibration | None) -> dict:
         out["novel_share"] = round(float(novel.sum()) / n, 6)
         out["largest_region"] = round(largest_region(novel) / n, 6)
     return out
+
+
+def safe_scores(logits: np.ndarray, calibration: Calibration | None) -> dict | None:
+    """:func:`score_logits`, or None (logged) when scoring fails: a score is never worth a
+    failed request."""
+    try:
+        return score_logits(logits, calibration)
+    except Exception as exc:  # noqa: BLE001 - the request is answered without scores
+        log.warning("scoring failed (%s: %s); answered without scores", type(exc).__name__, exc)
+        return None
 
 
 def public(scores: dict) -> dict:

@@ -43,12 +43,12 @@ class Segmenter:
     def segment_scored(self, image: np.ndarray, calibration=None) -> tuple[np.ndarray, dict]:
         """As :meth:`segment`, plus the image's scores (``runtime.scoring``) from the
         logits of the same engine run (at the serving resize)."""
-        from ciss.runtime.scoring import score_logits
+        from ciss.runtime.scoring import safe_scores
 
         h, w = image.shape[:2]
         small = resize_longest(image, self.max_side)
         out = self.engine.run(np.ascontiguousarray(small.transpose(2, 0, 1)[None]))
-        labels, scores = out["labels"][0], score_logits(out["logits"][0], calibration)
+        labels, scores = out["labels"][0], safe_scores(out["logits"][0], calibration)
         if labels.shape != (h, w):
             labels = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize((w, h),
                                                                            Image.NEAREST))

@@ -165,7 +165,7 @@ def _run_engine(served: ServedModel, req: InferRequest, scored: bool = False
     """The outputs the request names (all when it names none, as the protocol says) and,
     with ``scored``, each image's scores from the same run's logits. Unscored, a labels-only
     request never materialises the K x H x W logits."""
-    from ciss.runtime.scoring import score_logits
+    from ciss.runtime.scoring import safe_scores
 
     engine = served.segmenter.engine
     try:
@@ -176,7 +176,8 @@ def _run_engine(served: ServedModel, req: InferRequest, scored: bool = False
         raise HttpError(422, str(exc), "out_of_profile") from exc
     if not scored:
         return outputs, None
-    return outputs, [score_logits(lg, served.calibration) for lg in outputs["logits"]]
+    scores = [safe_scores(lg, served.calibration) for lg in outputs["logits"]]
+    return outputs, None if any(sc is None for sc in scores) else scores
 
 
 def _now() -> dt.datetime:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ciss import hints
 from ciss.analysis.learning import (
     DEFAULT_FLOOR,
     ClassWarning,
@@ -133,9 +134,9 @@ class AddJob(StepJob):
         # step could not be written, so say it now rather than after the training
         if not retention_stems(self.folder, [self.folder.classes.index(n)
                                              for n in self.folder.classes.objects]):
-            raise CissError(f"{data_dir}: the val split ({len(self.folder.val)} image(s)) "
-                            "shows none of the folder's classes; the step needs a retention "
-                            "set (add val images showing them, or a val.txt)")
+            how = (" or list them in a val.txt" if self.folder.layout in ("ciss", "voc")
+                   else "" if self.folder.has_val_list else hints.NO_VAL_SPLIT(data=data_dir))
+            raise CissError(hints.NO_VAL_SHOWS(data=data_dir, n=len(self.folder.val), how=how))
         # names people mean as one class are one class: 'Checker-Disc' is the known
         # 'checker-disc', and a near miss of a known name is refused (a likely typo) before
         # it can become a class the store keeps for good

@@ -6,9 +6,11 @@ Usage: python benchmarks/production_loop.py [--seeds 0,1,2] [--budgets 25,50,100
 
 Per seed (everything depends on it: the synthetic world, the base model, the stream):
 1. A 15-5 synthetic world (``ciss demo``'s: 2000 + 300 images, 64 px); the base step is
-   trained by ``train_base`` with the defaults (tiny) on step-0 of the 15-5 overlap split,
-   so the five dotted shapes are never learned (in its images they are background), then
+   trained by ``train_base`` with the defaults (tiny) on step-0 of the 15-5 split, then
    exported to ONNX and calibrated (``runtime.scoring.calibrate_step``, as ``ciss deploy``).
+   ``--setting disjoint`` (default): step-0's images show no dotted shape, so they are new to
+   the model, as a kind of object that appears after deployment. ``--setting overlap``: they
+   are in its images labelled background, so the model has learned them as background.
 2. A stream of ``--stream`` new scenes of the same world (indices never used for training),
    ``--unseen-share`` of them holding at least one dotted shape. Each image is scored by the
    serving code itself (``Segmenter.segment_scored`` on the ONNX engine, in process: no HTTP)
@@ -64,7 +66,8 @@ def average_precision(scores: list[float], labels: list[bool]) -> float:
     return float((hits[y] / (np.flatnonzero(y) + 1)).mean())
 
 
-def build_base(work: Path, seed: int, iterations: int | None = None):
+def build_base(work: Path, seed: int, iterations: int | None = None,
+               setting: str = "disjoint"):
     from ciss.data.folder import open_folder
     from ciss.data.scenarios import parse_scenario, write_split
     from ciss.data.synthetic import SyntheticConfig, write_synthetic
@@ -75,7 +78,7 @@ def build_base(work: Path, seed: int, iterations: int | None = None):
     from ciss.updater.train import train_base
 
     data = write_synthetic(work / "data", SyntheticConfig(n_train=2000, n_val=300, seed=seed))
-    steps = write_split(open_folder(data), parse_scenario("15-5"), work / "15-5")
+    steps = write_split(open_folder(data), parse_scenario("15-5"), work / "15-5", setting)
     store = Store(work / "store")
     cfg = resolve_step("train", StepOptions(arch="tiny", iterations=iterations))
     t0 = time.perf_counter()
@@ -204,7 +207,7 @@ def run_seed(seed: int, args, work: Path) -> dict:
     from ciss.data.select import select
 
     t0 = time.perf_counter()
-    data, store, cal, base_s = build_base(work, seed, args.base_iterations)
+    data, store, cal, base_s = build_base(work, seed, args.base_iterations, args.setting)
     stream = make_stream(seed, args.stream, args.unseen_share)
     metas, outcomes = score_stream(store, cal, stream, work / "collected")
     unseen = [m["unseen"] for m in metas]
@@ -237,7 +240,8 @@ def run_seed(seed: int, args, work: Path) -> dict:
 def summarise(runs: list[dict], args) -> None:
     med = statistics.median
     print(f"machine: {machine()}")
-    print(f"seeds {','.join(str(r['seed']) for r in runs)}; stream {args.stream} images, "
+    print(f"setting {args.setting}; seeds {','.join(str(r['seed']) for r in runs)}; "
+          f"stream {args.stream} images, "
           f"{args.unseen_share:.0%} holding an unseen class; medians over seeds")
     print("\n| score | AUROC | AP (base rate "
           f"{med(r['base_rate'] for r in runs):.2f}) |\n|---|---:|---:|")
@@ -275,6 +279,9 @@ def summarise(runs: list[dict], args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--setting", choices=["disjoint", "overlap"], default="disjoint",
+                    help="disjoint: the base never saw a dotted shape (they are new to the "
+                         "world); overlap: they were in its images, labelled background")
     ap.add_argument("--budgets", default="25,50,100")
     ap.add_argument("--stream", type=int, default=500)
     ap.add_argument("--unseen-share", type=float, default=0.2)

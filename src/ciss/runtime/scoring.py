@@ -10,7 +10,7 @@ the grid loses little and keeps the cost to a few reductions: under 1 ms at K = 
   the pixel's max logit minus the mean max logit of retention pixels predicted as the same
   class, divided by their standard deviation; or the same standardisation of the free energy's
   negative, ``logsumexp`` (``energy``). Low = unlike the retention sets. The calibration says
-  which (``Calibration.signal``; ``benchmarks/production_loop.py`` measured both).
+  which (``Calibration.signal``; ``sml`` unless told otherwise).
 - a pixel is **novel** when its signal falls below ``pixel_threshold``: the ``PIXEL_QUANTILE``
   quantile of the retention pixels' own signals.
 - **novelty** (image): the mean of the image's ``TAIL`` share of lowest signals, negated

@@ -44,7 +44,9 @@ def test_the_plan_keeps_the_latest_the_deployed_the_rollbacks_and_their_parents(
     assert plan.keep[1] == "a rollback target" and plan.keep[0].startswith("the parent of")
     plan = plan_prune(store, keep_last=1, keep_rollbacks=0)
     assert plan.prune == [1] and set(plan.keep) == {0, 2}
-    assert set(plan.artifacts[1]) == {"weights.safetensors", "model.onnx", "memory"}
+    # the score calibration goes with the engine it was measured on
+    assert set(plan.artifacts[1]) == {"weights.safetensors", "model.onnx", "memory",
+                                      "scores-onnx.json"}
     assert plan.bytes[1] > 0 and plan.history_dropped == 1
     with pytest.raises(CissError, match="keep at least the latest step"):
         plan_prune(store, keep_last=0)
@@ -60,7 +62,7 @@ def test_prune_strips_to_card_and_retention_and_later_gates_still_run(story_copy
     card = store.verify(1)  # every artifact the card names is there and intact
     assert set(card.artifacts) == {"retention"}
     assert set(card.extra["pruned"]["artifacts"]) == {"weights.safetensors", "model.onnx",
-                                                       "memory"}
+                                                       "memory", "scores-onnx.json"}
     assert card.memory["cleared"] is True
     with pytest.raises(CissError, match="removed by 'ciss prune'"):
         store.load_model(1)

@@ -179,7 +179,8 @@ def test_out_of_profile_input_is_a_4xx_at_the_server(fake_trt):
         _run_engine(served, req)
     assert err.value.status == 422 and "profile" in err.value.message
     ok = InferRequest("", {"image": np.zeros((1, 3, 8, 8), np.uint8)}, {"labels": True})
-    assert set(_run_engine(served, ok)) == {"labels"}  # only what was asked for
+    outputs, scores = _run_engine(served, ok)  # unscored: the labels only
+    assert set(outputs) == {"labels"} and scores is None  # only what was asked for
 
 
 def test_the_engine_checked_and_deployed_is_the_one_that_serves_here(monkeypatch):

@@ -206,42 +206,13 @@ def shadow_overhead(store, root: Path, loose: bool, tol: dict, args) -> None:
     from ciss.runtime.deploy import deploy
 
     deploy(store, args.to_step, "onnx", force=True, **tol)
-    body = png(args.size)
-    counts = [int(c) for c in args.clients.split(",")]
     rates = [float(r) for r in args.shadow_rates.split(",")]
-    runs = []
-    for rep in range(args.repeats):
-        for rate in rates:
-            proc, url = start_server(root, loose, ["--accept-forced", "--shadow-rate", str(rate),
-                                                   "--min-agreement", "0"])
-            try:
-                load(url, body, 1, 2.0)  # warm-up
-                for c in counts:
-                    runs.append({"repeat": rep, "rate": rate, **load(url, body, c,
-                                                                     args.seconds)})
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=60)
-    print(f"machine: {machine()}; {os.cpu_count()} cpus shared by server and clients")
+    variants = {f"{r:g}": ["--accept-forced", "--shadow-rate", str(r), "--min-agreement", "0"]
+                for r in rates}
+    runs = compare_servers(root, loose, args, variants)
     print(f"image {args.size}x{args.size} PNG, {args.seconds:g} s per phase, {args.repeats} "
           "repeats; medians over repeats; ratios within each repeat, then their median")
-    print("| shadow rate | clients | req/s | p50 ms | p99 ms | p50 / p50 at rate 0 | errors |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    summary = {}
-    for rate in rates:
-        for c in counts:
-            sel = [r for r in runs if r["rate"] == rate and r["clients"] == c]
-            base = {r["repeat"]: r["p50_ms"] for r in runs if r["rate"] == rates[0]
-                    and r["clients"] == c}
-            med = {k: statistics.median(r[k] for r in sel)
-                   for k in ("req_per_s", "p50_ms", "p99_ms")}
-            ratio = statistics.median(r["p50_ms"] / base[r["repeat"]] for r in sel)
-            errors = sum(r["errors"] for r in sel)
-            summary[f"{rate}_{c}"] = {**med, "p50_ratio": ratio, "errors": errors}
-            print(f"| {rate:g} | {c} | {med['req_per_s']:.1f} | {med['p50_ms']:.1f} | "
-                  f"{med['p99_ms']:.1f} | {ratio:.3f} | {errors} |")
-    if args.out:
-        args.out.write_text(json.dumps({"runs": runs, "summary": summary}, indent=2))
+    ratio_table(runs, variants, args, "shadow rate", "p50 at rate 0")
 
 
 def scores_overhead(store, root: Path, loose: bool, tol: dict, args, tmp: Path) -> None:
@@ -251,40 +222,55 @@ def scores_overhead(store, root: Path, loose: bool, tol: dict, args, tmp: Path) 
     from ciss.runtime.deploy import deploy
 
     deploy(store, args.from_step, "onnx", **tol)  # stores the step's score calibration
+    variants = {"off": ["--no-scores"], "scores": [],
+                "scores+collect": ["--collect", str(tmp / "collected")]}
+    runs = compare_servers(root, loose, args, variants)
+    print(f"image {args.size}x{args.size} PNG to /v1/segment, {args.seconds:g} s per phase, "
+          f"{args.repeats} repeats; medians over repeats; ratios within each repeat, then "
+          f"their median; {len(items(tmp / 'collected'))} image(s) collected in all")
+    ratio_table(runs, variants, args, "mode", "p50 off")
+
+
+def compare_servers(root: Path, loose: bool, args, variants: dict[str, list[str]]
+                    ) -> list[dict]:
+    """Steady load on a fresh server per variant (its extra ``ciss serve`` options), the
+    variants interleaved within each repeat."""
     body = png(args.size)
     counts = [int(c) for c in args.clients.split(",")]
-    modes = {"off": ["--no-scores"], "scores": [],
-             "scores+collect": ["--collect", str(tmp / "collected")]}
     runs = []
     for rep in range(args.repeats):
-        for mode, extra in modes.items():
+        for name, extra in variants.items():
             proc, url = start_server(root, loose, extra)
             try:
                 load(url, body, 1, 2.0)  # warm-up
                 for c in counts:
-                    runs.append({"repeat": rep, "mode": mode, **load(url, body, c,
-                                                                     args.seconds)})
+                    runs.append({"repeat": rep, "variant": name,
+                                 **load(url, body, c, args.seconds)})
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=60)
+    return runs
+
+
+def ratio_table(runs: list[dict], variants: dict, args, label: str, against: str) -> None:
+    """Medians per variant and client count, p50 ratios to the first variant within each
+    repeat; the JSON to --out."""
     print(f"machine: {machine()}; {os.cpu_count()} cpus shared by server and clients")
-    print(f"image {args.size}x{args.size} PNG to /v1/segment, {args.seconds:g} s per phase, "
-          f"{args.repeats} repeats; medians over repeats; ratios within each repeat, then "
-          f"their median; {len(items(tmp / 'collected'))} image(s) collected in all")
-    print("| mode | clients | req/s | p50 ms | p99 ms | p50 / p50 off | errors |")
+    print(f"| {label} | clients | req/s | p50 ms | p99 ms | p50 / {against} | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|")
+    first = next(iter(variants))
     summary = {}
-    for mode in modes:
-        for c in counts:
-            sel = [r for r in runs if r["mode"] == mode and r["clients"] == c]
-            base = {r["repeat"]: r["p50_ms"] for r in runs if r["mode"] == "off"
+    for name in variants:
+        for c in sorted({r["clients"] for r in runs}):
+            sel = [r for r in runs if r["variant"] == name and r["clients"] == c]
+            base = {r["repeat"]: r["p50_ms"] for r in runs if r["variant"] == first
                     and r["clients"] == c}
             med = {k: statistics.median(r[k] for r in sel)
                    for k in ("req_per_s", "p50_ms", "p99_ms")}
             ratio = statistics.median(r["p50_ms"] / base[r["repeat"]] for r in sel)
             errors = sum(r["errors"] for r in sel)
-            summary[f"{mode}_{c}"] = {**med, "p50_ratio": ratio, "errors": errors}
-            print(f"| {mode} | {c} | {med['req_per_s']:.1f} | {med['p50_ms']:.1f} | "
+            summary[f"{name}_{c}"] = {**med, "p50_ratio": ratio, "errors": errors}
+            print(f"| {name} | {c} | {med['req_per_s']:.1f} | {med['p50_ms']:.1f} | "
                   f"{med['p99_ms']:.1f} | {ratio:.3f} | {errors} |")
     if args.out:
         args.out.write_text(json.dumps({"runs": runs, "summary": summary}, indent=2))

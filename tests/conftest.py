@@ -145,6 +145,21 @@ def store_copy(base_store, tmp_path) -> Path:
     return dest
 
 
+@pytest.fixture
+def served(story, tmp_path) -> Path:
+    """A private copy of the story store with step 0 deployed on ONNX (gate loosened: the
+    tests here are about serving, not the gate)."""
+    from ciss.analysis.tolerances import GateThresholds
+    from ciss.runtime.deploy import deploy
+    from ciss.store import Store
+
+    root = tmp_path / "store"
+    shutil.copytree(story, root)
+    deploy(Store(root), 0, "onnx",
+           thresholds=GateThresholds(max_mean_drop=100, max_class_drop=100))
+    return root
+
+
 def refused(res, *words) -> None:
     """A CLI result refused as bad input: exit 2, one clear message naming ``words``."""
     assert res.exit_code == 2, res.output

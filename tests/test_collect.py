@@ -20,12 +20,11 @@ from ciss.analysis.tolerances import GateThresholds
 from ciss.cli import main
 from ciss.data.collection import FORMAT, is_collection, items, read_meta, summarise
 from ciss.runtime.collect import Collector, CollectPolicy, Scored, phash
-from ciss.runtime.deploy import deploy
 from ciss.runtime.server import ServeConfig, background
 from ciss.runtime.slot import SwapPolicy
 from ciss.store import Store
 from ciss.store.verify import verify_store
-from tests.test_scores import _wait
+from tests.test_server import _png, _wait
 
 LOOSE_GATE = GateThresholds(max_mean_drop=100, max_class_drop=100)
 LOOSE = SwapPolicy(gate=LOOSE_GATE)
@@ -109,20 +108,6 @@ def test_a_failed_write_leaves_no_half_item(tmp_path, point):
         failpoints.configure("")
     assert items(tmp_path / "f") == [] and not list((tmp_path / "f").glob(".tmp-*"))
     assert c.consider(_scored(1)) == "kept_random"  # the same image, not taken as held
-
-
-@pytest.fixture
-def served(story, tmp_path):
-    root = tmp_path / "store"
-    shutil.copytree(story, root)
-    deploy(Store(root), 0, "onnx", thresholds=LOOSE_GATE)
-    return root
-
-
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _outcomes(url: str) -> dict[str, float]:

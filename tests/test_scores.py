@@ -4,45 +4,24 @@ the retention sets at deploy (a step artifact through the card rewrite), shown p
 
 from __future__ import annotations
 
-import io
 import json
-import shutil
-import time
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from ciss.analysis.tolerances import GateThresholds
 from ciss.engines.load import load_engine
 from ciss.runtime import scoring
-from ciss.runtime.deploy import deploy
 from ciss.runtime.server import ServeConfig, background
 from ciss.runtime.slot import SwapPolicy
 from ciss.store import Store
 from ciss.store.verify import verify_store
+from tests.test_server import _image, _png, _wait
 
 LOOSE_GATE = GateThresholds(max_mean_drop=100, max_class_drop=100)
 LOOSE = SwapPolicy(gate=LOOSE_GATE)
 PNG = {"Content-Type": "image/png"}
-
-
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _image(seed: int = 0, size=(40, 48)) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
-
-
-def _wait(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def _logits(k: int, h: int, w: int, seed: int, hole=None) -> np.ndarray:
@@ -88,14 +67,6 @@ def test_uncertainty_is_normalised_entropy():
     sure[2] = 50
     assert scoring.score_logits(flat, None)["uncertainty"] == pytest.approx(1.0, abs=1e-5)
     assert scoring.score_logits(sure, None)["uncertainty"] == pytest.approx(0.0, abs=1e-5)
-
-
-@pytest.fixture
-def served(story, tmp_path):
-    root = tmp_path / "store"
-    shutil.copytree(story, root)
-    deploy(Store(root), 0, "onnx", thresholds=LOOSE_GATE)
-    return root
 
 
 def test_deploy_stores_the_calibration_through_the_card_and_the_server_scores(served):

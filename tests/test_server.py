@@ -26,15 +26,6 @@ LOOSE_GATE = GateThresholds(max_mean_drop=100, max_class_drop=100)
 LOOSE = SwapPolicy(gate=LOOSE_GATE)
 
 
-@pytest.fixture
-def served(story, tmp_path):
-    """A private copy of the story store with step 0 deployed on ONNX."""
-    root = tmp_path / "store"
-    shutil.copytree(story, root)
-    deploy(Store(root), 0, "onnx", thresholds=LOOSE_GATE)
-    return root
-
-
 def _png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")

@@ -41,14 +41,10 @@ LS_FROM, LS_TO = "label", "image"  # the label config's BrushLabels and Image na
 
 
 def voc_colour(index: int) -> tuple[int, int, int]:
-    """Pascal VOC's palette colour of ``index`` (0 = black), CVAT's default colours."""
-    r = g = b = 0
-    c = index
-    for j in range(8):
-        r |= ((c >> 0) & 1) << (7 - j)
-        g |= ((c >> 1) & 1) << (7 - j)
-        b |= ((c >> 2) & 1) << (7 - j)
-        c >>= 3
+    """Pascal VOC's palette colour of ``index`` (0 = black, up to 254), CVAT's defaults."""
+    from ciss.data.imageio import voc_palette
+
+    r, g, b = voc_palette()[3 * index: 3 * index + 3]
     return r, g, b
 
 

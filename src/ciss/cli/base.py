@@ -226,4 +226,5 @@ def pick_step(store, step: int | None, engine: str | None) -> tuple[int, str | N
     if step is None:
         step = store.resolve(None)
         return step, engine, f"step {step} (latest; nothing is deployed)"
-    return store.resolve(step), engine, f"step {store.resolve(step)}"
+    step = store.resolve(step)
+    return step, engine, f"step {step}"

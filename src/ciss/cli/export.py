@@ -120,12 +120,11 @@ def predict(store_path, images, out, step, engine, device) -> None:
                f"({seg.engine.describe()}, device {device}), {len(seg.classes)} classes")
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
 def _image_paths(inputs) -> list[Path]:
     """Files as given, folders as the images directly in them (sorted); refused before
     anything is written: a missing path, an empty folder, two images with one stem."""
+    from ciss.data.layouts import IMAGE_SUFFIXES
+
     paths: list[Path] = []
     for p in map(Path, inputs):
         if p.is_dir():

@@ -46,20 +46,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ciss.data.collection import (  # noqa: F401 - the format's names, re-exported
+from ciss.data.collection import (
     FORMAT,
     IMAGE,
     ITEMS,
     MARKER,
     META,
     PREDICTION,
-    REASONS,
     TMP_PREFIX,
     folder_bytes,
     is_collection,
     items,
     read_meta,
-    summarise,
 )
 from ciss.failpoints import failpoint
 from ciss.store.files import fsync_tree

@@ -97,13 +97,10 @@ class Calibration:
             raise ValueError(f"not a version-{SCORE_VERSION} score calibration")
         return cls(**doc)
 
-    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        cached = getattr(self, "_cache", None)
-        if cached is None:
-            cached = (np.asarray(self.mean, np.float32),
-                      np.asarray(self.std, np.float32))
-            object.__setattr__(self, "_cache", cached)
-        return cached
+    def __post_init__(self) -> None:
+        # per-request lookups index these (not dataclass fields: the JSON keeps the lists)
+        self.mean_array = np.asarray(self.mean, np.float32)
+        self.std_array = np.asarray(self.std, np.float32)
 
 
 MIN_PIXELS = 50
@@ -137,9 +134,8 @@ def _parts(logits: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _standardised(parts: dict, cal: Calibration) -> np.ndarray:
-    mean, std = cal._arrays()
     raw = parts["top"] if cal.signal == "sml" else parts["lse"]
-    return (raw - mean[parts["arg"]]) / std[parts["arg"]]
+    return (raw - cal.mean_array[parts["arg"]]) / cal.std_array[parts["arg"]]
 
 
 def _tail_novelty(sig: np.ndarray) -> float:

@@ -29,30 +29,32 @@ class Segmenter:
     max_side: int = SERVE_MAX_SIDE
     max_pixels: int = MAX_PIXELS
 
+    def _batch(self, image: np.ndarray) -> np.ndarray:
+        """uint8 HxWx3 -> the engine's uint8 [1,3,h,w] at the serving resize."""
+        return np.ascontiguousarray(resize_longest(image, self.max_side).transpose(2, 0, 1)[None])
+
+    @staticmethod
+    def _back(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
+        """Labels at the serving resize -> at the image's own size (NEAREST)."""
+        h, w = image.shape[:2]
+        if labels.shape == (h, w):
+            return labels
+        return np.asarray(Image.fromarray(labels.astype(np.uint8)).resize((w, h), Image.NEAREST))
+
     def segment(self, image: np.ndarray) -> np.ndarray:
         """uint8 HxWx3 RGB -> uint8 HxW class ids at the image's own size."""
-        h, w = image.shape[:2]
-        small = resize_longest(image, self.max_side)
         # labels only: the K x H x W logits never leave the engine
-        labels = self.engine.predict_labels(np.ascontiguousarray(small.transpose(2, 0, 1)[None]))[0]
-        if labels.shape != (h, w):
-            labels = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize((w, h),
-                                                                           Image.NEAREST))
-        return labels
+        return self._back(self.engine.predict_labels(self._batch(image))[0], image)
 
-    def segment_scored(self, image: np.ndarray, calibration=None) -> tuple[np.ndarray, dict]:
+    def segment_scored(self, image: np.ndarray, calibration=None
+                       ) -> tuple[np.ndarray, dict | None]:
         """As :meth:`segment`, plus the image's scores (``runtime.scoring``) from the
-        logits of the same engine run (at the serving resize)."""
+        logits of the same engine run (at the serving resize); None if scoring failed."""
         from ciss.runtime.scoring import safe_scores
 
-        h, w = image.shape[:2]
-        small = resize_longest(image, self.max_side)
-        out = self.engine.run(np.ascontiguousarray(small.transpose(2, 0, 1)[None]))
-        labels, scores = out["labels"][0], safe_scores(out["logits"][0], calibration)
-        if labels.shape != (h, w):
-            labels = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize((w, h),
-                                                                           Image.NEAREST))
-        return labels, scores
+        out = self.engine.run(self._batch(image))
+        return (self._back(out["labels"][0], image),
+                safe_scores(out["logits"][0], calibration))
 
     def predict_labels(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N,3,H,W] -> uint8 [N,H,W] through :meth:`segment`, i.e. with the serving

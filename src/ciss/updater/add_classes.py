@@ -299,10 +299,8 @@ def _outcome(job: AddJob, ctx: JobContext, trained: _Trained, result: FitResult)
     student.eval()
     predict = torch_predictor(student, device)
     retention = score_retention(store, parent_step, predict, classes)
+    # never empty: AddJob refuses such a folder before training
     keep = retention_stems(folder, [folder.classes.index(n) for n in folder.classes.objects])
-    if not keep:
-        raise CissError(f"{data_dir}: the val split shows none of the folder's classes; "
-                        "the step needs a retention set (add val images or a val.txt)")
     own: FolderScores = score_folder(predict, folder, keep, classes)
     new_ids = [classes.index(n) for n in trained.new]
     trained.warnings.extend(learning_warnings(

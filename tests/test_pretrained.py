@@ -34,27 +34,34 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def _chelsea() -> torch.Tensor:
-    """scikit-image's cat photo at 224 px, normalised as the Lite weights expect."""
+def _chelsea(side: int = 224) -> torch.Tensor:
+    """scikit-image's cat photo at ``side`` px, normalised as the Lite weights expect."""
     data = pytest.importorskip("skimage.data")
     img = torch.from_numpy(data.chelsea()).permute(2, 0, 1)[None].float() / 255
-    img = torch.nn.functional.interpolate(img, size=(224, 224), mode="bilinear",
+    img = torch.nn.functional.interpolate(img, size=(side, side), mode="bilinear",
                                           antialias=True)
     return (img - 0.5) / 0.5
 
 
-def test_packaged_lite0_classifies_the_cat():
+# each package's model at its own input side (timm's pretrained_cfg), and the digest its file
+# name carries
+LITES = [("tf_efficientnet_lite0", 224, "57934424"), ("tf_efficientnet_lite1", 240, "77cc7160"),
+         ("tf_efficientnet_lite2", 260, "9656183e")]
+
+
+@pytest.mark.parametrize("model,side,digest", LITES)
+def test_packaged_lite_classifies_the_cat(model, side, digest):
     """The mapping is right only if the whole classifier works: class 285, Egyptian cat."""
     from ciss.models.imagenet import timm_state_dict
 
-    found = packaged_or_skip()
-    assert found.sha256.startswith("57934424")  # the digest its file name carries
-    x = _chelsea()
+    found = packaged_or_skip(model)
+    assert found.sha256.startswith(digest)
+    x = _chelsea(side)
     torch.manual_seed(0)
-    net = timm.create_model(LITE0).eval()
+    net = timm.create_model(model).eval()
     with torch.no_grad():
         random = net(x).softmax(1)[0]
-        net.load_state_dict(timm_state_dict(LITE0))
+        net.load_state_dict(timm_state_dict(model))
         p = net(x).softmax(1)[0]
     assert int(p.argmax()) == 285 and float(p[285]) > 0.6, float(p[285])
     assert float(random.max()) < 0.2
@@ -286,3 +293,19 @@ def test_tu_unet_imported_grown_exported_checked_and_served(split_dir, tmp_path)
     seg = load_segmenter(Store(store), 1, "onnx")
     labels = seg.segment(np.zeros((37, 53, 3), np.uint8))
     assert labels.shape == (37, 53) and labels.max() < len(seg.classes)
+
+
+def test_benchmark_runs_the_protocol_on_the_packaged_encoder(synthetic_dir, tmp_path):
+    """``ciss benchmark --weights imagenet``: the base step and joint training both start from
+    the ImageNet encoder (their cards say so), the steps grow that base."""
+    found = packaged_or_skip()
+    out = tmp_path / "bench"
+    res = run("benchmark", "--data", synthetic_dir, "--scenario", "15-5", "--methods",
+              "ft,joint", "--arch", "smp-unet-timm-tf_efficientnet_lite0", "--weights",
+              "imagenet", "--base-epochs", 1, "--step-epochs", 1, "--out", out, "--quiet")
+    assert res.exit_code == 0, res.output
+    assert "smp-unet-timm-tf_efficientnet_lite0, imagenet weights" in res.output
+    for name in ("base", "joint"):
+        card = Store(out / "stores" / name).card(0)
+        assert card.model_config["init"]["sha256"] == found.sha256, name
+    assert Store(out / "stores" / "ft").card(1).parent == 0

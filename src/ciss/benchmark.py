@@ -50,6 +50,7 @@ class BenchmarkConfig:
     setting: str = "overlap"
     methods: tuple[str, ...] = ("ft", "mib")
     arch: str = "tiny"
+    weights: str | None = None
     base_epochs: int | None = None
     step_epochs: int | None = None
     control: bool = False
@@ -118,7 +119,8 @@ class BenchmarkResult:
                       [[r.method, r.step, pct(r.old), pct(r.new), pct(r.all),
                         f"{r.train_s:.0f}"] for r in self.rows])
         c = self.config
-        return (f"CiSS benchmark {c.scenario} ({c.setting}), arch {c.arch}\n\n"
+        init = f", {c.weights} weights" if c.weights else ""
+        return (f"CiSS benchmark {c.scenario} ({c.setting}), arch {c.arch}{init}\n\n"
                 f"After the last step:\n{final}\n\nPer step:\n{steps}\n")
 
     def _mean_time(self, method: str) -> float:
@@ -165,8 +167,9 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
     steps = write_split(source, scenario, out / "split", cfg.setting)
     base_ids = scenario.steps(len(source.classes) - 1)[0]
     wants_memory = any("memory" in method_parts(m)[1] for m in cfg.methods if m != "joint")
-    base_options = StepOptions(arch=cfg.arch, epochs=cfg.base_epochs, seed=cfg.seed,
-                               device=cfg.device)
+    # joint training starts from the same init as the base step
+    base_options = StepOptions(arch=cfg.arch, weights=cfg.weights, epochs=cfg.base_epochs,
+                               seed=cfg.seed, device=cfg.device)
     base_cfg = resolve_step("train", replace(base_options,
                                              memory=cfg.memory if wants_memory else 0))
     budget = (f"{cfg.base_epochs} epochs" if cfg.base_epochs
@@ -179,7 +182,8 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
                               old_label=255)
         runs.append(("ft-control", control))
     if incremental or cfg.control:
-        say(f"base step: {cfg.arch}, {len(base_ids)} classes, {budget}")
+        init = f", {cfg.weights} weights" if cfg.weights else ""
+        say(f"base step: {cfg.arch}{init}, {len(base_ids)} classes, {budget}")
         base = Store(out / "stores" / "base")
         rep = train_base(base, steps[0], config=base_cfg, progress=progress)
         old, new, all_, per = score_step(base, 0, source, base_ids, cfg.device)

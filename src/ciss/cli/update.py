@@ -126,6 +126,9 @@ def add_classes_cmd(store_path, data_dir, quiet, **options) -> None:
               help="Seed of every training run in the benchmark.")
 @click.option("--arch", default="tiny", show_default=True,
               help="Model trained for the base step (see 'ciss recipes').")
+@click.option("--weights", default=None,
+              help="The base step's and joint training's initial weights, as 'ciss train "
+                   "--weights' ('imagenet' or an encoder state-dict file; default: random).")
 @click.option("--base-epochs", type=click.IntRange(min=1), default=None,
               help="Passes over the base step's data (default: the recipe's iterations).")
 @click.option("--step-epochs", type=click.IntRange(min=1), default=None,
@@ -137,8 +140,8 @@ def add_classes_cmd(store_path, data_dir, quiet, **options) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @device_option
-def benchmark(data_dir, scenario, setting, methods, memory, seed, arch, base_epochs, step_epochs,
-              control, out, as_json, quiet, device) -> None:
+def benchmark(data_dir, scenario, setting, methods, memory, seed, arch, weights, base_epochs,
+              step_epochs, control, out, as_json, quiet, device) -> None:
     """Run a CiSS scenario end to end for several methods; print the literature's table.
 
     Example: ciss benchmark --data data/synthetic --scenario 15-5 --methods ft,lwf,ilt,mib
@@ -147,7 +150,8 @@ def benchmark(data_dir, scenario, setting, methods, memory, seed, arch, base_epo
 
     cfg = BenchmarkConfig(scenario=scenario, setting=setting,
                           methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                          arch=arch, base_epochs=base_epochs, step_epochs=step_epochs,
+                          arch=arch, weights=weights, base_epochs=base_epochs,
+                          step_epochs=step_epochs,
                           control=control, device=device, memory=memory, seed=seed)
     result = run_benchmark(data_dir, out, cfg, progress=not (quiet or as_json),
                            echo=None if as_json else click.echo)

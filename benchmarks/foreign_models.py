@@ -63,7 +63,6 @@ RECIPES = {
     "init-mib": ["--init", "mib"],  # new rows start from the background's (MiB's own init)
     "sgd-3e-2": ["--lr", "3e-2"],
     "kd-1": ["--kd-weight", "1"],
-    "init-mib-stage4": ["--init", "mib", "--freeze", "stage4"],
 }
 
 

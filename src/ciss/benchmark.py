@@ -59,6 +59,11 @@ class BenchmarkConfig:
     device: str = "auto"
     memory: int = 100
 
+    @property
+    def model(self) -> str:
+        """The base step's model as the output names it: the arch, and its weights if any."""
+        return f"{self.arch}, {self.weights} weights" if self.weights else self.arch
+
 
 # NAME+memory: the replay memory; NAME+fuse: EWF's fusion; NAME+pretune / NAME+nopretune:
 # NeST's classifier pre-tuning on / off
@@ -119,8 +124,7 @@ class BenchmarkResult:
                       [[r.method, r.step, pct(r.old), pct(r.new), pct(r.all),
                         f"{r.train_s:.0f}"] for r in self.rows])
         c = self.config
-        init = f", {c.weights} weights" if c.weights else ""
-        return (f"CiSS benchmark {c.scenario} ({c.setting}), arch {c.arch}{init}\n\n"
+        return (f"CiSS benchmark {c.scenario} ({c.setting}), arch {c.model}\n\n"
                 f"After the last step:\n{final}\n\nPer step:\n{steps}\n")
 
     def _mean_time(self, method: str) -> float:
@@ -182,8 +186,7 @@ def run_benchmark(data_dir: Path, out: Path, cfg: BenchmarkConfig, *, progress: 
                               old_label=255)
         runs.append(("ft-control", control))
     if incremental or cfg.control:
-        init = f", {cfg.weights} weights" if cfg.weights else ""
-        say(f"base step: {cfg.arch}{init}, {len(base_ids)} classes, {budget}")
+        say(f"base step: {cfg.model}, {len(base_ids)} classes, {budget}")
         base = Store(out / "stores" / "base")
         rep = train_base(base, steps[0], config=base_cfg, progress=progress)
         old, new, all_, per = score_step(base, 0, source, base_ids, cfg.device)

@@ -60,8 +60,12 @@ SMOKE = Plan("tiny", 48, 48, 24, 4, 6, 4, 1.5, 5, 4)
 
 
 class Report:
-    def __init__(self, out: Path) -> None:
+    """The stages' results, written out after every stage: a run stopped by a device lease's
+    time limit (H200, 2026-12-04: the full run outlasted a 235 s slot) keeps what it measured."""
+
+    def __init__(self, out: Path, header: dict) -> None:
         self.out = out
+        self.header = header
         self.stages: dict[str, dict] = {}
 
     def stage(self, name: str, fn) -> dict:
@@ -80,9 +84,11 @@ class Report:
         print(f"[{name}] {status} in {self.stages[name]['seconds']}s: "
               + json.dumps({k: v for k, v in figures.items() if k != "trace"})[:400],
               flush=True)
+        self.write()
         return self.stages[name]
 
-    def write(self, header: dict) -> None:
+    def write(self) -> None:
+        header = self.header
         self.out.mkdir(parents=True, exist_ok=True)
         doc = {**header, "stages": self.stages}
         (self.out / "gpu_check.json").write_text(json.dumps(doc, indent=1))
@@ -302,9 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         print("no GPU visible: run with --smoke on a CPU machine", file=sys.stderr)
         return 2
     work = args.out / "work"
-    report = Report(args.out)
     header = {"mode": "smoke (CPU)" if args.smoke else "full (GPU)", "machine": machine(),
               "plan": plan.__dict__}
+    report = Report(args.out, header)
     report.stage("env", env)
     split = work / "split"
     report.stage("data", lambda: {"size": plan.size, "images": plan.n_train,
@@ -318,7 +324,6 @@ def main(argv: list[str] | None = None) -> int:
     raw = exported.get("trt_fp16_runs_per_s") or exported.get("ort_runs_per_s")
     report.stage("serve", lambda: serve_stage(store.root, plan, engine, raw))
     report.stage("torchrun", lambda: torchrun_stage(store.root, split, plan, gpu))
-    report.write(header)
     failed = [n for n, s in report.stages.items() if s["status"] == "failed"]
     print(f"wrote {args.out / 'gpu_check.json'} and {args.out / 'gpu_check.md'}"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""))

@@ -25,3 +25,20 @@ def test_gpu_check_smoke_runs_every_stage(tmp_path):
     assert stages["serve"]["swap"]["failed"] == 0 and stages["serve"]["c8"]["errors"] == 0
     assert stages["torchrun"]["world_size"] == 2
     assert "| serve | ok |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_report_is_written_after_every_stage(tmp_path):
+    """A run cut off by a device lease's time limit keeps the stages it finished."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    report = gpu_check.Report(tmp_path, {"mode": "test", "machine": "here"})
+    report.stage("first", lambda: {"figure": 1})
+    doc = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert doc["stages"]["first"]["figure"] == 1 and doc["mode"] == "test"
+    report.stage("second", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    doc = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert doc["stages"]["second"]["status"] == "failed"
+    assert "| second | failed |" in (tmp_path / "gpu_check.md").read_text()

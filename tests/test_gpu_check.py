@@ -27,13 +27,10 @@ def test_gpu_check_smoke_runs_every_stage(tmp_path):
     assert "| serve | ok |" in (tmp_path / "gpu_check.md").read_text()
 
 
-def test_report_is_written_after_every_stage(tmp_path):
+def test_report_is_written_after_every_stage(tmp_path, monkeypatch):
     """A run cut off by a device lease's time limit keeps the stages it finished."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # restored after the test
+    import gpu_check
     report = gpu_check.Report(tmp_path, {"mode": "test", "machine": "here"})
     report.stage("first", lambda: {"figure": 1})
     doc = json.loads((tmp_path / "gpu_check.json").read_text())

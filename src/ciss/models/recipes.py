@@ -102,8 +102,9 @@ TINY_STEP = StepRecipe(iterations=630, lr=3e-3, pretune=1 / 3,
 # held-out ones): MiB's init, lr 3e-2 and distillation weight 1 each lost on old or new
 # classes; NeST's pre-tuning added half a point of old classes at 1.09x the time. On
 # one-class steps (10-1, §12h) 3e-2 learned more of each new class on both seeds measured;
-# it is documented advice (docs/pretrained.md), not the rate, since only the ImageNet Lite0
-# Unet was measured there. What nothing here can measure (photos, a GPU) is the publications'.
+# it is documented advice (docs/pretrained.md), not the rate: on five-class steps it kept
+# only 0.84x of one held-out parent's old classes. What nothing here can measure (photos, a
+# GPU) is the publications'.
 PRETRAINED_STEP = StepRecipe(
     iterations=630, lr=1e-2, optimizer="sgd", encoder_lr=0.1, bn_stats="frozen",
     source="measured: BENCHMARKS.md §10 and §12d (head 1e-2, encoder x0.1; re-chosen on an "
